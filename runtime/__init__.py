@@ -1,0 +1,1 @@
+"""joulecap runtime: energy-aware serving of vision-language models."""

@@ -1,0 +1,1 @@
+"""HTTP API: OpenAI-style chat completions with joule budgets."""

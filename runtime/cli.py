@@ -1,0 +1,128 @@
+"""`joulecap` command line: serve, make-tiny-model, meters, calibrate, ledger, policies."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from joulecap.runtime import config as cfgmod
+
+log = logging.getLogger("joulecap")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from joulecap.runtime.api.app import create_app
+    from joulecap.runtime.runtime import Runtime
+
+    config = cfgmod.from_args(args)
+    runtime = Runtime(config)
+    if runtime.info.random_weights:
+        banner = "!" * 78
+        print(
+            f"{banner}\n! joulecap is serving '{runtime.info.model}' with RANDOM weights: answers are noise.\n"
+            f"! Pass --model DIR for a real model.\n{banner}",
+            file=sys.stderr,
+        )
+    app = create_app(runtime)
+    try:
+        uvicorn.run(app, host=config.server.host, port=config.server.port, log_level=args.log_level)
+    finally:
+        runtime.close()
+    return 0
+
+
+def _make_tiny_model(args: argparse.Namespace) -> int:
+    from joulecap.runtime.tiny_models import build_tiny_model
+
+    path = build_tiny_model(args.arch, args.dir, seed=args.seed)
+    print(f"built tiny {args.arch} model (random weights) in {path}")
+    return 0
+
+
+def _meters(args: argparse.Namespace) -> int:
+    from joulecap.runtime.energy.factory import meters_command
+
+    return meters_command(cfgmod.from_args(args, ("energy",)).energy)
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from joulecap.runtime.calibrate import calibrate_command
+
+    config = cfgmod.from_args(args, ("engine", "energy", "scheduler"))
+    return calibrate_command(config, quick=args.quick, resume=args.resume)
+
+
+def _ledger_export(args: argparse.Namespace) -> int:
+    from joulecap.runtime.engines.factory import resolve_cache_dir
+    from joulecap.runtime.ledger import ledger_export_command
+
+    config = cfgmod.from_args(args, ("engine", "ledger"))
+    path = config.ledger.ledger_path or str(resolve_cache_dir(config.engine) / "ledger.sqlite3")
+    return ledger_export_command(path, args.format, args.out)
+
+
+def _policies(_args: argparse.Namespace) -> int:
+    from joulecap.policies import available_policies, get_policy
+
+    for name in available_policies():
+        doc = (get_policy(name).__doc__ or "").strip().splitlines()
+        print(f"{name:14s} {doc[0] if doc else ''}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `joulecap` argument parser (flags generated from the config dataclasses)."""
+    parser = argparse.ArgumentParser(prog="joulecap", description=__doc__)
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, fn: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(fn=fn)
+        return p
+
+    serve = command("serve", _serve, "Serve the OpenAI-style API (demo model unless --model).")
+    cfgmod.add_args(serve)
+
+    tiny = command("make-tiny-model", _make_tiny_model, "Build a tiny random-weight VLM locally.")
+    tiny.add_argument("--arch", choices=["idefics3", "llava"], default="idefics3")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("dir", help="Output directory")
+
+    meters = command("meters", _meters, "List energy meters, one live reading each, and why others are absent.")
+    cfgmod.add_args(meters, ("energy",))
+
+    cal = command("calibrate", _calibrate, "Measure energy over a sweep and fit the model's energy profile.")
+    cal.add_argument("--quick", action="store_true", help="A short sweep (minutes on a CPU).")
+    cal.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True, help="Resume a sweep.")
+    cfgmod.add_args(cal, ("engine", "energy", "scheduler"))
+
+    ledger = command("ledger", _ledger_export, "Export the request ledger.")
+    ledger.add_argument("action", choices=["export"])
+    ledger.add_argument("--format", choices=["csv", "jsonl"], default="jsonl")
+    ledger.add_argument("--out", default=None, help="Output file (default: stdout)")
+    cfgmod.add_args(ledger, ("engine", "ledger"))
+
+    command("policies", _policies, "List the registered planning policies.")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `joulecap` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.fn(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

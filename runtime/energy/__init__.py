@@ -1,0 +1,1 @@
+"""Energy measurement: meters, sampling, windows, attribution."""

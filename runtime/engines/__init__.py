@@ -1,0 +1,1 @@
+"""VLM engines behind the `Engine` protocol."""

@@ -1,0 +1,158 @@
+"""Decode and vet request images: data URLs, confined local files, refused remote URLs.
+
+Everything that can go wrong with an image becomes an `InvalidRequest` (400) or
+`PayloadTooLarge` (413); nothing here ever raises anything else for bad input.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from PIL import Image, UnidentifiedImageError
+
+from joulecap.runtime.errors import InvalidRequest, PayloadTooLarge
+
+SUPPORTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+"""Image formats accepted after decoding (by content, not by declared MIME type)."""
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    """Limits and permissions for request images.
+
+    Attributes:
+        max_pixels: Largest width x height accepted.
+        allow_local_dir: Directory local paths are confined to; None refuses local paths.
+        allow_remote: Whether http(s) URLs may be fetched.
+    """
+
+    max_pixels: int
+    allow_local_dir: str | None = None
+    allow_remote: bool = False
+
+
+def decode_image_bytes(data: bytes, policy: ImagePolicy, param: str) -> Image.Image:
+    """Decode encoded image bytes to RGB, enforcing the pixel limit and supported formats."""
+    try:
+        with warnings.catch_warnings():
+            # PIL warns, then raises, for decompression bombs; its own limit is only a backstop.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            fmt = img.format
+            width, height = img.size
+            if width * height > policy.max_pixels:
+                raise PayloadTooLarge(
+                    f"Image is {width}x{height} = {width * height} pixels; the limit is "
+                    f"{policy.max_pixels} (server option --max-image-pixels).",
+                    param=param,
+                    code="image_too_large",
+                )
+            if fmt not in SUPPORTED_FORMATS:
+                raise InvalidRequest(
+                    f"Unsupported image format {fmt!r}; use one of {', '.join(SUPPORTED_FORMATS)}.",
+                    param=param,
+                    code="unsupported_image",
+                )
+            img.load()
+            return img.convert("RGB")
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise PayloadTooLarge(f"Image rejected as a decompression bomb: {exc}", param=param) from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InvalidRequest(
+            "Image could not be decoded (corrupt or not an image).", param=param, code="invalid_image"
+        ) from exc
+
+
+def _decode_data_url(url: str, policy: ImagePolicy, param: str) -> Image.Image:
+    header, sep, payload = url.partition(",")
+    if not sep or ";base64" not in header:
+        raise InvalidRequest(
+            "Image data URLs must look like data:image/png;base64,<data>.", param=param, code="invalid_image"
+        )
+    # Guard the decoded size before decoding: base64 expands 3 bytes into 4 characters.
+    if len(payload) * 3 // 4 > policy.max_pixels * 4 + 1024:
+        raise PayloadTooLarge("Image data is larger than the pixel limit allows.", param=param)
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidRequest("Image data URL is not valid base64.", param=param, code="invalid_image") from exc
+    return decode_image_bytes(data, policy, param)
+
+
+def _read_local(path_text: str, policy: ImagePolicy, param: str) -> Image.Image:
+    if policy.allow_local_dir is None:
+        raise InvalidRequest(
+            "Local image paths are disabled; start the server with --allow-local-files DIR.",
+            param=param,
+            code="local_files_disabled",
+        )
+    root = Path(policy.allow_local_dir).resolve()
+    # resolve() follows symlinks, so a link inside DIR that points outside it is refused too.
+    target = (root / path_text).resolve() if not os.path.isabs(path_text) else Path(path_text).resolve()
+    if not target.is_relative_to(root):
+        raise InvalidRequest(
+            "Image path is outside the allowed directory.", param=param, code="path_not_allowed"
+        )
+    if not target.is_file():
+        raise InvalidRequest("Image file not found in the allowed directory.", param=param, code="not_found")
+    size = target.stat().st_size
+    if size > policy.max_pixels * 4 + 1024:
+        raise PayloadTooLarge("Image file is larger than the pixel limit allows.", param=param)
+    return decode_image_bytes(target.read_bytes(), policy, param)
+
+
+REMOTE_TIMEOUT_S = 10.0
+"""Longest a remote image fetch may take."""
+
+
+def _fetch_remote(url: str, policy: ImagePolicy, param: str) -> Image.Image:
+    limit = policy.max_pixels * 4 + 1024
+    try:
+        with urllib.request.urlopen(url, timeout=REMOTE_TIMEOUT_S) as resp:  # noqa: S310 - opt-in
+            data = resp.read(limit + 1)
+    except (OSError, ValueError) as exc:
+        raise InvalidRequest(f"Remote image could not be fetched: {exc}", param=param) from exc
+    if len(data) > limit:
+        raise PayloadTooLarge("Remote image is larger than the pixel limit allows.", param=param)
+    return decode_image_bytes(data, policy, param)
+
+
+def load_image(url: str, policy: ImagePolicy, *, param: str = "messages") -> Image.Image:
+    """Turn an `image_url.url` value into an RGB image, enforcing `policy`.
+
+    Args:
+        url: `data:` URL, `file://` URL or plain path (local files), or http(s) URL.
+        policy: Limits and permissions.
+        param: Name of the offending request field, for error bodies.
+
+    Raises:
+        InvalidRequest: Unreadable, unsupported, disallowed or missing image.
+        PayloadTooLarge: Image over the pixel limit or a decompression bomb.
+    """
+    if not isinstance(url, str) or not url:
+        raise InvalidRequest("image_url.url must be a non-empty string.", param=param)
+    if url.startswith("data:"):
+        return _decode_data_url(url, policy, param)
+    parsed = urlparse(url)
+    if parsed.scheme in ("http", "https"):
+        if not policy.allow_remote:
+            raise InvalidRequest(
+                "Remote image URLs are refused; send the image as a base64 data URL "
+                "(or start the server with --allow-remote-images).",
+                param=param,
+                code="remote_images_disabled",
+            )
+        return _fetch_remote(url, policy, param)
+    if parsed.scheme == "file":
+        return _read_local(unquote(parsed.path), policy, param)
+    if parsed.scheme == "":
+        return _read_local(url, policy, param)
+    raise InvalidRequest(f"Unsupported image URL scheme {parsed.scheme!r}.", param=param)

@@ -1,0 +1,225 @@
+"""Frozen data that crosses module boundaries: requests, plans, energy reports, results.
+
+Every energy figure is in joules (`*_j`), every power in watts (`*_w`) unless a name says
+otherwise (`*_mw`), every duration in seconds (`*_s`). Conversions happen once, at the
+hardware boundary (the meters).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import torch
+    from PIL import Image
+
+EnergySource = Literal["measured", "estimated", "replayed"]
+StopReason = Literal["stop", "length", "energy_budget", "aborted"]
+
+
+@dataclass(frozen=True)
+class TextPart:
+    """A text segment of a chat message."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    """A reference to `Request.images[index]` at this position of a chat message."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One chat message with its ordered content parts."""
+
+    role: Literal["system", "user", "assistant"]
+    parts: tuple[TextPart | ImagePart, ...]
+
+    @property
+    def text(self) -> str:
+        """All text parts joined, images omitted."""
+        return "".join(p.text for p in self.parts if isinstance(p, TextPart))
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding settings. `temperature == 0` (the default) means greedy decoding."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        """True when decoding is deterministic argmax."""
+        return self.temperature <= 0.0
+
+
+@dataclass(frozen=True, eq=False)
+class Request:
+    """A validated chat request, independent of the transport (HTTP or in-process).
+
+    Attributes:
+        request_id: Unique id (`chatcmpl-...`), also the ledger key.
+        messages: Normalised chat messages.
+        images: Decoded RGB images referenced by `ImagePart.index`.
+        max_tokens: The client's own output cap, if any.
+        energy_budget_j: The joule budget for this request, if any.
+        sampling: Decoding settings.
+        policy: Policy name override (else the server's default policy).
+        tau: E-AdaPrune spectral-energy fraction override (else the policy's default).
+        stream: Whether the client wants server-sent events.
+        created_s: Unix time the request was accepted.
+    """
+
+    request_id: str
+    messages: tuple[ChatMessage, ...]
+    images: tuple[Image.Image, ...] = ()
+    max_tokens: int | None = None
+    energy_budget_j: float | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    policy: str | None = None
+    tau: float | None = None
+    stream: bool = False
+    created_s: float = 0.0
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedRequest:
+    """What the engine knows about a request before running it (used for planning).
+
+    Attributes:
+        request: The request this was prepared from.
+        text_tokens: Prompt tokens that are not visual tokens.
+        visual_tokens: Visual tokens per image as they would enter the LM (all kept).
+        features: Per image, the visual features `[N_i, D]` that enter the LM (after the
+            projector), on the engine's device. Policies compute spectral budgets from them.
+        context_length: The model's maximum sequence length.
+        payload: Engine-private state (tokenised inputs, embeddings) reused by `Engine.run`.
+    """
+
+    request: Request
+    text_tokens: int
+    visual_tokens: tuple[int, ...]
+    features: tuple[torch.Tensor, ...]
+    context_length: int
+    payload: object = None
+
+    @property
+    def input_tokens(self) -> int:
+        """All prompt tokens with every visual token kept."""
+        return self.text_tokens + sum(self.visual_tokens)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a request will run, decided by a policy before any token is generated.
+
+    Attributes:
+        visual_keep: Visual tokens to keep, per image (counts; `<=` the image's tokens).
+        max_new_tokens: Hard cap on generated tokens.
+        predicted_j: Predicted energy of the whole request under this plan.
+        policy: Name of the policy that made the plan.
+        reason: Human-readable explanation of the decision.
+        selection: Token selection method used to pick which visual tokens stay.
+        brevity_hint: Optional system instruction asking for an answer of the planned size.
+        budget_j: The budget the plan was made for, if any.
+    """
+
+    visual_keep: tuple[int, ...]
+    max_new_tokens: int
+    predicted_j: float
+    policy: str
+    reason: str
+    selection: str = "leverage"
+    brevity_hint: str | None = None
+    budget_j: float | None = None
+
+
+@dataclass(frozen=True)
+class EnergyReport:
+    """Energy of one request, with where the number came from.
+
+    Attributes:
+        total_j: Energy attributed to the request (prefill + decode), idle share included.
+        prefill_j: Energy of the prefill phase (up to the first generated token).
+        decode_j: Energy of the decode phase.
+        idle_j: The idle-baseline share contained in `total_j` (baseline power x duration).
+        duration_s: Wall time from start of prefill to the last token.
+        source: `measured`, `estimated` or `replayed`.
+        meter: The meter that produced it, e.g. `nvml:0`, `jetson:VDD_IN`, `estimate:cpu`.
+        samples: Number of meter samples inside the window.
+        interpolated: True when the window was shorter than the meter's update period and
+            part of the figure comes from power readings or the predictor.
+        note: Free-form detail (fallbacks, interpolation), empty when nothing to say.
+    """
+
+    total_j: float
+    prefill_j: float
+    decode_j: float
+    idle_j: float
+    duration_s: float
+    source: EnergySource
+    meter: str
+    samples: int = 0
+    interpolated: bool = False
+    note: str = ""
+
+    @property
+    def dynamic_j(self) -> float:
+        """Energy above the idle baseline."""
+        return max(0.0, self.total_j - self.idle_j)
+
+
+@dataclass(frozen=True)
+class PhaseTimes:
+    """Wall-clock marks (time.monotonic seconds) of one run, set by the engine."""
+
+    start_s: float
+    first_token_s: float
+    end_s: float
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What an engine produced for one request.
+
+    Attributes:
+        text: Decoded output text.
+        token_ids: Generated token ids.
+        stop_reason: Why decoding ended.
+        prefill_tokens: Tokens actually fed to the LM (after pruning).
+        visual_tokens_in: Visual tokens before pruning (all images).
+        visual_tokens_kept: Visual tokens that entered the LM.
+        times: Phase boundaries for energy attribution.
+    """
+
+    text: str
+    token_ids: tuple[int, ...]
+    stop_reason: StopReason
+    prefill_tokens: int
+    visual_tokens_in: int
+    visual_tokens_kept: int
+    times: PhaseTimes
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    """A finished request as the runtime returns it in-process and records it in the ledger."""
+
+    request_id: str
+    model: str
+    text: str
+    generation: GenerationResult
+    plan: Plan
+    energy: EnergyReport
+    created_s: float
+
+    @property
+    def completion_tokens(self) -> int:
+        """Generated tokens."""
+        return len(self.generation.token_ids)

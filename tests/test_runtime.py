@@ -1,0 +1,111 @@
+"""The in-process `Runtime` API, as a robot stack embeds it (no HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from joulecap.runtime.errors import BudgetTooSmall, InvalidRequest, Overloaded
+from joulecap.runtime.runtime import Runtime
+
+
+@pytest.fixture
+def runtime(config_factory: Any) -> Any:
+    rt = Runtime(config_factory())
+    yield rt
+    rt.close()
+
+
+def test_chat_with_prompt_image_and_budget(runtime: Runtime) -> None:
+    frame = np.zeros((96, 96, 3), dtype=np.uint8)
+    frame[20:60, 30:70] = (255, 0, 0)
+    result = runtime.chat("What do you see?", images=[frame], energy_budget_j=5.0, max_tokens=6)
+    assert isinstance(result.text, str)
+    assert result.completion_tokens <= 6
+    assert result.energy.source == "estimated"
+    assert result.energy.total_j > 0
+    assert result.plan.budget_j == 5.0
+    assert result.generation.visual_tokens_in > 0
+    row = runtime.ledger.query(limit=10)[0]
+    assert row["id"] == result.request_id
+
+
+def test_token_callback_streams_the_final_text(runtime: Runtime) -> None:
+    pieces: list[str] = []
+    result = runtime.chat("Describe it", images=[Image.new("RGB", (80, 80), "blue")], max_tokens=5,
+                          on_token=lambda _tid, text: pieces.append(text))
+    assert "".join(pieces) == result.text
+
+
+def test_openai_style_messages_in_process(runtime: Runtime, png: Any) -> None:
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": png()}}, {"type": "text", "text": "Colour?"}],
+        },
+    ]
+    result = runtime.chat(messages, max_tokens=4)
+    assert result.generation.visual_tokens_in > 0
+
+
+def test_achat_runs_without_blocking_the_loop(runtime: Runtime) -> None:
+    async def main() -> tuple[Any, int]:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.005)
+
+        task = asyncio.create_task(ticker())
+        result = await runtime.achat("hello", max_tokens=4)
+        task.cancel()
+        return result, ticks
+
+    result, ticks = asyncio.run(main())
+    assert result.completion_tokens <= 4
+    assert ticks > 1
+
+
+def test_bad_budget_and_tiny_budget(runtime: Runtime) -> None:
+    with pytest.raises(InvalidRequest):
+        runtime.chat("hi", energy_budget_j=float("nan"))
+    with pytest.raises(InvalidRequest):
+        runtime.chat("hi", energy_budget_j=-1)
+    with pytest.raises(BudgetTooSmall) as info:
+        runtime.chat("hi", energy_budget_j=1e-9)
+    assert info.value.min_j > 1e-9
+    # The stated minimum works.
+    ok = runtime.chat("hi", energy_budget_j=info.value.min_j * 1.0001, max_tokens=3)
+    assert ok.completion_tokens >= 1
+
+
+def test_queue_limit_refuses_with_overloaded(config_factory: Any) -> None:
+    rt = Runtime(config_factory(server={"queue_limit": 0}))
+    gate = threading.Event()
+    try:
+        blocker = rt.submit(gate.wait, 30)
+        with pytest.raises(Overloaded):
+            rt.chat("hi", max_tokens=2)
+        gate.set()
+        blocker.result(timeout=30)
+        assert rt.chat("hi", max_tokens=2).completion_tokens >= 1
+    finally:
+        gate.set()
+        rt.close()
+
+
+def test_oversized_frame_is_refused(config_factory: Any) -> None:
+    rt = Runtime(config_factory(server={"max_image_pixels": 1000}))
+    try:
+        with pytest.raises(InvalidRequest):
+            rt.chat("hi", images=[np.zeros((100, 100, 3), dtype=np.uint8)])
+    finally:
+        rt.close()
