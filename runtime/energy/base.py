@@ -38,6 +38,7 @@ class MeterReading:
         t_s: `time.monotonic()` at the read.
         energy_j: Cumulative energy since an arbitrary origin (counter meters), else None.
         power_w: Instantaneous power, else None.
+
     """
 
     t_s: float
@@ -69,7 +70,7 @@ class Meter(Protocol):
         ...
 
     def describe(self) -> dict[str, object]:
-        """Static facts for `joulecap meters` and `/v1/energy/meter`."""
+        """Return static facts for `joulecap meters` and `/v1/energy/meter`."""
         ...
 
     def close(self) -> None:

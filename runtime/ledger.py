@@ -1,0 +1,283 @@
+"""SQLite ledger: one row per request with its plan and energy, committed before the response.
+
+Durability: WAL journal with `synchronous=FULL`, so a row whose `record_*` call returned
+survives a crash or `kill -9` of the server (and a power loss, as far as the disk honours
+fsync). One connection shared by the engine threads and the HTTP handlers, guarded by a
+lock. The schema is versioned with `PRAGMA user_version`; a newer ledger is refused rather
+than silently misread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal, TextIO
+
+from joulecap.runtime.types import ChatResult, EnergyReport, Plan
+
+SCHEMA_VERSION = 1
+
+LedgerStatus = Literal["ok", "aborted", "error"]
+
+COLUMNS: tuple[tuple[str, str], ...] = (
+    ("id", "TEXT PRIMARY KEY"),
+    ("created_s", "REAL NOT NULL"),
+    ("recorded_s", "REAL NOT NULL"),
+    ("model", "TEXT"),
+    ("policy", "TEXT"),
+    ("plan", "TEXT"),
+    ("budget_j", "REAL"),
+    ("predicted_j", "REAL"),
+    ("measured_j", "REAL"),
+    ("prefill_j", "REAL"),
+    ("decode_j", "REAL"),
+    ("idle_j", "REAL"),
+    ("source", "TEXT"),
+    ("meter", "TEXT"),
+    ("interpolated", "INTEGER"),
+    ("energy_note", "TEXT"),
+    ("prompt_tokens", "INTEGER"),
+    ("visual_tokens_in", "INTEGER"),
+    ("visual_tokens_kept", "INTEGER"),
+    ("completion_tokens", "INTEGER"),
+    ("max_new_tokens", "INTEGER"),
+    ("stop_reason", "TEXT"),
+    ("status", "TEXT NOT NULL"),
+    ("error", "TEXT"),
+    ("duration_s", "REAL"),
+)
+"""Ledger columns in export order. `plan` is JSON; `created_s`/`recorded_s` are Unix times."""
+
+COLUMN_NAMES = tuple(name for name, _ in COLUMNS)
+
+
+def _plan_json(plan: Plan | None) -> str | None:
+    return None if plan is None else json.dumps(dataclasses.asdict(plan), sort_keys=True)
+
+
+def _energy_fields(energy: EnergyReport | None) -> dict[str, Any]:
+    if energy is None:
+        return {}
+    return {
+        "measured_j": energy.total_j,
+        "prefill_j": energy.prefill_j,
+        "decode_j": energy.decode_j,
+        "idle_j": energy.idle_j,
+        "source": energy.source,
+        "meter": energy.meter,
+        "interpolated": int(energy.interpolated),
+        "energy_note": energy.note or None,
+        "duration_s": energy.duration_s,
+    }
+
+
+def _plan_fields(plan: Plan | None) -> dict[str, Any]:
+    if plan is None:
+        return {}
+    return {
+        "policy": plan.policy,
+        "plan": _plan_json(plan),
+        "budget_j": plan.budget_j,
+        "predicted_j": plan.predicted_j,
+        "max_new_tokens": plan.max_new_tokens,
+    }
+
+
+class Ledger:
+    """The request ledger.
+
+    Args:
+        path: SQLite file (created with its parent directory's permissions), or `:memory:`.
+
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30.0)
+        self._conn.row_factory = sqlite3.Row
+        with self._lock:
+            if path != ":memory:":
+                self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._migrate()
+
+    def _migrate(self) -> None:
+        version = int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"ledger {self.path} has schema version {version}, newer than this joulecap's "
+                f"{SCHEMA_VERSION}; use a newer joulecap or another --ledger-path"
+            )
+        if version == SCHEMA_VERSION:
+            return
+        cols = ",\n  ".join(f"{name} {decl}" for name, decl in COLUMNS)
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._conn.execute(f"CREATE TABLE IF NOT EXISTS requests (\n  {cols}\n)")
+            self._conn.execute("CREATE INDEX IF NOT EXISTS requests_created ON requests(created_s)")
+            self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+
+    def _insert(self, row: dict[str, Any]) -> None:
+        names = [n for n in COLUMN_NAMES if n in row]
+        sql = f"INSERT OR REPLACE INTO requests ({', '.join(names)}) VALUES ({', '.join('?' for _ in names)})"
+        with self._lock:
+            # Autocommit mode: the statement is its own transaction, durable when execute returns.
+            self._conn.execute(sql, [row[n] for n in names])
+
+    def record_result(self, result: ChatResult, *, status: LedgerStatus = "ok") -> None:
+        """Record a finished request; the row is committed (fsynced) when this returns."""
+        gen = result.generation
+        row: dict[str, Any] = {
+            "id": result.request_id,
+            "created_s": result.created_s,
+            "recorded_s": time.time(),
+            "model": result.model,
+            **_plan_fields(result.plan),
+            **_energy_fields(result.energy),
+            "prompt_tokens": gen.prefill_tokens,
+            "visual_tokens_in": gen.visual_tokens_in,
+            "visual_tokens_kept": gen.visual_tokens_kept,
+            "completion_tokens": len(gen.token_ids),
+            "stop_reason": gen.stop_reason,
+            "status": status,
+            "error": None,
+        }
+        self._insert(row)
+
+    def record_failure(
+        self,
+        request_id: str,
+        model: str,
+        plan: Plan | None,
+        energy: EnergyReport | None,
+        status: LedgerStatus = "error",
+        error: str = "",
+        *,
+        created_s: float | None = None,
+    ) -> None:
+        """Record a request that was aborted or failed, with whatever energy it spent.
+
+        `created_s` is the request's Unix arrival time when known (else now).
+        """
+        now = time.time()
+        row: dict[str, Any] = {
+            "id": request_id,
+            "created_s": created_s if created_s else now,
+            "recorded_s": now,
+            "model": model,
+            **_plan_fields(plan),
+            **_energy_fields(energy),
+            "stop_reason": "aborted" if status == "aborted" else None,
+            "status": status,
+            "error": error or None,
+        }
+        self._insert(row)
+
+    def query(self, since_s: float | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Rows as dicts (`plan` decoded), oldest first.
+
+        Args:
+            since_s: Unix time; only rows created after it, the first `limit` of them (page
+                forward by passing the last row's `created_s`). None: the latest `limit` rows.
+            limit: Most rows returned (>= 1).
+
+        """
+        limit = max(1, int(limit))
+        with self._lock:
+            if since_s is None:
+                rows = self._conn.execute(
+                    "SELECT * FROM (SELECT rowid AS r, * FROM requests ORDER BY created_s DESC, rowid DESC "
+                    "LIMIT ?) ORDER BY created_s, r",
+                    (limit,),
+                ).fetchall()
+            else:
+                rows = self._conn.execute(
+                    "SELECT rowid AS r, * FROM requests WHERE created_s > ? "
+                    "ORDER BY created_s, rowid LIMIT ?",
+                    (float(since_s), limit),
+                ).fetchall()
+        return [self._to_dict(r) for r in rows]
+
+    @staticmethod
+    def _to_dict(row: sqlite3.Row) -> dict[str, Any]:
+        out = {name: row[name] for name in COLUMN_NAMES}
+        out["plan"] = json.loads(out["plan"]) if out["plan"] else None
+        out["interpolated"] = bool(out["interpolated"]) if out["interpolated"] is not None else None
+        return out
+
+    def count(self) -> int:
+        """Return the number of rows."""
+        with self._lock:
+            return int(self._conn.execute("SELECT COUNT(*) FROM requests").fetchone()[0])
+
+    def _iter_all(self) -> Iterator[dict[str, Any]]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT rowid AS r, * FROM requests ORDER BY created_s, rowid"
+            ).fetchall()
+        for r in rows:
+            yield self._to_dict(r)
+
+    def export(self, fmt: Literal["csv", "jsonl"], out: TextIO) -> int:
+        """Write every row to `out` as CSV (header + rows, `plan` as JSON text) or JSON lines.
+
+        Returns:
+            Rows written.
+
+        """
+        n = 0
+        if fmt == "jsonl":
+            for row in self._iter_all():
+                out.write(json.dumps(row, sort_keys=False) + "\n")
+                n += 1
+        elif fmt == "csv":
+            writer = csv.DictWriter(out, fieldnames=list(COLUMN_NAMES), lineterminator="\n")
+            writer.writeheader()
+            for row in self._iter_all():
+                row["plan"] = json.dumps(row["plan"], sort_keys=True) if row["plan"] is not None else ""
+                writer.writerow(row)
+                n += 1
+        else:
+            raise ValueError(f"unknown export format {fmt!r}; use csv or jsonl")
+        return n
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        with self._lock, contextlib.suppress(sqlite3.ProgrammingError):
+            self._conn.close()
+
+
+def ledger_export_command(path: str, fmt: Literal["csv", "jsonl"], out_path: str | None) -> int:
+    """`joulecap ledger export`: write the ledger at `path` to `out_path` (stdout when None).
+
+    Returns:
+        0 on success, 1 when the ledger file does not exist (nothing is created).
+
+    """
+    if path != ":memory:" and not Path(path).is_file():
+        print(f"no ledger at {path} (serve some requests first, or pass --ledger-path)", file=sys.stderr)
+        return 1
+    ledger = Ledger(path)
+    try:
+        if out_path is None:
+            n = ledger.export(fmt, sys.stdout)
+        else:
+            with open(out_path, "w", encoding="utf-8", newline="") as f:
+                n = ledger.export(fmt, f)
+    finally:
+        ledger.close()
+    print(f"exported {n} rows as {fmt}" + (f" to {out_path}" if out_path else ""), file=sys.stderr)
+    return 0
