@@ -69,6 +69,7 @@ class PerceptionLoop:
         full_budget_j: Per-step budget at a full battery; it scales down linearly to
             `min_fraction` of it as the battery empties.
         prompt: The question asked about every frame.
+
     """
 
     def __init__(

@@ -23,7 +23,8 @@ def _serve(args: argparse.Namespace) -> int:
     if runtime.info.random_weights:
         banner = "!" * 78
         print(
-            f"{banner}\n! joulecap is serving '{runtime.info.model}' with RANDOM weights: answers are noise.\n"
+            f"{banner}\n! joulecap is serving '{runtime.info.model}' with RANDOM weights: "
+            "answers are noise.\n"
             f"! Pass --model DIR for a real model.\n{banner}",
             file=sys.stderr,
         )
@@ -80,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, fn: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+    def command(
+        name: str, fn: Callable[[argparse.Namespace], int], help_text: str
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(fn=fn)
         return p
@@ -93,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("dir", help="Output directory")
 
-    meters = command("meters", _meters, "List energy meters, one live reading each, and why others are absent.")
+    meters = command(
+        "meters", _meters, "List energy meters, one live reading each, and why others are absent."
+    )
     cfgmod.add_args(meters, ("energy",))
 
     cal = command("calibrate", _calibrate, "Measure energy over a sweep and fit the model's energy profile.")
@@ -116,7 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
         return int(args.fn(args))

@@ -71,6 +71,7 @@ class BudgetTooSmall(JoulecapError):
 
     Attributes:
         min_j: The smallest budget, in joules, that would be accepted for this request.
+
     """
 
     http_status = 422

@@ -32,6 +32,7 @@ class ImagePolicy:
         max_pixels: Largest width x height accepted.
         allow_local_dir: Directory local paths are confined to; None refuses local paths.
         allow_remote: Whether http(s) URLs may be fetched.
+
     """
 
     max_pixels: int
@@ -83,7 +84,9 @@ def _decode_data_url(url: str, policy: ImagePolicy, param: str) -> Image.Image:
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise InvalidRequest("Image data URL is not valid base64.", param=param, code="invalid_image") from exc
+        raise InvalidRequest(
+            "Image data URL is not valid base64.", param=param, code="invalid_image"
+        ) from exc
     return decode_image_bytes(data, policy, param)
 
 
@@ -116,7 +119,7 @@ REMOTE_TIMEOUT_S = 10.0
 def _fetch_remote(url: str, policy: ImagePolicy, param: str) -> Image.Image:
     limit = policy.max_pixels * 4 + 1024
     try:
-        with urllib.request.urlopen(url, timeout=REMOTE_TIMEOUT_S) as resp:  # noqa: S310 - opt-in
+        with urllib.request.urlopen(url, timeout=REMOTE_TIMEOUT_S) as resp:
             data = resp.read(limit + 1)
     except (OSError, ValueError) as exc:
         raise InvalidRequest(f"Remote image could not be fetched: {exc}", param=param) from exc
@@ -136,6 +139,7 @@ def load_image(url: str, policy: ImagePolicy, *, param: str = "messages") -> Ima
     Raises:
         InvalidRequest: Unreadable, unsupported, disallowed or missing image.
         PayloadTooLarge: Image over the pixel limit or a decompression bomb.
+
     """
     if not isinstance(url, str) or not url:
         raise InvalidRequest("image_url.url must be a non-empty string.", param=param)

@@ -14,9 +14,10 @@ Exposed series (all names prefixed `joulecap_`):
 
 from __future__ import annotations
 
-from joulecap.runtime.types import ChatResult
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from joulecap.runtime.types import ChatResult
 
 ENERGY_BUCKETS_J = (
     0.1,

@@ -81,6 +81,7 @@ class Runtime:
         config: All component configs; defaults serve the demo model with auto-detected meters.
         engine: An already constructed engine (else built from `config.engine`).
         meter: An already constructed meter (else chosen from `config.energy`).
+
     """
 
     def __init__(
@@ -205,6 +206,7 @@ class Runtime:
         Raises:
             EnvelopeExhausted: The shared power envelope cannot cover the plan.
             EngineError: The engine failed; the energy spent is still in the ledger.
+
         """
         request = prepared.request
         reservation = None
@@ -335,6 +337,7 @@ class Runtime:
             energy_budget_j: Joule budget for this request.
             on_token: Called from the engine thread with each token id and text delta.
             **options: `max_tokens`, `policy`, `tau`, `temperature`, `top_p`, `seed`.
+
         """
         request = self.build_request(messages_or_prompt, images, energy_budget_j=energy_budget_j, **options)
         return self.submit(self.execute, request, on_token=on_token).result()  # type: ignore[no-any-return]

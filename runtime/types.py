@@ -74,6 +74,7 @@ class Request:
         tau: E-AdaPrune spectral-energy fraction override (else the policy's default).
         stream: Whether the client wants server-sent events.
         created_s: Unix time the request was accepted.
+
     """
 
     request_id: str
@@ -100,6 +101,7 @@ class PreparedRequest:
             projector), on the engine's device. Policies compute spectral budgets from them.
         context_length: The model's maximum sequence length.
         payload: Engine-private state (tokenised inputs, embeddings) reused by `Engine.run`.
+
     """
 
     request: Request
@@ -128,6 +130,7 @@ class Plan:
         selection: Token selection method used to pick which visual tokens stay.
         brevity_hint: Optional system instruction asking for an answer of the planned size.
         budget_j: The budget the plan was made for, if any.
+
     """
 
     visual_keep: tuple[int, ...]
@@ -156,6 +159,7 @@ class EnergyReport:
         interpolated: True when the window was shorter than the meter's update period and
             part of the figure comes from power readings or the predictor.
         note: Free-form detail (fallbacks, interpolation), empty when nothing to say.
+
     """
 
     total_j: float
@@ -196,6 +200,7 @@ class GenerationResult:
         visual_tokens_in: Visual tokens before pruning (all images).
         visual_tokens_kept: Visual tokens that entered the LM.
         times: Phase boundaries for energy attribution.
+
     """
 
     text: str

@@ -7,6 +7,7 @@ import math
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from joulecap.runtime.energy.attribution import TokenWork, split_by_token_work
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+
 from joulecap.runtime.energy.config import EnergyConfig
 from joulecap.runtime.energy.monitor import EnergyMonitor
 from joulecap.runtime.energy.nvml import NvmlMeter

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from joulecap.runtime.energy.base import Meter, MeterError
 from joulecap.runtime.energy.config import EnergyConfig
 from joulecap.runtime.energy.estimate import EstimateMeter

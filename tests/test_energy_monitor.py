@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from joulecap.runtime.energy.base import MeterError
 from joulecap.runtime.energy.config import EnergyConfig
 from joulecap.runtime.energy.estimate import EstimateMeter

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from joulecap.runtime.ledger import SCHEMA_VERSION, Ledger, ledger_export_command
 from joulecap.runtime.types import ChatResult, EnergyReport, GenerationResult, PhaseTimes, Plan
 

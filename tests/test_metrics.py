@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from joulecap.runtime.metrics import Metrics
 from joulecap.runtime.types import ChatResult, EnergyReport, GenerationResult, PhaseTimes, Plan
-from prometheus_client.parser import text_string_to_metric_families
 
 
 def result(

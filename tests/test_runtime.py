@@ -37,8 +37,12 @@ def test_chat_with_prompt_image_and_budget(runtime: Runtime) -> None:
 
 def test_token_callback_streams_the_final_text(runtime: Runtime) -> None:
     pieces: list[str] = []
-    result = runtime.chat("Describe it", images=[Image.new("RGB", (80, 80), "blue")], max_tokens=5,
-                          on_token=lambda _tid, text: pieces.append(text))
+    result = runtime.chat(
+        "Describe it",
+        images=[Image.new("RGB", (80, 80), "blue")],
+        max_tokens=5,
+        on_token=lambda _tid, text: pieces.append(text),
+    )
     assert "".join(pieces) == result.text
 
 
@@ -47,7 +51,10 @@ def test_openai_style_messages_in_process(runtime: Runtime, png: Any) -> None:
         {"role": "system", "content": "Be brief."},
         {
             "role": "user",
-            "content": [{"type": "image_url", "image_url": {"url": png()}}, {"type": "text", "text": "Colour?"}],
+            "content": [
+                {"type": "image_url", "image_url": {"url": png()}},
+                {"type": "text", "text": "Colour?"},
+            ],
         },
     ]
     result = runtime.chat(messages, max_tokens=4)

@@ -31,7 +31,7 @@ def _image_message(url: str, text: str = "What colour is the square?") -> list[d
 
 
 def test_plain_completion_has_energy_usage_and_validates(served: Any, openai_schemas: dict[str, Any]) -> None:
-    server, runtime, client = served
+    _server, _runtime, client = served
     raw = client.chat.completions.with_raw_response.create(
         model="default", messages=[{"role": "user", "content": "Hello there"}], max_tokens=5
     )
@@ -53,7 +53,7 @@ def test_plain_completion_has_energy_usage_and_validates(served: Any, openai_sch
 
 
 def test_image_with_budget_header_reports_visual_tokens(served: Any, png: Any) -> None:
-    server, runtime, client = served
+    _server, _runtime, client = served
     raw = client.chat.completions.with_raw_response.create(
         model="default",
         messages=_image_message(png()),
@@ -94,7 +94,7 @@ def test_header_budget_wins_over_body(served: Any) -> None:
 def test_streaming_chunks_validate_and_end_with_usage(
     served: Any, png: Any, openai_schemas: dict[str, Any]
 ) -> None:
-    server, _, client = served
+    _server, _, client = served
     stream = client.chat.completions.create(
         model="default", messages=_image_message(png()), max_tokens=6, stream=True
     )
@@ -209,7 +209,7 @@ def _image_body(url: str) -> dict[str, Any]:
 
 
 def test_corrupt_unsupported_and_huge_images(served: Any, openai_schemas: dict[str, Any], png: Any) -> None:
-    server, runtime, _ = served
+    server, _runtime, _ = served
     corrupt = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n garbage").decode()
     not_base64 = "data:image/png;base64,@@@@"
     tiff = _png_bytes_url(Image.new("RGB", (32, 32)), "TIFF")

@@ -49,6 +49,7 @@ class GuardMiddleware:
         return hmac.compare_digest(token, self.api_key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Check the key and the body size, then pass the request on."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return

@@ -87,6 +87,7 @@ def parse_budget(value: object, *, param: str) -> float:
 
     Raises:
         InvalidRequest: Not a finite number greater than zero.
+
     """
     if isinstance(value, bool):
         raise InvalidRequest("Energy budget must be a number of joules.", param=param, code="invalid_budget")
@@ -157,6 +158,7 @@ def to_request(
     Raises:
         InvalidRequest: Unsupported options, bad budget, bad images.
         PayloadTooLarge: Too many or too large images.
+
     """
     if body.n not in (None, 1):
         raise InvalidRequest("Only n=1 is supported.", param="n")

@@ -23,6 +23,7 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
+
 from joulecap.runtime.energy.base import Meter, MeterReading
 
 log = logging.getLogger(__name__)

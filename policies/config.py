@@ -1,0 +1,72 @@
+"""Scheduler and policy configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """How budgets become plans."""
+
+    policy: str = "joint"
+    """Policy used when a request names none (see `joulecap policies`)."""
+    tau: float = 0.95
+    """E-AdaPrune: fraction of spectral energy the kept visual tokens must cover, in (0, 1]."""
+    k_min: int = 16
+    """E-AdaPrune: fewest visual tokens kept per image."""
+    selection: str = "leverage"
+    """Which visual tokens stay: `leverage`, `norm`, `diversity`, `uniform`."""
+    default_max_tokens: int = 256
+    """Output cap when neither the client nor the budget sets one."""
+    min_output_tokens: int = 1
+    """Smallest answer worth running; below it a budget is refused with 422."""
+    profile_dir: str | None = None
+    """Directory of energy profiles (JSON per model, device, dtype); default `<cache dir>/profiles`."""
+    budget_min_j: float = 0.0
+    """Smallest energy budget accepted (J); a budget below it is refused with 400 (budgets must
+    also be > 0)."""
+    budget_max_j: float = 1_000_000.0
+    """Largest energy budget accepted (J); a budget above it is refused with 400."""
+    budget_headroom: float = 0.03
+    """Fraction of a budget the planned output leaves unspent to absorb prediction error (the
+    governor holds the rest); never makes a feasible budget infeasible."""
+    fixed_output_tokens: int = 64
+    """`fixed_output` policy: output cap N."""
+    fixed_prune_ratio: float = 0.5
+    """`fixed_prune` policy: fraction r of each image's visual tokens kept, in (0, 1]."""
+    visual_floor_tokens: int = 4
+    """`joint` policy: fewest visual tokens kept per image when a tight budget forces it below
+    the E-AdaPrune budget (0 allows dropping an image's tokens entirely)."""
+    brevity: bool = False
+    """Add a system instruction asking for an answer sized to the planned output tokens."""
+    rls_forgetting: float = 0.98
+    """Predictor online update: forgetting factor of recursive least squares, in (0, 1]
+    (1 = never forget; 0.98 weighs the last ~50 requests)."""
+    power_envelope_w: float | None = None
+    """Power envelope refill rate in watts (with --power-envelope-j; None = no envelope)."""
+    power_envelope_j: float | None = None
+    """Power envelope capacity in joules (with --power-envelope-w; None = no envelope)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.tau <= 1.0:
+            raise ValueError(f"tau must be in (0, 1], got {self.tau}")
+        if not 0.0 < self.fixed_prune_ratio <= 1.0:
+            raise ValueError(f"fixed_prune_ratio must be in (0, 1], got {self.fixed_prune_ratio}")
+        if not 0.0 < self.rls_forgetting <= 1.0:
+            raise ValueError(f"rls_forgetting must be in (0, 1], got {self.rls_forgetting}")
+        if not 0.0 <= self.budget_headroom < 1.0:
+            raise ValueError(f"budget_headroom must be in [0, 1), got {self.budget_headroom}")
+        if not 0.0 <= self.budget_min_j <= self.budget_max_j:
+            raise ValueError(
+                f"need 0 <= budget_min_j <= budget_max_j, got {self.budget_min_j}, {self.budget_max_j}"
+            )
+        for name in ("k_min", "default_max_tokens", "min_output_tokens", "fixed_output_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.visual_floor_tokens < 0:
+            raise ValueError(f"visual_floor_tokens must be >= 0, got {self.visual_floor_tokens}")
+        for name in ("power_envelope_w", "power_envelope_j"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0 when set, got {value}")
