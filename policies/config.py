@@ -31,6 +31,10 @@ class SchedulerConfig:
     budget_headroom: float = 0.03
     """Fraction of a budget the planned output leaves unspent to absorb prediction error (the
     governor holds the rest); never makes a feasible budget infeasible."""
+    feasibility_margin: float = 0.15
+    """Budget-holding policies accept a budget only when the predicted cost of the minimum answer
+    times (1 + this margin) fits it: the prefill cannot be stopped by the governor, so prediction
+    error there would overshoot the budget. The 422's minimum joules include the margin."""
     fixed_output_tokens: int = 64
     """`fixed_output` policy: output cap N."""
     fixed_prune_ratio: float = 0.5
@@ -55,6 +59,8 @@ class SchedulerConfig:
             raise ValueError(f"fixed_prune_ratio must be in (0, 1], got {self.fixed_prune_ratio}")
         if not 0.0 < self.rls_forgetting <= 1.0:
             raise ValueError(f"rls_forgetting must be in (0, 1], got {self.rls_forgetting}")
+        if not 0.0 <= self.feasibility_margin <= 10.0:
+            raise ValueError(f"feasibility_margin must be in [0, 10], got {self.feasibility_margin}")
         if not 0.0 <= self.budget_headroom < 1.0:
             raise ValueError(f"budget_headroom must be in [0, 1), got {self.budget_headroom}")
         if not 0.0 <= self.budget_min_j <= self.budget_max_j:

@@ -124,8 +124,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from joulecap.runtime.engines.factory import EngineUnavailable, ModelLoadError
+
     try:
         return int(args.fn(args))
+    except (ModelLoadError, EngineUnavailable) as exc:
+        # Expected, user-fixable failures (bad --model, engine not installed): the message names the fix.
+        print(f"joulecap: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

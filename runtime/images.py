@@ -11,14 +11,13 @@ import binascii
 import io
 import os
 import urllib.request
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from PIL import Image, UnidentifiedImageError
 
-from joulecap.runtime.errors import InvalidRequest, PayloadTooLarge
+from joulecap.runtime.errors import InvalidRequest, JoulecapError, PayloadTooLarge
 
 SUPPORTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 """Image formats accepted after decoding (by content, not by declared MIME type)."""
@@ -42,31 +41,39 @@ class ImagePolicy:
 
 def decode_image_bytes(data: bytes, policy: ImagePolicy, param: str) -> Image.Image:
     """Decode encoded image bytes to RGB, enforcing the pixel limit and supported formats."""
+    # No warnings.catch_warnings() here: it swaps process-wide filters and is not thread-safe,
+    # and requests are decoded on worker threads. Our own limit is checked from the header right
+    # after open(); PIL's DecompressionBombError (above 2x Image.MAX_IMAGE_PIXELS) is a backstop.
     try:
-        with warnings.catch_warnings():
-            # PIL warns, then raises, for decompression bombs; its own limit is only a backstop.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            fmt = img.format
-            width, height = img.size
-            if width * height > policy.max_pixels:
-                raise PayloadTooLarge(
-                    f"Image is {width}x{height} = {width * height} pixels; the limit is "
-                    f"{policy.max_pixels} (server option --max-image-pixels).",
-                    param=param,
-                    code="image_too_large",
-                )
-            if fmt not in SUPPORTED_FORMATS:
-                raise InvalidRequest(
-                    f"Unsupported image format {fmt!r}; use one of {', '.join(SUPPORTED_FORMATS)}.",
-                    param=param,
-                    code="unsupported_image",
-                )
-            img.load()
-            return img.convert("RGB")
+        img = Image.open(io.BytesIO(data))
+        fmt = img.format
+        width, height = img.size
+        if width * height > policy.max_pixels:
+            raise PayloadTooLarge(
+                f"Image is {width}x{height} = {width * height} pixels; the limit is "
+                f"{policy.max_pixels} (server option --max-image-pixels).",
+                param=param,
+                code="image_too_large",
+            )
+        if fmt not in SUPPORTED_FORMATS:
+            raise InvalidRequest(
+                f"Unsupported image format {fmt!r}; use one of {', '.join(SUPPORTED_FORMATS)}.",
+                param=param,
+                code="unsupported_image",
+            )
+        img.load()
+        return img.convert("RGB")
+    except JoulecapError:
+        raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         raise PayloadTooLarge(f"Image rejected as a decompression bomb: {exc}", param=param) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InvalidRequest(
+            "Image could not be decoded (corrupt or not an image).", param=param, code="invalid_image"
+        ) from exc
+    except Exception as exc:
+        # PIL's format plugins raise many other types on hostile bytes (struct.error, IndexError,
+        # TypeError, ZeroDivisionError, ...); every one of them is the client's bad image, not a 500.
         raise InvalidRequest(
             "Image could not be decoded (corrupt or not an image).", param=param, code="invalid_image"
         ) from exc
@@ -97,19 +104,33 @@ def _read_local(path_text: str, policy: ImagePolicy, param: str) -> Image.Image:
             param=param,
             code="local_files_disabled",
         )
-    root = Path(policy.allow_local_dir).resolve()
-    # resolve() follows symlinks, so a link inside DIR that points outside it is refused too.
-    target = (root / path_text).resolve() if not os.path.isabs(path_text) else Path(path_text).resolve()
-    if not target.is_relative_to(root):
+    try:
+        root = Path(policy.allow_local_dir).resolve()
+        # resolve() follows symlinks, so a link inside DIR that points outside it is refused too.
+        target = (root / path_text).resolve()  # an absolute path_text replaces root here
+        inside = target.is_relative_to(root)
+    except (OSError, ValueError, RuntimeError) as exc:  # NUL bytes, symlink loops, over-long names
+        raise InvalidRequest("Image path is not a valid path.", param=param, code="path_not_allowed") from exc
+    if not inside:
         raise InvalidRequest(
             "Image path is outside the allowed directory.", param=param, code="path_not_allowed"
         )
-    if not target.is_file():
-        raise InvalidRequest("Image file not found in the allowed directory.", param=param, code="not_found")
-    size = target.stat().st_size
-    if size > policy.max_pixels * 4 + 1024:
-        raise PayloadTooLarge("Image file is larger than the pixel limit allows.", param=param)
-    return decode_image_bytes(target.read_bytes(), policy, param)
+    try:
+        if not target.is_file():
+            raise InvalidRequest(
+                "Image file not found in the allowed directory.", param=param, code="not_found"
+            )
+        if target.stat().st_size > policy.max_pixels * 4 + 1024:
+            raise PayloadTooLarge("Image file is larger than the pixel limit allows.", param=param)
+        # O_NOFOLLOW: a symlink swapped in after resolve() is refused instead of followed.
+        fd = os.open(target, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(policy.max_pixels * 4 + 1025)
+    except OSError as exc:  # unreadable (permissions, a directory race): the client's problem to fix
+        raise InvalidRequest(
+            "Image file could not be read in the allowed directory.", param=param, code="not_found"
+        ) from exc
+    return decode_image_bytes(data, policy, param)
 
 
 REMOTE_TIMEOUT_S = 10.0
@@ -145,7 +166,10 @@ def load_image(url: str, policy: ImagePolicy, *, param: str = "messages") -> Ima
         raise InvalidRequest("image_url.url must be a non-empty string.", param=param)
     if url.startswith("data:"):
         return _decode_data_url(url, policy, param)
-    parsed = urlparse(url)
+    try:
+        parsed = urlparse(url)
+    except ValueError as exc:  # e.g. an unbalanced IPv6 bracket
+        raise InvalidRequest("image_url.url is not a valid URL.", param=param, code="invalid_image") from exc
     if parsed.scheme in ("http", "https"):
         if not policy.allow_remote:
             raise InvalidRequest(

@@ -28,6 +28,7 @@ from joulecap.runtime.energy.factory import create_meter
 from joulecap.runtime.energy.monitor import EnergyMonitor
 from joulecap.runtime.engines.base import Engine, RunHooks
 from joulecap.runtime.engines.factory import create_engine, resolve_cache_dir
+from joulecap.runtime.engines.worklog import WorkLog, batched_report, token_costs
 from joulecap.runtime.envelope import PowerEnvelope
 from joulecap.runtime.errors import EngineError, InvalidRequest, JoulecapError, Overloaded, PayloadTooLarge
 from joulecap.runtime.governor import Governor
@@ -131,6 +132,31 @@ class Runtime:
         self._inflight = 0
         self._inflight_lock = threading.Lock()
         self._closed = False
+        if cfg.engine.warmup:
+            self._warmup()
+
+    def _warmup(self) -> None:
+        # One short generation with an image: the first request pays for lazy initialisation
+        # (allocator, kernels, caches). Not recorded in the ledger and not learned from.
+        frame = Image.new("RGB", (64, 64), (127, 127, 127))
+        # Built directly: the warm-up frame must not depend on the server's image limits.
+        request = Request(
+            request_id="warmup",
+            messages=(ChatMessage("user", (ImagePart(0), TextPart("warm-up"))),),
+            images=(frame,),
+            max_tokens=2,
+        )
+        prepared = self.engine.prepare(request)
+        plan = Plan(
+            visual_keep=prepared.visual_tokens,
+            max_new_tokens=2,
+            predicted_j=0.0,
+            policy="warmup",
+            reason="start-up warm-up, not recorded",
+        )
+        started_s = time.monotonic()
+        self.engine.run(prepared, plan, RunHooks())
+        log.info("engine warm-up took %.3f s", time.monotonic() - started_s)
 
     # ------------------------------------------------------------------ building requests
     def build_request(
@@ -213,8 +239,21 @@ class Runtime:
         if self.envelope is not None:
             reservation = self.envelope.reserve(plan.budget_j or plan.predicted_j)
             self.metrics.set_envelope_level_j(self.envelope.level_j())
+        self.monitor.fresh_sample()  # an exact counter value at the window's start
         start_s = time.monotonic()
-        governor = Governor(plan, self.predictor, lambda: self.monitor.live_energy_j(start_s))
+        # Batching engines (vLLM) log token work: energy is then split among concurrent requests.
+        work_log: WorkLog | None = getattr(self.engine, "work_log", None)
+        prefill_cost, decode_cost = token_costs(self.predictor) if work_log is not None else (1.0, 1.0)
+
+        def energy_so_far_j() -> float:
+            used_j = self.monitor.live_energy_j(start_s)
+            if work_log is None:
+                return used_j
+            return used_j * work_log.live_fraction(
+                request.request_id, prefill_cost=prefill_cost, decode_cost=decode_cost
+            )
+
+        governor = Governor(plan, self.predictor, energy_so_far_j)
         hooks = RunHooks(
             on_token=on_token,
             should_stop=governor.should_stop,
@@ -228,23 +267,43 @@ class Runtime:
                 PhaseTimes(start_s, end_s, end_s), predicted_prefill_j=0.0, predicted_decode_j=0.0
             )
             self.ledger.record_failure(
-                request.request_id, self.info.model, plan, energy, status="error", error=repr(exc)[:500]
+                request.request_id,
+                self.info.model,
+                plan,
+                energy,
+                status="error",
+                error=repr(exc)[:500],
+                created_s=request.created_s or None,
             )
-            self.metrics.observe_error(500)
+            # Error responses are counted by the layer that answers (the HTTP app), once.
             if reservation is not None and self.envelope is not None:
                 self.envelope.settle(reservation, energy.total_j)
             if isinstance(exc, JoulecapError):
                 raise
             log.exception("engine failed on %s", request.request_id)
             raise EngineError(f"The engine failed on this request: {type(exc).__name__}") from exc
+        # The engine may add text (a brevity hint) after prepare(): count what really went in.
+        text_tokens = generation.prefill_tokens - generation.visual_tokens_kept
         prediction = self.predictor.predict(
-            prepared.text_tokens, generation.visual_tokens_kept, len(generation.token_ids)
+            text_tokens, generation.visual_tokens_kept, len(generation.token_ids)
         )
-        energy = self.monitor.report(
-            generation.times,
-            predicted_prefill_j=prediction.prefill_j,
-            predicted_decode_j=prediction.decode_j,
-        )
+        if work_log is not None:
+            energy = batched_report(
+                self.monitor,
+                work_log,
+                request.request_id,
+                generation.times,
+                prefill_cost=prefill_cost,
+                decode_cost=decode_cost,
+                predicted_prefill_j=prediction.prefill_j,
+                predicted_decode_j=prediction.decode_j,
+            )
+        else:
+            energy = self.monitor.report(
+                generation.times,
+                predicted_prefill_j=prediction.prefill_j,
+                predicted_decode_j=prediction.decode_j,
+            )
         result = ChatResult(
             request_id=request.request_id,
             model=self.info.model,
@@ -268,7 +327,7 @@ class Runtime:
         if energy.source == "replayed" or energy.interpolated:
             return
         self.predictor.update(
-            prepared.text_tokens,
+            result.generation.prefill_tokens - result.generation.visual_tokens_kept,
             result.generation.visual_tokens_kept,
             result.completion_tokens,
             energy.total_j,
@@ -340,7 +399,8 @@ class Runtime:
 
         """
         request = self.build_request(messages_or_prompt, images, energy_budget_j=energy_budget_j, **options)
-        return self.submit(self.execute, request, on_token=on_token).result()  # type: ignore[no-any-return]
+        result: ChatResult = self.submit(self.execute, request, on_token=on_token).result()
+        return result
 
     async def achat(
         self,
@@ -352,7 +412,8 @@ class Runtime:
     ) -> ChatResult:
         """`chat` for asyncio code: waits without blocking the event loop."""
         request = self.build_request(messages_or_prompt, images, energy_budget_j=energy_budget_j, **options)
-        return await asyncio.wrap_future(self.submit(self.execute, request))  # type: ignore[no-any-return]
+        result: ChatResult = await asyncio.wrap_future(self.submit(self.execute, request))
+        return result
 
     def close(self) -> None:
         """Finish queued work, stop sampling, close the ledger and the engine."""

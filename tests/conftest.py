@@ -136,4 +136,30 @@ def openai_schemas() -> dict[str, Any]:
         "chunk": "chat_completion_chunk.schema.json",
         "error": "error_response.schema.json",
     }
-    return {k: json.loads((SHARED / "openai" / v).read_text()) for k, v in names.items()}
+    return {
+        k: _nullable_to_json_schema(json.loads((SHARED / "openai" / v).read_text())) for k, v in names.items()
+    }
+
+
+def _nullable_to_json_schema(node: Any) -> Any:
+    """Apply OpenAPI 3.0's `nullable: true` (kept in the extracted schemas) as JSON Schema does.
+
+    `jsonschema` ignores the unknown keyword, so a null that OpenAI's spec allows (for example
+    `choices[].logprobs`) would be rejected; this rewrites it to `anyOf: [schema, null]`.
+    """
+    if isinstance(node, list):
+        return [_nullable_to_json_schema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _nullable_to_json_schema(v) for k, v in node.items() if k != "nullable"}
+    if node.get("nullable") is True:
+        return {"anyOf": [out, {"type": "null"}]}
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight LLaVA (CLIP tower + projector + Llama) saved with save_pretrained."""
+    from joulecap.runtime.tiny_models import build_tiny_model
+
+    return build_tiny_model("llava", tmp_path_factory.mktemp("models") / "tiny-llava", seed=0)

@@ -8,6 +8,7 @@ import pathlib
 import stat
 import sys
 import textwrap
+import time
 import types
 from pathlib import Path
 from typing import Any
@@ -542,3 +543,31 @@ def test_meters_command_on_this_machine(tmp_path: Path) -> None:
     assert "*  estimate" in text and "estimated" in text
     for why in ("NVML", "no INA3221 rails", "no RAPL package domains"):
         assert why in text
+
+
+def test_estimate_meter_counts_child_process_cpu() -> None:
+    # vLLM computes in child processes; the estimate must see their CPU time.
+    import subprocess
+    import sys
+
+    from joulecap.runtime.energy.estimate import ProcessTreeCpuClock
+
+    clock = ProcessTreeCpuClock()
+    before = clock()
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\nt=time.process_time()\nwhile time.process_time()-t<0.5: pass\ntime.sleep(5)",
+        ]
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while clock() - before < 0.4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert clock() - before >= 0.4
+    finally:
+        child.kill()
+        child.wait()
+    after_exit = clock()
+    assert after_exit >= before + 0.4  # an exited child's time is kept: monotonic

@@ -22,6 +22,7 @@ from joulecap.runtime.api.middleware import GuardMiddleware
 from joulecap.runtime.api.schema import BUDGET_HEADER, ChatCompletionRequest, to_request
 from joulecap.runtime.errors import (
     BudgetTooSmall,
+    EngineError,
     InvalidRequest,
     JoulecapError,
     ModelNotFound,
@@ -31,6 +32,9 @@ from joulecap.runtime.runtime import Runtime
 from joulecap.runtime.types import ChatResult, Plan, PreparedRequest, Request
 
 log = logging.getLogger(__name__)
+
+DISCONNECT_POLL_S = 0.25
+"""How often a non-streaming request checks whether its client is still connected."""
 
 
 def _error_response(error: JoulecapError) -> JSONResponse:
@@ -75,7 +79,7 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_req: HttpRequest, exc: StarletteHTTPException) -> JSONResponse:
-        error = JoulecapError(str(exc.detail), code=str(exc.status_code))
+        error = JoulecapError(str(exc.detail), code=str(exc.status_code), headers=dict(exc.headers or {}))
         error.http_status = exc.status_code
         error.error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return _error_response(error)
@@ -115,12 +119,17 @@ def create_app(runtime: Runtime) -> FastAPI:
             max_tokens_limit=server.max_tokens_limit,
         )
 
+    async def _to_request_off_loop(body: ChatCompletionRequest, http: HttpRequest) -> Request:
+        # Decoding a large image takes a while: off the event loop, so /health and other
+        # requests stay responsive while it runs.
+        return await asyncio.to_thread(_to_request, body, http)
+
     async def _plan(request: Request, deadline_s: float) -> tuple[PreparedRequest, Plan]:
-        return await _await(runtime.submit(runtime.plan, request), deadline_s)  # type: ignore[no-any-return]
+        return await _await(runtime.submit(runtime.plan, request), deadline_s)
 
     async def chat_completions(body: ChatCompletionRequest, http: HttpRequest) -> Response:
         deadline_s = time.monotonic() + server.request_timeout_s
-        request = _to_request(body, http)
+        request = await _to_request_off_loop(body, http)
         prepared, plan = await _plan(request, deadline_s)
         if request.stream:
             return StreamingResponse(
@@ -130,8 +139,23 @@ def create_app(runtime: Runtime) -> FastAPI:
             )
         cancelled = threading.Event()
         future = runtime.submit(runtime.run_planned, prepared, plan, cancelled=cancelled)
-        result: ChatResult = await _await(future, deadline_s, cancelled)
+        watcher = asyncio.create_task(_cancel_on_disconnect(http, future, cancelled))
+        try:
+            result: ChatResult = await _await(future, deadline_s, cancelled)
+        finally:
+            watcher.cancel()
         return JSONResponse(responses.completion_body(result), headers=responses.energy_headers(result))
+
+    async def _cancel_on_disconnect(http: HttpRequest, future: Any, cancelled: threading.Event) -> None:
+        # A client that hangs up (or gives up on its own timeout) before the answer stops the
+        # generation: nobody would read it, so spending more joules on it is waste. The energy
+        # spent so far is still recorded (as an aborted request).
+        while not future.done():
+            if await http.is_disconnected():
+                cancelled.set()
+                future.cancel()  # still queued: it never runs
+                return
+            await asyncio.sleep(DISCONNECT_POLL_S)
 
     async def _stream(prepared: PreparedRequest, plan: Plan, deadline_s: float) -> AsyncIterator[str]:
         request = prepared.request
@@ -159,6 +183,7 @@ def create_app(runtime: Runtime) -> FastAPI:
                     text = await asyncio.wait_for(queue.get(), max(0.0, remaining))
                 except asyncio.TimeoutError:
                     cancelled.set()
+                    runtime.metrics.observe_error(RequestTimeout.http_status)
                     yield event(RequestTimeout("Request exceeded the server's request timeout.").to_body())
                     return
                 if text is None:
@@ -167,8 +192,13 @@ def create_app(runtime: Runtime) -> FastAPI:
                     yield chunk(delta={"content": text})
             try:
                 result: ChatResult = future.result()
-            except JoulecapError as exc:
-                yield event(exc.to_body())
+            except Exception as exc:
+                # Headers are gone: the error travels as an OpenAI error event in the stream.
+                error = exc if isinstance(exc, JoulecapError) else EngineError(type(exc).__name__)
+                if not isinstance(exc, JoulecapError):
+                    log.error("stream of %s failed: %s", request.request_id, type(exc).__name__)
+                runtime.metrics.observe_error(error.http_status)
+                yield event(error.to_body())
                 return
             finish = responses.FINISH_REASON[result.generation.stop_reason]
             yield chunk(delta={}, finish_reason=finish)
@@ -186,7 +216,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     @app.post("/v1/energy/estimate", summary="Plan a request and predict its energy without running it")
     async def estimate(body: ChatCompletionRequest, http: HttpRequest) -> JSONResponse:
         deadline_s = time.monotonic() + server.request_timeout_s
-        prepared, plan = await _plan(_to_request(body, http), deadline_s)
+        prepared, plan = await _plan(await _to_request_off_loop(body, http), deadline_s)
         return JSONResponse(responses.estimate_body(model_name, prepared, plan))
 
     @app.get("/v1/models")

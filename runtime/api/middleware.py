@@ -25,10 +25,6 @@ async def send_error(send: Send, error: JoulecapError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
 class GuardMiddleware:
     """Refuse unauthenticated requests (401) and bodies over `max_body_bytes` (413).
 
@@ -57,7 +53,9 @@ class GuardMiddleware:
             await send_error(
                 send,
                 Unauthorized(
-                    "Missing or invalid API key; send 'Authorization: Bearer <key>'.", code="invalid_api_key"
+                    "Missing or invalid API key; send 'Authorization: Bearer <key>'.",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
                 ),
             )
             return
@@ -70,26 +68,35 @@ class GuardMiddleware:
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             await send_error(send, too_large)
             return
+        # Read the whole body here, bounded: a chunked upload without Content-Length is refused
+        # with 413 as soon as it passes the limit, before any handler (whose body parser would
+        # turn a mid-read error into a 400) sees it. Handlers need the full JSON body anyway.
+        chunks: list[bytes] = []
         received = 0
-        started = False
-
-        async def limited_receive() -> Any:
-            nonlocal received
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise _BodyTooLarge
-            return message
-
-        async def tracking_send(message: Any) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
+            if message["type"] == "http.disconnect":
+                return  # the client left before sending its body: nobody to answer
+            if message["type"] != "http.request":
+                continue
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > self.max_body_bytes:
                 await send_error(send, too_large)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay_receive() -> Any:
+            # The buffered body once, then the real channel (streaming handlers watch it for
+            # http.disconnect to stop generation when the client goes away).
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay_receive, send)

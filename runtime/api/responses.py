@@ -31,6 +31,8 @@ def energy_usage(result: ChatResult) -> dict[str, Any]:
         "source": e.source,
         "meter": e.meter,
         "interpolated": e.interpolated,
+        # Why a figure is an estimate or interpolated (e.g. a meter read failed mid-request).
+        "note": e.note or None,
         "policy": p.policy,
         "visual_tokens_in": g.visual_tokens_in,
         "visual_tokens_kept": g.visual_tokens_kept,

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from joulecap.runtime.errors import InvalidRequest, PayloadTooLarge
+from joulecap.runtime.errors import InvalidRequest
 from joulecap.runtime.images import ImagePolicy, load_image
 from joulecap.runtime.types import ChatMessage, ImagePart, Request, SamplingParams, TextPart
 
@@ -69,7 +69,8 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
+    # torch.manual_seed's range: a larger seed would fail inside the engine instead of here.
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     n: int | None = Field(default=None, ge=1)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -79,7 +80,9 @@ class ChatCompletionRequest(BaseModel):
         default=None, description="Joule budget; the X-Energy-Budget-J header wins when both are set."
     )
     policy: str | None = Field(default=None, description="Planning policy (joulecap extension).")
-    tau: float | None = Field(default=None, description="E-AdaPrune energy fraction in (0, 1].")
+    tau: float | None = Field(
+        default=None, gt=0.0, le=1.0, description="E-AdaPrune energy fraction in (0, 1]."
+    )
 
 
 def parse_budget(value: object, *, param: str) -> float:
@@ -108,6 +111,18 @@ def parse_budget(value: object, *, param: str) -> float:
     return budget
 
 
+def _valid_text(text: str, param: str) -> str:
+    """`text`, unless it cannot be encoded as UTF-8 (lone surrogates that JSON escapes allow)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # Tokenizers reject such strings deep inside the engine; refuse them here instead.
+        raise InvalidRequest(
+            "Message text is not valid Unicode (it contains a lone surrogate).", param=param
+        ) from exc
+    return text
+
+
 def _convert_messages(
     messages: list[ChatMessageIn], images_policy: ImagePolicy, max_images: int
 ) -> tuple[tuple[ChatMessage, ...], tuple[Any, ...]]:
@@ -120,18 +135,18 @@ def _convert_messages(
         if content is None:
             content = ""
         if isinstance(content, str):
-            parts.append(TextPart(content))
+            parts.append(TextPart(_valid_text(content, f"messages.{m_idx}.content")))
         else:
             for p_idx, part in enumerate(content):
                 if isinstance(part, TextContentPart):
-                    parts.append(TextPart(part.text))
+                    parts.append(TextPart(_valid_text(part.text, f"messages.{m_idx}.content.{p_idx}.text")))
                     continue
                 if role != "user":
                     raise InvalidRequest(
                         "Images are only accepted in user messages.", param=f"messages.{m_idx}.content"
                     )
                 if len(images) >= max_images:
-                    raise PayloadTooLarge(
+                    raise InvalidRequest(
                         f"At most {max_images} images per request (server option --max-images).",
                         param="messages",
                         code="too_many_images",
@@ -139,7 +154,7 @@ def _convert_messages(
                 param = f"messages.{m_idx}.content.{p_idx}.image_url"
                 images.append(load_image(part.image_url.url, images_policy, param=param))
                 parts.append(ImagePart(len(images) - 1))
-        out.append(ChatMessage(role=role, parts=tuple(parts)))  # type: ignore[arg-type]
+        out.append(ChatMessage(role=role, parts=tuple(parts)))
     if not any(m.role == "user" for m in out):
         raise InvalidRequest("messages must contain at least one user message.", param="messages")
     return tuple(out), tuple(images)
@@ -157,7 +172,7 @@ def to_request(
 
     Raises:
         InvalidRequest: Unsupported options, bad budget, bad images.
-        PayloadTooLarge: Too many or too large images.
+        PayloadTooLarge: Images over the pixel limit.
 
     """
     if body.n not in (None, 1):

@@ -2,19 +2,65 @@
 
 energy = `estimate_base_w` x wall time + `estimate_core_w` x CPU seconds of this process.
 
-The CPU seconds come from `time.process_time()`, which counts every thread of this process
-(PyTorch's intra-op pool included) and nothing else on the machine: the figure is this
-process's share, not the machine's. Always reported as `source: "estimated"`.
+The CPU seconds are this process's (every thread, PyTorch's intra-op pool included) plus those of
+its child processes (vLLM runs its engine core and workers as children), and nothing else on the
+machine: the figure is this process tree's share, not the machine's. Always reported as
+`source: "estimated"`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
+from typing import Any
 
 from joulecap.runtime.energy.base import Availability, MeterReading
 from joulecap.runtime.energy.config import EnergyConfig
 from joulecap.runtime.types import EnergySource
+
+CHILD_RESCAN_S = 1.0
+"""How often the list of child processes is refreshed (their CPU times are read at every call)."""
+
+
+class ProcessTreeCpuClock:
+    """CPU seconds of this process and its descendants, monotonic.
+
+    Children are read with psutil when it is installed (else only this process counts). A child's
+    last reading is kept after it exits, so the total never goes backwards.
+    """
+
+    def __init__(self) -> None:
+        self._children_s: dict[int, float] = {}
+        self._children: list[Any] = []
+        self._listed_at_s = -float("inf")
+        try:
+            import psutil
+        except ImportError:  # pragma: no cover - psutil is in every extra we ship
+            self._proc = None
+        else:
+            self._proc = psutil.Process()
+
+    def __call__(self) -> float:
+        """Current CPU seconds of the process tree."""
+        own_s = time.process_time()
+        if self._proc is None:
+            return own_s
+        now = time.monotonic()
+        if now - self._listed_at_s >= CHILD_RESCAN_S:
+            # Listing children scans the whole process table: do it rarely, read known ones often.
+            # The process table can change under us; keep the last list then.
+            with contextlib.suppress(Exception):
+                self._children = self._proc.children(recursive=True)
+            self._listed_at_s = now
+        for child in self._children:
+            try:
+                times = child.cpu_times()
+            except Exception:  # exited between listing and reading
+                continue
+            pid_s = times.user + times.system
+            self._children_s[child.pid] = max(pid_s, self._children_s.get(child.pid, 0.0))
+        return own_s + sum(self._children_s.values())
 
 
 class EstimateMeter:
@@ -25,7 +71,7 @@ class EstimateMeter:
         fallback_reason: Why a requested meter was replaced by this one (kept for
             `describe()` and `joulecap meters`), empty when chosen on purpose.
         clock: Wall clock (monotonic seconds).
-        cpu_clock: CPU-time clock of this process (seconds).
+        cpu_clock: CPU-time clock (seconds); default this process and its children.
 
     """
 
@@ -38,16 +84,16 @@ class EstimateMeter:
         *,
         fallback_reason: str = "",
         clock: Callable[[], float] = time.monotonic,
-        cpu_clock: Callable[[], float] = time.process_time,
+        cpu_clock: Callable[[], float] | None = None,
     ) -> None:
         self.name = "estimate:cpu"
         self.base_w = float(config.estimate_base_w)
         self.core_w = float(config.estimate_core_w)
         self.fallback_reason = fallback_reason
         self._clock = clock
-        self._cpu_clock = cpu_clock
+        self._cpu_clock = cpu_clock or ProcessTreeCpuClock()
         self._t0 = clock()
-        self._cpu0 = cpu_clock()
+        self._cpu0 = self._cpu_clock()
 
     def is_available(self) -> Availability:
         """Report usable: it needs only the process clocks."""
@@ -68,7 +114,7 @@ class EstimateMeter:
             "kind": "counter",
             "estimate_base_w": self.base_w,
             "estimate_core_w": self.core_w,
-            "model": "base_w * wall_s + core_w * process_cpu_s",
+            "model": "base_w * wall_s + core_w * process_tree_cpu_s",
         }
         if self.fallback_reason:
             facts["fallback_reason"] = self.fallback_reason

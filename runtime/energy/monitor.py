@@ -18,6 +18,7 @@ token..end) over the samples, adds the idle share and says where the figure came
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -32,6 +33,12 @@ log = logging.getLogger(__name__)
 
 IDLE_EMA_ALPHA = 0.5
 """Weight of a newly measured idle gap in the idle baseline."""
+
+FRESH_READ_S = 0.002
+"""Meters that update at least this often (estimate, RAPL, Jetson sysfs, replay) are read afresh
+at a request's start and on each governor poll when the newest sample is older than this: with
+10 Hz background sampling a 50 ms request would otherwise be integrated from samples taken
+outside it, and the governor would fly on the predictor alone."""
 
 _MAX_INTERVALS = 1024
 
@@ -131,12 +138,29 @@ class EnergyMonitor:
             wide.energy_j * duration / period, inside, True, f"{why}: scaled from one update period", "scaled"
         )
 
+    def fresh_sample(self) -> None:
+        """Read the meter now if it updates fast (`FRESH_READ_S`) and the newest sample is stale.
+
+        Never raises: a failed read is recorded by the sampler and the report falls back.
+        """
+        if float(getattr(self.meter, "update_period_s", 0.0) or 0.0) > FRESH_READ_S:
+            return
+        latest = self.sampler.latest()
+        if latest is not None and time.monotonic() - latest[0] <= FRESH_READ_S:
+            return
+        # A failed read is recorded by the sampler; reports fall back on their own.
+        with contextlib.suppress(Exception):
+            self.sampler.sample_now()
+
     def live_energy_j(self, since_s: float) -> float:
-        """Energy since `since_s` from the samples so far (extrapolated to now); cheap, no read.
+        """Energy since `since_s` from the samples so far (extrapolated to now); cheap.
+
+        Fast meters are read first when their newest sample is stale (`fresh_sample`).
 
         The governor calls this while a request runs; the call also marks the time since
         `since_s` as busy so the idle baseline is not refreshed from it.
         """
+        self.fresh_sample()
         now = time.monotonic()
         with self._lock:
             self._live[since_s] = now

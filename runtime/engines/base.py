@@ -21,6 +21,7 @@ class RunHooks:
             True stops decoding with `stop_reason="energy_budget"` (the governor).
         cancelled: Set by the caller (client disconnect, timeout); the engine stops with
             `stop_reason="aborted"` at the next token.
+
     """
 
     on_prefill_done: Callable[[float], None] | None = None
@@ -43,6 +44,7 @@ class EngineInfo:
         dtype: Torch dtype name.
         context_length: Maximum sequence length.
         random_weights: True for the randomly initialised demo model.
+
     """
 
     engine: str
@@ -67,12 +69,15 @@ class Engine(Protocol):
 
         Raises:
             InvalidRequest: prompt longer than the context, unusable image.
+
         """
         ...
 
     def run(self, prepared: PreparedRequest, plan: Plan, hooks: RunHooks) -> GenerationResult:
-        """Keep `plan.visual_keep[i]` visual tokens of image i, prefill, decode up to
-        `plan.max_new_tokens`, calling `hooks` along the way."""
+        """Run a plan: keep `plan.visual_keep[i]` visual tokens of image i, prefill, decode.
+
+        Decoding stops at `plan.max_new_tokens`, and `hooks` are called along the way.
+        """
         ...
 
     def close(self) -> None:

@@ -22,3 +22,25 @@ class EngineConfig:
     """Weights dtype; `auto` is bfloat16 on CUDA and float32 on CPU."""
     cache_dir: str | None = None
     """Where the demo model is built; default `$JOULECAP_CACHE` or `~/.cache/joulecap`."""
+    tensor_parallel_size: int = 1
+    """vLLM: GPUs each layer is split across (tensor parallelism); the meters must cover all of them."""
+    pipeline_parallel_size: int = 1
+    """vLLM: pipeline stages the layers are split into (GPUs or nodes)."""
+    distributed_executor_backend: Literal["auto", "mp", "ray", "uni"] = "auto"
+    """vLLM: how workers run: `mp` (one node), `ray` (multi-node, needs a Ray cluster), `uni`, or `auto`."""
+    max_concurrency: int = 16
+    """vLLM: requests decoded together by continuous batching (vLLM's `max_num_seqs`)."""
+    gpu_memory_utilization: float = 0.85
+    """vLLM: fraction of accelerator memory vLLM may take (the rest holds joulecap's vision tower)."""
+    kv_cache_gib: float | None = None
+    """vLLM: KV cache size in GiB; unset sizes it from `gpu_memory_utilization` (1 GiB on CPU)."""
+    max_model_len: int | None = None
+    """vLLM: context length to serve (less KV memory); unset uses the model's."""
+    enforce_eager: bool = False
+    """vLLM: skip torch.compile and CUDA graphs (faster start, slower steps)."""
+    torch_threads: int | None = None
+    """CPU threads for PyTorch's intra-op pool (process-wide); unset keeps PyTorch's default. On a
+    shared CPU, 1 makes per-request energy far more repeatable (see benchmarks/results/scheduler_cpu.json)."""
+    warmup: bool = True
+    """Run one short generation at start-up (not recorded, not learned from): the first, cold request
+    otherwise costs several times a normal one and can overshoot its budget."""

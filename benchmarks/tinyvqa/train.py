@@ -1,0 +1,341 @@
+"""Train the TinyVQA LLaVA on CPU (reproducible: fixed seed, fixed step count, fresh data each step).
+
+Training feeds the model exactly what inference sees: the chat template rendered by the processor,
+the processor's pixel values (checked against `processor(...)` at start-up), the image features from
+`get_image_features`, spliced at the `<image>` placeholders, then the answer and `<|endoftext|>`.
+A fraction of the batches keeps only a random subset of the visual tokens (token dropout), so that the
+model degrades gracefully when the runtime prunes visual tokens.
+
+    python -m benchmarks.tinyvqa.train --steps 4000 --out /tmp/tinyvqa_ckpt
+
+Checkpoints (`save_pretrained`) go to `--out/step_N` and `--out/last`; the final model to `--out/final`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from benchmarks.tinyvqa.generate import SHORT_QTYPES, make_example, make_scene_examples
+from benchmarks.tinyvqa.model import ModelSize, build_model, messages
+
+
+class Batcher:
+    """Turns generated examples into training tensors, caching the tokenised prompts."""
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+        self.tok = processor.tokenizer
+        ip = processor.image_processor
+        self.mean = torch.tensor(ip.image_mean).view(3, 1, 1)
+        self.std = torch.tensor(ip.image_std).view(3, 1, 1)
+        self.image_id = self.tok.convert_tokens_to_ids("<image>")
+        self._prompts: dict[str, tuple[list[int], list[int]]] = {}
+
+    def prompt(self, question: str) -> tuple[list[int], list[int]]:
+        """Token ids before and after the image placeholders."""
+        if question not in self._prompts:
+            text = self.processor.apply_chat_template(
+                messages(question), add_generation_prompt=True, tokenize=False
+            )
+            before, after = text.split("<image>")
+            self._prompts[question] = (self.tok(before)["input_ids"], self.tok(after)["input_ids"])
+        return self._prompts[question]
+
+    def pixels(self, img: Any) -> torch.Tensor:
+        """CLIP preprocessing of a 112x112 image (resize/crop are identities at this size)."""
+        arr = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 255.0
+        return (arr - self.mean) / self.std
+
+    def check(self, img: Any, question: str) -> None:
+        """Assert that this batcher reproduces the processor's own outputs."""
+        text = self.processor.apply_chat_template(
+            messages(question), add_generation_prompt=True, tokenize=False
+        )
+        ref = self.processor(text=text, images=img, return_tensors="pt")
+        before, after = self.prompt(question)
+        n_img = int((ref["input_ids"][0] == self.image_id).sum())
+        assert ref["input_ids"][0].tolist() == before + [self.image_id] * n_img + after
+        assert torch.allclose(ref["pixel_values"][0], self.pixels(img), atol=1e-5)
+
+
+def forward_loss(
+    model: Any,
+    batcher: Batcher,
+    batch: list[tuple[Any, str, str]],
+    keep_frac: list[float],
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """Cross-entropy on the answer tokens, with visual tokens spliced like the engine does."""
+    pixel_values = torch.stack([batcher.pixels(img) for img, _, _ in batch])
+    feats = torch.stack(
+        model.model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+    )
+    embed = model.get_input_embeddings()
+    eos = batcher.tok.eos_token_id
+    seqs, labels = [], []
+    for b, (_, question, answer) in enumerate(batch):
+        before, after = batcher.prompt(question)
+        ans = batcher.tok(answer)["input_ids"] + [eos]
+        n = feats.shape[1]
+        k = max(1, round(n * keep_frac[b]))
+        idx = torch.arange(n) if k >= n else torch.randperm(n, generator=gen)[:k].sort().values
+        text_after = torch.tensor(after + ans)
+        seqs.append(torch.cat([embed(torch.tensor(before)), feats[b, idx], embed(text_after)]))
+        lab = torch.full((seqs[-1].shape[0],), -100)
+        lab[-len(ans) :] = torch.tensor(ans)
+        labels.append(lab)
+    length = max(s.shape[0] for s in seqs)
+    dim = seqs[0].shape[1]
+    inputs = torch.zeros(len(seqs), length, dim)
+    mask = torch.zeros(len(seqs), length, dtype=torch.long)
+    lab_t = torch.full((len(seqs), length), -100)
+    for b, (s, lab) in enumerate(zip(seqs, labels, strict=True)):
+        inputs[b, : s.shape[0]] = s
+        mask[b, : s.shape[0]] = 1
+        lab_t[b, : s.shape[0]] = lab
+    hidden = model.model.language_model(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
+    logits = model.lm_head(hidden[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab_t[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def packed_loss(
+    model: Any,
+    batcher: Batcher,
+    batch: list[tuple[Any, list[tuple[str, str]]]],
+    keep_frac: list[float],
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """Like `forward_loss`, but several questions share one image prefix in one row.
+
+    Row layout: `[before][visual tokens][q1 ... a1 EOS][q2 ... a2 EOS]...`. A 4-D attention mask lets
+    each question segment see the shared prefix and itself only, and its position ids restart right
+    after the prefix, so every segment is computed exactly as a separate single-question prompt
+    (checked by `check_packed`): the vision tower and the prefix are paid once per image.
+    """
+    pixel_values = torch.stack([batcher.pixels(img) for img, _ in batch])
+    feats = torch.stack(
+        model.model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+    )
+    embed = model.get_input_embeddings()
+    eos = batcher.tok.eos_token_id
+    rows = []
+    for b, (_, qas) in enumerate(batch):
+        before = batcher.prompt(qas[0][0])[0]
+        n = feats.shape[1]
+        k = max(1, round(n * keep_frac[b]))
+        idx = torch.arange(n) if k >= n else torch.randperm(n, generator=gen)[:k].sort().values
+        prefix_len = len(before) + k
+        parts = [embed(torch.tensor(before)), feats[b, idx]]
+        labels = [torch.full((prefix_len,), -100)]
+        positions = [torch.arange(prefix_len)]
+        segment = [torch.zeros(prefix_len, dtype=torch.long)]
+        for j, (question, answer) in enumerate(qas, start=1):
+            after = batcher.prompt(question)[1]
+            ans = batcher.tok(answer)["input_ids"] + [eos]
+            ids = torch.tensor(after + ans)
+            parts.append(embed(ids))
+            lab = torch.full((len(ids),), -100)
+            lab[-len(ans) :] = torch.tensor(ans)
+            labels.append(lab)
+            positions.append(torch.arange(prefix_len, prefix_len + len(ids)))
+            segment.append(torch.full((len(ids),), j))
+        rows.append((torch.cat(parts), torch.cat(labels), torch.cat(positions), torch.cat(segment)))
+    length = max(r[0].shape[0] for r in rows)
+    bsz, dim = len(rows), rows[0][0].shape[1]
+    inputs = torch.zeros(bsz, length, dim)
+    lab_t = torch.full((bsz, length), -100)
+    pos_t = torch.zeros(bsz, length, dtype=torch.long)
+    seg_t = torch.full((bsz, length), -1)  # -1: padding
+    for b, (x, lab, pos, seg) in enumerate(rows):
+        inputs[b, : x.shape[0]] = x
+        lab_t[b, : x.shape[0]] = lab
+        pos_t[b, : x.shape[0]] = pos
+        seg_t[b, : x.shape[0]] = seg
+    q_seg, k_seg = seg_t[:, :, None], seg_t[:, None, :]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    allowed = causal & (k_seg >= 0) & ((k_seg == 0) | (k_seg == q_seg))
+    # Padding rows attend to themselves only, so no row of the mask is empty (NaN-free softmax).
+    allowed |= torch.eye(length, dtype=torch.bool) & (q_seg < 0)
+    hidden = model.model.language_model(
+        inputs_embeds=inputs, attention_mask=allowed[:, None], position_ids=pos_t
+    ).last_hidden_state
+    # Within a segment the next token is at t+1; labels at segment starts are -100 (prompt tokens).
+    logits = model.lm_head(hidden[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab_t[:, 1:].reshape(-1), ignore_index=-100)
+
+
+@torch.no_grad()
+def check_packed(model: Any, batcher: Batcher) -> None:
+    """Assert packed rows give the same loss as the questions one by one (same token weighting)."""
+    exs, img = make_scene_examples("val", 0, 3)
+    qas = [(e.question, e.answer) for e in exs]
+    packed = packed_loss(model, batcher, [(img, qas)], [1.0], torch.Generator())
+    total = n_tok = 0.0
+    for q, a in qas:
+        n = len(batcher.tok(a)["input_ids"]) + 1
+        total += float(forward_loss(model, batcher, [(img, q, a)], [1.0], torch.Generator())) * n
+        n_tok += n
+    assert abs(float(packed) - total / n_tok) < 1e-4, (float(packed), total / n_tok)
+
+
+@torch.no_grad()
+def check_splice(model: Any, batcher: Batcher) -> None:
+    """Assert that `forward_loss` computes the same loss as the model's own forward on processor outputs."""
+    ex, img = make_example("val", 0)
+    proc = batcher.processor
+    text = proc.apply_chat_template(messages(ex.question), add_generation_prompt=True, tokenize=False)
+    ids = proc(text=text + " " + ex.answer + proc.tokenizer.eos_token, images=img, return_tensors="pt")
+    n_ans = len(batcher.tok(ex.answer)["input_ids"]) + 1
+    labels = torch.full_like(ids["input_ids"], -100)
+    labels[0, -n_ans:] = ids["input_ids"][0, -n_ans:]
+    ref = model(**ids, labels=labels).loss
+    mine = forward_loss(model, batcher, [(img, ex.question, ex.answer)], [1.0], torch.Generator())
+    assert torch.allclose(ref, mine, atol=1e-4), (ref, mine)
+
+
+@torch.no_grad()
+def quick_eval(model: Any, processor: Any, n: int, seed: int) -> dict[str, float]:
+    """Greedy exact match on `n` validation questions through the processor + `generate`."""
+    model.eval()
+    hits: dict[str, list[int]] = {}
+    for i in range(n):
+        ex, img = make_example("val", i, seed=seed)
+        text = processor.apply_chat_template(
+            messages(ex.question), add_generation_prompt=True, tokenize=False
+        )
+        inputs = processor(text=text, images=img, return_tensors="pt")
+        out = model.generate(**inputs, max_new_tokens=40, do_sample=False)
+        pred = processor.tokenizer.decode(
+            out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+        ).strip()
+        hits.setdefault(ex.qtype, []).append(int(pred == ex.answer))
+    model.train()
+    res = {k: sum(v) / len(v) for k, v in hits.items()}
+    short = [h for k, v in hits.items() if k in SHORT_QTYPES for h in v]
+    res["short"] = sum(short) / max(1, len(short))
+    return res
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int, time_frac: float = 0.0) -> float:
+    """Linear warm-up then cosine decay to 5% of the peak.
+
+    Progress is `step / steps`, or the share of the wall-clock deadline used when that is larger
+    (a shared, busy CPU must not overrun the deadline; such a run stops early and logs its steps).
+    """
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    p = min(1.0, max((step - warmup) / max(1, steps - warmup), time_frac))
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def main() -> None:
+    """CLI entry point."""
+    ap = argparse.ArgumentParser(description="Train the TinyVQA LLaVA.")
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--batch", type=int, default=16, help="Images per step.")
+    ap.add_argument("--questions", type=int, default=4, help="Questions per image (shared prefix).")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=150)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--drop-prob", type=float, default=0.3, help="Share of examples with token dropout.")
+    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/tinyvqa_ckpt"))
+    ap.add_argument("--init-from", type=Path, default=None, help="Start from these saved weights.")
+    ap.add_argument("--deadline-s", type=float, default=0.0, help="Wall-clock cap (0: none).")
+    ap.add_argument("--bench", type=int, default=0, help="Only time this many steps and exit.")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rnd = random.Random(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    model, processor = build_model(ModelSize(), args.seed)
+    if args.init_from is not None:
+        model = type(model).from_pretrained(args.init_from)
+    batcher = Batcher(processor)
+    for i in range(3):
+        ex, img = make_example("val", i)
+        batcher.check(img, ex.question)
+    check_splice(model, batcher)
+    check_packed(model, batcher)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"params {n_params} ({n_params * 4 / 1e6:.1f} MB fp32)", flush=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    model.train()
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "log.jsonl"
+    t0 = time.time()
+    index = 0
+    step = done = 0
+    for step in range(args.bench or args.steps):
+        time_frac = (time.time() - t0) / args.deadline_s if args.deadline_s else 0.0
+        if time_frac >= 1.0:
+            print(f"deadline reached after {step} steps", flush=True)
+            break
+        batch = []
+        for _ in range(args.batch):
+            exs, img = make_scene_examples("train", index, args.questions, seed=args.seed)
+            index += 1
+            batch.append((img, [(e.question, e.answer) for e in exs]))
+        keep = [rnd.uniform(0.15, 1.0) if rnd.random() < args.drop_prob else 1.0 for _ in batch]
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup, time_frac)
+        loss = packed_loss(model, batcher, batch, keep, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        done = step + 1
+        if step % 25 == 0:
+            rec: dict[str, Any] = {
+                "step": step,
+                "loss": round(loss.item(), 4),
+                "elapsed_s": round(time.time() - t0, 1),
+            }
+            print(json.dumps(rec), flush=True)
+            with log.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+        if not args.bench and step > 0 and (step % args.eval_every == 0 or step == args.steps - 1):
+            acc = quick_eval(model, processor, 120, args.seed)
+            rec = {"step": step, "val": acc, "elapsed_s": round(time.time() - t0, 1)}
+            print(json.dumps(rec), flush=True)
+            with log.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            model.save_pretrained(args.out / "last")
+            processor.save_pretrained(args.out / "last")
+    if args.bench:
+        print(f"{(time.time() - t0) / args.bench:.3f} s/step", flush=True)
+        return
+    final = args.out / "final"
+    model.save_pretrained(final)
+    processor.save_pretrained(final)
+    meta = {
+        "steps": done,
+        "planned_steps": args.steps,
+        "deadline_s": args.deadline_s,
+        "questions_per_image": args.questions,
+        "warmup": args.warmup,
+        "drop_prob": args.drop_prob,
+        "batch": args.batch,
+        "lr": args.lr,
+        "seed": args.seed,
+        "init_from": str(args.init_from) if args.init_from else None,
+        "train_s": time.time() - t0,
+    }
+    (final / "train_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(json.dumps(meta), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""What every policy shares: the planning context, the `Policy` base class and plan arithmetic."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from joulecap.kernels import spectral_budget
+from joulecap.policies.config import SchedulerConfig
+from joulecap.runtime.errors import BudgetTooSmall, InvalidRequest
+from joulecap.runtime.predictor import Predictor
+from joulecap.runtime.types import Plan, PreparedRequest
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """Everything a policy needs besides the prepared request.
+
+    Attributes:
+        config: Scheduler configuration.
+        predictor: The energy model of the served model on this device.
+        tau: E-AdaPrune spectral-energy fraction for this request, in (0, 1].
+        max_tokens: The client's own output cap, if any.
+        budget_j: The request's joule budget, if any (already validated).
+
+    """
+
+    config: SchedulerConfig
+    predictor: Predictor
+    tau: float
+    max_tokens: int | None = None
+    budget_j: float | None = None
+
+
+class Policy(ABC):
+    """Turns a prepared request into a `Plan`. Subclasses are registered with `@register(name)`.
+
+    Attributes:
+        name: Registry name (set by `register`).
+        holds_budget: Whether the governor stops decoding at the request's budget for plans of
+            this policy. Policies that ignore budgets (baselines) leave it False: the budget is
+            still recorded in the plan and the ledger, so adherence can be measured.
+
+    """
+
+    name: ClassVar[str] = ""
+    holds_budget: ClassVar[bool] = False
+
+    @abstractmethod
+    def plan(self, prepared: PreparedRequest, ctx: PlanContext) -> Plan:
+        """Decide visual tokens kept and max_new_tokens for `prepared`."""
+
+    # -------------------------------------------------------------- helpers for subclasses
+    def make_plan(
+        self,
+        prepared: PreparedRequest,
+        ctx: PlanContext,
+        keep: Sequence[int],
+        max_new_tokens: int,
+        reason: str,
+    ) -> Plan:
+        """Assemble the plan with its prediction and optional brevity hint."""
+        keep = tuple(int(k) for k in keep)
+        predicted = ctx.predictor.predict(prepared.text_tokens, sum(keep), max_new_tokens).total_j
+        return Plan(
+            visual_keep=keep,
+            max_new_tokens=max_new_tokens,
+            predicted_j=predicted,
+            policy=self.name,
+            reason=reason,
+            selection=ctx.config.selection,
+            brevity_hint=brevity_hint(max_new_tokens) if ctx.config.brevity else None,
+            budget_j=ctx.budget_j,
+        )
+
+
+def output_cap(prepared: PreparedRequest, ctx: PlanContext, visual_kept: int) -> int:
+    """Most tokens the request may generate regardless of energy: client cap, default, context.
+
+    Raises:
+        InvalidRequest: The prompt leaves no room in the context for `min_output_tokens`.
+
+    """
+    cap = ctx.max_tokens if ctx.max_tokens is not None else ctx.config.default_max_tokens
+    room = prepared.context_length - prepared.text_tokens - visual_kept
+    if room < ctx.config.min_output_tokens:
+        raise InvalidRequest(
+            f"The prompt takes {prepared.text_tokens + visual_kept} of the model's "
+            f"{prepared.context_length} context tokens, leaving no room for an answer.",
+            param="messages",
+        )
+    return max(1, min(cap, room))
+
+
+def all_visual(prepared: PreparedRequest) -> tuple[int, ...]:
+    """Keep every visual token."""
+    return tuple(prepared.visual_tokens)
+
+
+def spectral_keep(prepared: PreparedRequest, ctx: PlanContext) -> tuple[int, ...]:
+    """E-AdaPrune: per image, the fewest tokens covering `tau` of the spectral energy (>= k_min)."""
+    keep = []
+    for n, feats in zip(prepared.visual_tokens, prepared.features, strict=True):
+        if n == 0:
+            keep.append(0)
+            continue
+        k = int(spectral_budget(feats, ctx.tau, k_min=ctx.config.k_min))
+        keep.append(max(0, min(n, k)))
+    return tuple(keep)
+
+
+def lower_visual(keep: Sequence[int], floors: Sequence[int], total: int) -> tuple[int, ...]:
+    """Shrink `keep` to at most `total` tokens, never below `floors`, proportionally to what is above.
+
+    Args:
+        keep: Current tokens kept per image.
+        floors: Fewest tokens per image (`<= keep`).
+        total: Target total (`>= sum(floors)`).
+
+    """
+    excess = sum(keep) - total
+    if excess <= 0:
+        return tuple(keep)
+    room = [k - f for k, f in zip(keep, floors, strict=True)]
+    room_total = sum(room)
+    cut = [math.ceil(excess * r / room_total) if room_total else 0 for r in room]
+    out = [max(f, k - c) for k, f, c in zip(keep, floors, cut, strict=True)]
+    return tuple(out)
+
+
+def too_small(min_j: float, budget_j: float, what: str) -> BudgetTooSmall:
+    """The 422 error with the minimum joules in its message."""
+    return BudgetTooSmall(
+        f"Energy budget {budget_j:.4g} J is too small: {what} needs at least {min_j:.4g} J.",
+        min_j=min_j,
+    )
+
+
+def brevity_hint(tokens: int) -> str:
+    """A system instruction asking for an answer of about `tokens` tokens (~0.75 words each)."""
+    words = max(1, int(tokens * 0.75))
+    if words <= 3:
+        return f"Answer in at most {words} word{'s' if words > 1 else ''}."
+    if words <= 40:
+        return f"Answer briefly, in at most {words} words."
+    return f"Keep the answer under {words} words."

@@ -1,0 +1,153 @@
+"""Per-family model adapters: where visual tokens sit, how images become LM features, splicing.
+
+A VLM family (Idefics3/SmolVLM, LLaVA, ...) differs in three places only: how its prompt marks
+each image's visual tokens, how pixels become the post-projector features that replace them, and
+which extra tokens end a turn. An adapter captures exactly that; everything else (templating,
+pruning, decoding) is shared by the engine. Adapters are registered by the Hugging Face
+`model_type` and imported lazily, so adding a family is one new module plus one registry line.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+
+ADAPTERS: dict[str, str] = {
+    "idefics3": "joulecap.runtime.engines.idefics3:Idefics3Adapter",
+    "smolvlm": "joulecap.runtime.engines.idefics3:Idefics3Adapter",
+    "llava": "joulecap.runtime.engines.llava:LlavaAdapter",
+}
+"""Hugging Face `model_type` -> `module:Class` of its adapter (imported on first use)."""
+
+
+class FamilyAdapter(ABC):
+    """What the engine needs to know about one architecture family.
+
+    Args:
+        model: The loaded `...ForConditionalGeneration` model.
+        processor: Its processor (tokenizer + image processor + chat template).
+
+    """
+
+    family: ClassVar[str]
+    """Family name reported in `EngineInfo.family`."""
+    extra_stop_tokens: ClassVar[tuple[str, ...]] = ()
+    """Tokens that end an assistant turn besides the tokenizer's EOS (if in the vocabulary)."""
+
+    def __init__(self, model: Any, processor: Any) -> None:
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+
+    # ------------------------------------------------------------------ family specifics
+    @property
+    def image_token_id(self) -> int:
+        """Id of the placeholder token that one visual feature replaces."""
+        return int(self.model.config.image_token_id)
+
+    @property
+    def reserved_strings(self) -> tuple[str, ...]:
+        """Strings user text may not contain (they would be read as image placeholders)."""
+        return (str(self.tokenizer.convert_ids_to_tokens(self.image_token_id)),)
+
+    @abstractmethod
+    def visual_positions(self, input_ids: Sequence[int], n_images: int) -> list[torch.Tensor]:
+        """Positions of each image's visual-token placeholders in `input_ids`, in prompt order.
+
+        Raises:
+            ValueError: The placeholders do not split into `n_images` images.
+
+        """
+
+    @abstractmethod
+    def image_features(self, inputs: Mapping[str, Any]) -> list[torch.Tensor]:
+        """Run the vision tower and projector on the processor's image inputs.
+
+        Returns:
+            The post-projector features of the prompt's visual tokens, in prompt order, as one or
+            more `[n, D]` tensors whose concatenation has one row per placeholder.
+
+        """
+
+    # ------------------------------------------------------------------ shared logic
+    def stop_token_ids(self) -> frozenset[int]:
+        """Token ids that end generation: generation config EOS, tokenizer EOS, family extras."""
+        ids: set[int] = set()
+        eos = self.model.generation_config.eos_token_id
+        if eos is not None:
+            ids.update([eos] if isinstance(eos, int) else eos)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        vocab = self.tokenizer.get_vocab()
+        ids.update(vocab[t] for t in self.extra_stop_tokens if t in vocab)
+        return frozenset(int(i) for i in ids)
+
+    def encode_images(
+        self, inputs: Mapping[str, Any], positions: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, ...]:
+        """Per-image post-projector features `[N_i, D]`, `N_i == len(positions[i])`.
+
+        Raises:
+            ValueError: The vision tower produced a different number of features than placeholders.
+
+        """
+        with torch.inference_mode():
+            flat = torch.cat(self.image_features(inputs), dim=0)
+        counts = [int(p.numel()) for p in positions]
+        if flat.shape[0] != sum(counts):
+            raise ValueError(f"{flat.shape[0]} visual features for {sum(counts)} image placeholders.")
+        return tuple(f.contiguous() for f in torch.split(flat, counts, dim=0))
+
+    def splice(
+        self,
+        input_ids: torch.Tensor,
+        positions: Sequence[torch.Tensor],
+        features: Sequence[torch.Tensor],
+        keep: Sequence[torch.Tensor],
+    ) -> torch.Tensor:
+        """LM input embeddings with the kept visual tokens in place and the dropped ones removed.
+
+        Args:
+            input_ids: `[L]` prompt ids with every visual placeholder present.
+            positions: Per image, the placeholder positions in `input_ids`.
+            features: Per image, `[N_i, D]` features.
+            keep: Per image, indices (into `features[i]`) of the tokens to keep, sorted.
+
+        Returns:
+            `[1, L - dropped, D]` embeddings: placeholders of dropped tokens are removed, so the LM
+            input really gets shorter (positions are renumbered contiguously).
+
+        """
+        with torch.inference_mode():
+            embeds = self.model.get_input_embeddings()(input_ids.unsqueeze(0))[0]
+            keep_mask = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            for pos, feats, kept in zip(positions, features, keep, strict=True):
+                if pos.numel() == 0:
+                    continue
+                embeds[pos] = feats.to(embeds.dtype)
+                dropped = torch.ones(pos.numel(), dtype=torch.bool, device=pos.device)
+                dropped[kept.to(pos.device)] = False
+                keep_mask[pos[dropped]] = False
+            return embeds[keep_mask].unsqueeze(0)
+
+
+def get_adapter(model: Any, processor: Any) -> FamilyAdapter:
+    """The adapter for `model`'s family.
+
+    Raises:
+        ValueError: No adapter is registered for the model type.
+
+    """
+    model_type = str(model.config.model_type)
+    target = ADAPTERS.get(model_type)
+    if target is None:
+        raise ValueError(
+            f"No joulecap adapter for model type {model_type!r}; supported: {', '.join(sorted(ADAPTERS))}."
+        )
+    module_name, class_name = target.split(":")
+    cls: type[FamilyAdapter] = getattr(importlib.import_module(module_name), class_name)
+    return cls(model, processor)

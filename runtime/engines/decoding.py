@@ -1,0 +1,106 @@
+"""Token choice (greedy, temperature/top-p sampling) and streaming detokenisation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from joulecap.runtime.types import SamplingParams
+
+_REPLACEMENT = "\ufffd"
+
+
+class TokenChooser:
+    """Picks the next token from logits according to `SamplingParams`.
+
+    Greedy is `argmax` over float32 logits, as `transformers.generate` does, so that the parity
+    test compares like with like. Sampling draws from a `torch.Generator` seeded with
+    `sampling.seed` on the logits' device: the same seed, prompt and plan give the same tokens.
+
+    Args:
+        sampling: Decoding settings.
+        device: Device the logits live on.
+
+    """
+
+    def __init__(self, sampling: SamplingParams, device: torch.device) -> None:
+        self.sampling = sampling
+        self.generator: torch.Generator | None = None
+        if not sampling.greedy:
+            self.generator = torch.Generator(device=device)
+            if sampling.seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(int(sampling.seed))
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        """The next token id from `[V]` logits."""
+        scores = logits.float()
+        if self.generator is None:
+            return int(scores.argmax(-1))
+        # Subtract the max first and keep the temperature representable in float32: a tiny
+        # temperature then gives 0 and -inf scores (argmax-like), never inf/inf or 0/0 = nan.
+        scores = (scores - scores.max()) / max(self.sampling.temperature, 1e-6)
+        top_p = self.sampling.top_p
+        if top_p < 1.0:
+            sorted_scores, order = scores.sort(descending=True)
+            cumulative = sorted_scores.softmax(-1).cumsum(-1)
+            # Drop a token when the mass before it already reaches top_p (the first always stays).
+            drop_sorted = (cumulative - sorted_scores.softmax(-1)) >= top_p
+            drop_sorted[..., 0] = False  # rounding must not drop the top token (tiny top_p)
+            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+            scores = scores.masked_fill(drop, float("-inf"))
+        probs = scores.softmax(-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+class StreamDetokenizer:
+    """Turns a growing list of token ids into text deltas whose concatenation is the final text.
+
+    Byte-level tokenizers can split one character over several tokens; a delta is held back while
+    the decoded tail is an incomplete character (U+FFFD) and released once it resolves. Decoding
+    uses a sliding window (`prefix`..end) so each step costs O(window), not O(tokens so far).
+
+    Args:
+        tokenizer: A Hugging Face tokenizer.
+
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted: list[str] = []
+        self._prefix = 0
+        self._read = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def push(self, token_id: int, *, final: bool = False) -> str:
+        """Add a token; return the text it makes available (`final` flushes everything)."""
+        self.ids.append(token_id)
+        if final:
+            return self._flush()
+        prefix_text = self._decode(self.ids[self._prefix : self._read])
+        new_text = self._decode(self.ids[self._prefix :])
+        if len(new_text) > len(prefix_text) and not new_text.endswith(_REPLACEMENT):
+            delta = new_text[len(prefix_text) :]
+            self._prefix, self._read = self._read, len(self.ids)
+            self.emitted.append(delta)
+            return delta
+        return ""
+
+    def _flush(self) -> str:
+        full = self._decode(self.ids)
+        sent = "".join(self.emitted)
+        # Sliding-window decoding agrees with full decoding for the tokenizers we serve; if one ever
+        # disagrees, keep what was already streamed so deltas still concatenate to `text`.
+        delta = full[len(sent) :] if full.startswith(sent) else ""
+        self.emitted.append(delta)
+        return delta
+
+    @property
+    def text(self) -> str:
+        """Everything emitted so far."""
+        return "".join(self.emitted)

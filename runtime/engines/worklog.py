@@ -1,0 +1,316 @@
+"""Per-request energy under continuous batching: a log of token work and the split of measured windows.
+
+A batching engine (vLLM) runs several requests in the same forward passes, so one request's time
+window also contains the other requests' work. The engine records, as outputs arrive, which
+request did how much token work at what time (`WorkLog`); `attribute` then cuts the timeline at
+those moments into windows, measures each window once, and splits it among the requests that
+worked in it by token work (`split_by_token_work`: prefill tokens x calibrated prefill cost,
+decode tokens x decode cost; ../shared/DESIGN.md, "Energy semantics"). Consequences:
+
+- Every window's shares add up to the window's measured energy exactly, so the requests' totals
+  add up to the energy measured over their busy windows; idle gaps (no request working) are not
+  attributed to anyone.
+- A token event at time `t` stands for the work done since the previous event of any request (the
+  engine step that produced it); a request's `begin` is a boundary too, so the window holding its
+  prefill starts no earlier than its arrival.
+- Windows are not merged: a merge would depend on where a reader starts, and the shares of one
+  request would no longer be cut from the same windows as the others'. Windows shorter than the
+  meter's update period are interpolated by `EnergyMonitor.energy_between` (and flagged).
+
+`batched_report` turns a request's shares into the usual `EnergyReport` (prefill = the windows in
+which it prefilled, the idle share split like the energy). The `Runtime` uses it for engines that
+expose a `work_log` (see `VLLMEngine`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from joulecap.runtime.energy.attribution import TokenWork, split_by_token_work
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from joulecap.runtime.energy.monitor import EnergyMonitor
+    from joulecap.runtime.types import EnergyReport, PhaseTimes
+
+
+_MAX_TRACKED = 4096
+"""Requests whose running totals are kept for `live_fraction` (oldest forgotten first)."""
+
+
+@dataclass(frozen=True)
+class WorkEvent:
+    """Token work one request finished at `t_s` (a `begin` event has no tokens)."""
+
+    t_s: float
+    request_id: str
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Window:
+    """A busy stretch of the timeline and the token work done in it, per request."""
+
+    t0_s: float
+    t1_s: float
+    work: Mapping[str, TokenWork]
+
+
+@dataclass(frozen=True)
+class Share:
+    """One request's attributed energy.
+
+    Attributes:
+        total_j: Sum of the request's shares of the windows it worked in.
+        prefill_j: The part from the windows in which it prefilled (its first token's step).
+        idle_j: Idle power x window duration, split in the same proportions.
+        windows: Windows the request worked in.
+        shared_windows: Those in which other requests worked too.
+        interpolated: True when a window was shorter than the meter's update period.
+
+    """
+
+    total_j: float
+    prefill_j: float
+    idle_j: float
+    windows: int
+    shared_windows: int = 0
+    interpolated: bool = False
+
+
+class WorkLog:
+    """Thread-safe, time-ordered log of token work, kept for `history_s` seconds.
+
+    Args:
+        history_s: Events older than this are dropped (the log must not grow without bound when
+            nobody reads it, e.g. an engine used directly, without a `Runtime`).
+
+    """
+
+    def __init__(self, history_s: float = 600.0) -> None:
+        self.history_s = history_s
+        self._lock = threading.Lock()
+        self._times: list[float] = []
+        self._events: list[WorkEvent] = []
+        # Running token totals (all requests), and per request its own work and the totals at its
+        # arrival: what `live_fraction` needs in O(1) per call (the governor asks after every token).
+        self._total = (0, 0)
+        self._own: dict[str, tuple[int, int]] = {}
+        self._at_begin: dict[str, tuple[int, int]] = {}
+
+    def _count(self, event: WorkEvent) -> None:
+        if not (event.prefill_tokens or event.decode_tokens):
+            self._at_begin[event.request_id] = self._total
+            self._own[event.request_id] = (0, 0)
+            while len(self._at_begin) > _MAX_TRACKED:
+                oldest = next(iter(self._at_begin))
+                del self._at_begin[oldest]
+                self._own.pop(oldest, None)
+            return
+        p, d = self._total
+        self._total = (p + event.prefill_tokens, d + event.decode_tokens)
+        own = self._own.get(event.request_id)
+        if own is not None:
+            self._own[event.request_id] = (own[0] + event.prefill_tokens, own[1] + event.decode_tokens)
+
+    def _append(self, event: WorkEvent) -> None:
+        with self._lock:
+            self._count(event)
+            # Events come from one engine thread in time order; insort keeps it true regardless.
+            i = bisect.bisect_right(self._times, event.t_s)
+            self._times.insert(i, event.t_s)
+            self._events.insert(i, event)
+            horizon = event.t_s - self.history_s
+            if self._times and self._times[0] < horizon:
+                cut = bisect.bisect_left(self._times, horizon)
+                del self._times[:cut], self._events[:cut]
+
+    def begin(self, request_id: str, t_s: float | None = None) -> None:
+        """Mark a request's arrival (a window boundary, no work)."""
+        self._append(WorkEvent(time.monotonic() if t_s is None else t_s, request_id))
+
+    def record(
+        self, request_id: str, *, prefill_tokens: int = 0, decode_tokens: int = 0, t_s: float | None = None
+    ) -> None:
+        """Record work a request finished now (or at `t_s`)."""
+        t = time.monotonic() if t_s is None else t_s
+        self._append(WorkEvent(t, request_id, prefill_tokens, decode_tokens))
+
+    def events(self, t0_s: float = -math.inf, t1_s: float = math.inf) -> list[WorkEvent]:
+        """Events with `t0_s <= t <= t1_s`, in time order."""
+        with self._lock:
+            lo = bisect.bisect_left(self._times, t0_s)
+            hi = bisect.bisect_right(self._times, t1_s)
+            return self._events[lo:hi]
+
+    def live_fraction(self, request_id: str, *, prefill_cost: float, decode_cost: float) -> float:
+        """The request's share of all token work done since it arrived (1.0 before any work).
+
+        Live energy since a request's start times this fraction is its running share under
+        batching, which is what the governor should compare with the request's budget.
+        """
+        with self._lock:
+            base = self._at_begin.get(request_id)
+            own = self._own.get(request_id)
+            total = self._total
+        if base is None or own is None:
+            return 1.0
+        everyone = (total[0] - base[0]) * prefill_cost + (total[1] - base[1]) * decode_cost
+        mine = own[0] * prefill_cost + own[1] * decode_cost
+        return min(1.0, mine / everyone) if everyone > 0 else 1.0
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+
+def windows(events: Sequence[WorkEvent]) -> list[Window]:
+    """Cut the timeline at every event and keep the busy windows with their work.
+
+    Window `i` spans from the previous event (of any request) to event time `t_i` and holds the
+    work of the events at `t_i`. The cut depends only on the events, not on where a reader starts,
+    so every request sees the same windows and the shares of a window add up to it.
+    """
+    out: list[Window] = []
+    prev_t: float | None = None
+    i = 0
+    while i < len(events):
+        t = events[i].t_s
+        work: dict[str, TokenWork] = {}
+        while i < len(events) and events[i].t_s == t:
+            e = events[i]
+            if e.prefill_tokens or e.decode_tokens:
+                w = work.get(e.request_id, TokenWork())
+                work[e.request_id] = TokenWork(
+                    w.prefill_tokens + e.prefill_tokens, w.decode_tokens + e.decode_tokens
+                )
+            i += 1
+        if prev_t is not None and work:
+            out.append(Window(prev_t, t, work))
+        prev_t = t
+    return out
+
+
+def attribute(
+    request_id: str,
+    log_windows: Sequence[Window],
+    energy_between: Callable[[float, float], Any],
+    *,
+    prefill_cost: float,
+    decode_cost: float,
+    idle_power_w: float = 0.0,
+) -> Share:
+    """`request_id`'s share of every window it worked in.
+
+    Args:
+        request_id: The request.
+        log_windows: Windows from `windows()`.
+        energy_between: `(t0, t1) -> joules` or a `WindowEnergy` (the monitor's `energy_between`).
+        prefill_cost: Relative energy of a prefill token (the predictor's per-token prefill joules).
+        decode_cost: Relative energy of a decode token.
+        idle_power_w: Idle baseline; the idle share is split like the energy.
+
+    """
+    total = prefill = idle = 0.0
+    n = shared = 0
+    interpolated = False
+    for w in log_windows:
+        mine = w.work.get(request_id)
+        if mine is None:
+            continue
+        measured = energy_between(w.t0_s, w.t1_s)
+        window_j = float(getattr(measured, "energy_j", measured))
+        interpolated = interpolated or bool(getattr(measured, "interpolated", False))
+        shares = split_by_token_work(
+            max(0.0, window_j), w.work, prefill_cost=prefill_cost, decode_cost=decode_cost
+        )
+        share = shares[request_id]
+        total += share
+        if mine.prefill_tokens > 0:
+            prefill += share  # the step(s) that ran its prompt and produced its first token
+        if window_j > 0:
+            idle += idle_power_w * (w.t1_s - w.t0_s) * share / window_j
+        n += 1
+        shared += len(w.work) > 1
+    return Share(
+        total_j=total,
+        prefill_j=prefill,
+        idle_j=min(idle, total),
+        windows=n,
+        shared_windows=shared,
+        interpolated=interpolated,
+    )
+
+
+def token_costs(predictor: Any) -> tuple[float, float]:
+    """Per-token prefill and decode joules from a predictor's `predict` (finite differences).
+
+    Falls back to `(1.0, 1.0)` (split by plain token counts) when the predictor gives no positive
+    marginal costs.
+    """
+    try:
+        base = predictor.predict(64, 0, 1)
+        prefill_cost = (predictor.predict(128, 0, 1).prefill_j - base.prefill_j) / 64.0
+        decode_cost = (predictor.predict(64, 0, 65).decode_j - base.decode_j) / 64.0
+    except Exception:  # a missing/odd predictor must not break energy reports
+        return 1.0, 1.0
+    if not (prefill_cost > 0 and decode_cost > 0 and math.isfinite(prefill_cost + decode_cost)):
+        return 1.0, 1.0
+    return float(prefill_cost), float(decode_cost)
+
+
+def batched_report(
+    monitor: EnergyMonitor,
+    log: WorkLog,
+    request_id: str,
+    times: PhaseTimes,
+    *,
+    prefill_cost: float,
+    decode_cost: float,
+    predicted_prefill_j: float = 0.0,
+    predicted_decode_j: float = 0.0,
+) -> EnergyReport:
+    """The request's `EnergyReport` with its token-work share of each busy window (never raises).
+
+    The monitor's whole-window report is made first (it keeps the idle-baseline bookkeeping and
+    its fallbacks); when that is an estimate, or the log has no work for the request, it is
+    returned unchanged.
+    """
+    base = monitor.report(
+        times, predicted_prefill_j=predicted_prefill_j, predicted_decode_j=predicted_decode_j
+    )
+    if base.meter != monitor.meter.name:
+        return base  # the monitor fell back to an estimate (meter failure): nothing measured to split
+    try:
+        # Its own `begin` (at or after start_s) bounds its first window; the slack is harmless.
+        events = log.events(times.start_s - 1.0, times.end_s)
+        share = attribute(
+            request_id,
+            windows(events),
+            monitor.energy_between,
+            prefill_cost=prefill_cost,
+            decode_cost=decode_cost,
+            idle_power_w=monitor.idle_power_w,
+        )
+    except Exception as exc:  # accuracy may suffer, the response must not
+        return replace(base, note="; ".join(filter(None, [base.note, f"batch split failed: {exc}"])))
+    if share.windows == 0:
+        return base
+    note = (
+        f"split by token work: {share.windows} engine step window(s), "
+        f"{share.shared_windows} shared with concurrent requests"
+    )
+    return replace(
+        base,
+        total_j=share.total_j,
+        prefill_j=share.prefill_j,
+        decode_j=share.total_j - share.prefill_j,
+        idle_j=share.idle_j,
+        interpolated=base.interpolated or share.interpolated,
+        note="; ".join(filter(None, [base.note, note])),
+    )

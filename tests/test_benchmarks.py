@@ -1,0 +1,255 @@
+"""benchmarks/run.py and benchmarks/paper.py: scoring and summary logic (fast), and --quick smoke runs (slow).
+
+The smoke runs execute the real scripts in a subprocess on the real runtime (tiny model, estimate
+meter, TinyVQA workload) and check what they write: every registered policy present, the JSON
+contract the README relies on, consistent numbers, valid PNGs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ROW_KEYS = {
+    "policy",
+    "budget_j",
+    "requests",
+    "energy_j_mean",
+    "energy_j_p50",
+    "energy_j_p95",
+    "energy_source",
+    "latency_s_p50",
+    "latency_s_p95",
+    "output_tokens_mean",
+    "visual_tokens_kept_mean",
+    "quality",
+    "violations_pct",
+    "utilization",
+    "predictor_mape_pct",
+    "prefill_j_mean",
+    "decode_j_mean",
+}
+
+
+@pytest.fixture
+def bench(monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.syspath_prepend(str(ROOT))
+    import benchmarks._common as common
+    import benchmarks._plots as plots
+    import benchmarks.run as run
+
+    return common, run, plots
+
+
+# ------------------------------------------------------------------------------------------- fast
+def test_score_exact_match_normalises_case_punctuation_articles(bench: Any) -> None:
+    common, *_ = bench
+    assert common.score("Red.", "red", "short") == 1.0
+    assert common.score("the red", "red", "short") == 1.0
+    assert common.score("red circle", "red", "short") == 0.0
+    assert common.score("", "red", "short") == 0.0
+    # Only the first line counts: an answer followed by chatter still matches.
+    assert common.score("yes\nbecause it is", "yes", "short") == 1.0
+
+
+def test_score_list_recall_counts_repeats(bench: Any) -> None:
+    common, *_ = bench
+    ref = "a red circle, a red circle and a blue square."
+    assert common.score(ref, ref, "list") == 1.0
+    assert common.score("a red circle and a blue square.", ref, "list") == pytest.approx(2 / 3)
+    assert common.score("a red circles", ref, "list") == 0.0
+    assert common.score("a blue square, a red circle, a red circle", ref, "list") == 1.0
+
+
+def test_jsonl_workload_accepts_tinyvqa_field_names(bench: Any, tmp_path: Path) -> None:
+    from PIL import Image
+
+    common, *_ = bench
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(tmp_path / "a.png")
+    lines = [
+        {"image": "a.png", "prompt": "colour?", "reference": "red"},
+        {"image": "a.png", "question": "describe the image.", "answer": "a red square.", "qtype": "describe"},
+        {"image": "a.png", "prompt": "list", "reference": "a red square, a blue circle"},
+    ]
+    path = tmp_path / "w.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    items = common.load_workload(str(path), 10, 0)
+    assert [(i.prompt, i.reference, i.kind) for i in items] == [
+        ("colour?", "red", "short"),
+        ("describe the image.", "a red square.", "list"),
+        ("list", "a red square, a blue circle", "list"),
+    ]
+    assert items[0].image.size == (32, 32)
+    (tmp_path / "bad.jsonl").write_text('{"image": "missing.png", "prompt": "x", "reference": "y"}\n')
+    with pytest.raises(SystemExit, match=r"bad\.jsonl:1"):
+        common.load_workload(str(tmp_path / "bad.jsonl"), 10, 0)
+
+
+def _rec(energy: float | None, budget: float, quality: float, **kw: Any) -> dict[str, Any]:
+    if energy is None:
+        return {
+            "policy": "p",
+            "budget_j": budget,
+            "refused": True,
+            "quality": 0.0,
+            "latency_s": 0.01,
+            "kind": "short",
+        }
+    return {
+        "policy": "p",
+        "budget_j": budget,
+        "refused": False,
+        "energy_j": energy,
+        "prefill_j": energy * 0.1,
+        "decode_j": energy * 0.9,
+        "source": "estimated",
+        "meter": "estimate:cpu",
+        "latency_s": energy / 10,
+        "output_tokens": 10,
+        "visual_tokens_in": 64,
+        "visual_tokens_kept": 32,
+        "quality": quality,
+        "predictor_error_pct": 10.0,
+        "violated": energy > budget,
+        "stop_reason": "stop",
+        "kind": kw.get("kind", "short"),
+    }
+
+
+def test_summarize_counts_violations_refusals_and_utilisation(bench: Any) -> None:
+    _, run, _ = bench
+    recs = [_rec(1.0, 2.0, 1.0), _rec(3.0, 2.0, 0.0), _rec(2.0, 2.0, 1.0), _rec(None, 2.0, 0.0)]
+    row = run.summarize(recs, "p", 2.0)
+    assert row["requests"] == 4 and row["completed"] == 3
+    assert row["violations_pct"] == pytest.approx(25.0)  # 3.0 J > 2.0 J; 2.0 J is at the budget
+    assert row["refused_pct"] == pytest.approx(25.0)
+    assert row["energy_j_mean"] == pytest.approx(2.0)
+    assert row["utilization"] == pytest.approx(1.0)
+    assert row["quality"] == pytest.approx(0.5)  # the refused request counts as a miss
+    assert row["prefill_j_mean"] + row["decode_j_mean"] == pytest.approx(row["energy_j_mean"])
+    assert row["energy_source"] == "estimated"
+    assert row["stop_reasons"] == {"stop": 3}
+
+
+def test_summarize_all_refused_gives_nan_not_crash(bench: Any) -> None:
+    _, run, _ = bench
+    row = run.summarize([_rec(None, 1.0, 0.0)], "p", 1.0)
+    assert math.isnan(row["energy_j_mean"]) and row["refused_pct"] == 100.0
+    assert "-" in run.format_table([row])
+
+
+def test_pareto_front_keeps_only_undominated_points(bench: Any) -> None:
+    *_, plots = bench
+    pts = [(1.0, 0.5), (2.0, 0.4), (2.0, 0.8), (3.0, 0.8), (4.0, 0.9)]
+    assert plots.pareto_front(pts) == [(1.0, 0.5), (2.0, 0.8), (4.0, 0.9)]
+
+
+# ------------------------------------------------------------------------------------------- slow
+def _run(script: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "JOULECAP_CACHE": str(tmp_path / "cache"),
+        "HF_HUB_OFFLINE": "1",
+        "MPLBACKEND": "Agg",
+    }
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_run_quick_smoke(tmp_path: Path) -> None:
+    from joulecap.policies import available_policies
+
+    out = tmp_path / "run"
+    proc = _run(
+        "run.py",
+        "--quick",
+        "--requests", "3",
+        "--warmup", "2",
+        "--max-tokens", "24",
+        "--calibrate", "no",  # calibration has its own tests; here it would only cost time
+        "--threads", "1",
+        "--meter", "estimate",
+        "--out", str(out),
+        tmp_path=tmp_path,
+    )  # fmt: skip
+    result = json.loads((out / "results.json").read_text())
+    assert {"machine", "device", "meter", "model", "engine", "rows"} <= set(result)
+    assert result["meter"]["source"] == "estimated" and "ESTIMATED" in result["meter"]["label"]
+    assert "ESTIMATED" in proc.stdout  # the terminal says where the joules come from
+    rows = result["rows"]
+    policies = list(available_policies())
+    assert {r["policy"] for r in rows} == set(policies)
+    assert len(rows) == len(policies) * len(result["budgets_j"]) and len(result["budgets_j"]) >= 2
+    for r in rows:
+        assert set(r) >= ROW_KEYS, ROW_KEYS - set(r)
+        assert r["requests"] == 3
+        assert 0.0 <= r["violations_pct"] <= 100.0 and 0.0 <= r["quality"] <= 1.0
+        if r["energy_j_mean"] is not None:
+            assert r["energy_source"] == "estimated"
+            assert 0 < r["energy_j_p50"] <= r["energy_j_p95"]
+            assert r["prefill_j_mean"] + r["decode_j_mean"] == pytest.approx(
+                r["energy_j_mean"], rel=1e-4
+            )  # JSON keeps 6 digits
+            assert r["visual_tokens_kept_mean"] <= r["visual_tokens_in_mean"]
+    # Policies differ where they should: baseline keeps every visual token, fixed_prune fewer.
+    by = {(r["policy"], r["budget_j"]): r for r in rows}
+    b0 = result["budgets_j"][0]
+    assert by[("baseline", b0)]["visual_tokens_kept_mean"] == by[("baseline", b0)]["visual_tokens_in_mean"]
+    assert (
+        by[("fixed_prune", b0)]["visual_tokens_kept_mean"] < by[("fixed_prune", b0)]["visual_tokens_in_mean"]
+    )
+    with (out / "results.csv").open() as fh:
+        assert len(list(csv.DictReader(fh))) == len(rows)
+    assert len((out / "requests.jsonl").read_text().splitlines()) == 3 * len(rows)
+    for name in ("pareto.png", "energy_split.png", "budget_vs_energy.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.slow
+def test_paper_quick_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "paper.json"
+    proc = _run(
+        "paper.py",
+        "--quick",
+        "--reps",
+        "1",
+        "--threads",
+        "1",
+        "--meter",
+        "estimate",
+        "--out",
+        str(out),
+        tmp_path=tmp_path,
+    )
+    result = json.loads(out.read_text())
+    findings = [r["finding"] for r in result["comparison"]]
+    assert len(findings) == 7 and all(r["paper"] for r in result["comparison"])
+    # With the estimate meter the power finding is a tautology and must be labelled as one.
+    assert "TAUTOLOGICAL" in result["caveats"]["power"] and "TAUTOLOGICAL" in proc.stdout
+    assert result["forced_output_length"] is True
+    runs = result["runs"]["tokens"]
+    assert all(r["output_tokens"] == r["max_new"] for r in runs)
+    assert {r["keep_frac"] for r in runs} >= {0.0, 1.0}
+    assert min(r["visual_tokens_kept"] for r in runs) == 0
+    assert 0.0 <= result["decode_share"]["min_pct"] <= result["decode_share"]["max_pct"] <= 100.0
+    assert result["token_times"]["time_per_output_token_s"] > 0
+    assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC

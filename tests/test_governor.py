@@ -1,0 +1,68 @@
+"""Governor: stops before the budget, trusts the larger of measured and predicted spend."""
+
+from __future__ import annotations
+
+import pytest
+
+from joulecap.runtime.governor import Governor
+from joulecap.runtime.predictor import Predictor
+from joulecap.runtime.types import Plan
+
+PRED = Predictor(1.0, 0.01, 0.1)
+
+
+def make_plan(budget: float | None, policy: str = "joint", n: int = 100) -> Plan:
+    predicted = PRED.predict(20, 30, n).total_j
+    return Plan((30,), n, predicted, policy, "test", budget_j=budget)
+
+
+def test_no_budget_never_stops() -> None:
+    g = Governor(make_plan(None), PRED, lambda: 1e9)
+    assert not any(g.should_stop(n) for n in range(1000))
+
+
+def test_stops_on_prediction_when_meter_lags() -> None:
+    budget = 3.0  # prefill 1.5 J, 0.1 J per token -> 15 tokens fit
+    g = Governor(make_plan(budget), PRED, lambda: 0.0)
+    stops = [n for n in range(100) if g.should_stop(n)]
+    assert stops[0] == 15
+    assert g.prefill_j + 15 * g.token_j <= budget + 1e-9
+
+
+def test_stops_on_measurement_when_it_runs_ahead() -> None:
+    measured = {"j": 0.0}
+    g = Governor(make_plan(3.0), PRED, lambda: measured["j"])
+    assert not g.should_stop(2)
+    measured["j"] = 2.95  # the device is costlier than predicted
+    assert g.should_stop(3)
+    assert g.stopped_at == 3 and g.last_spent_j == pytest.approx(2.95)
+
+
+def test_baseline_plans_record_but_do_not_hold_the_budget() -> None:
+    g = Governor(make_plan(0.1, policy="baseline"), PRED, lambda: 100.0)
+    assert not g.should_stop(50)
+    g2 = Governor(make_plan(0.1, policy="output_budget"), PRED, lambda: 100.0)
+    assert g2.should_stop(0)
+
+
+def test_plans_from_unknown_policies_hold_their_budget() -> None:
+    g = Governor(make_plan(1.0, policy="custom-tool"), PRED, lambda: 5.0)
+    assert g.should_stop(0)
+
+
+def test_dear_measured_tokens_raise_the_next_token_estimate() -> None:
+    # Prediction: 1.5 J prefill + 0.1 J per token. The device is busy: each token costs 0.5 J.
+    budget = 5.0
+    clock = {"n": 0}
+    g = Governor(make_plan(budget), PRED, lambda: 1.5 + 0.5 * clock["n"])
+    stopped = None
+    for n in range(1, 100):
+        clock["n"] = n
+        if g.should_stop(n):
+            stopped = n
+            break
+    assert stopped is not None
+    assert g.next_token_j() == pytest.approx(0.5)
+    # It stops while the next (dear) token still fits: spent + 0.5 <= budget after stopping.
+    assert 1.5 + 0.5 * stopped <= budget
+    assert 1.5 + 0.5 * (stopped + 1) > budget

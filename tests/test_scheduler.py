@@ -1,0 +1,188 @@
+"""Scheduler: policy choice, tau and budget validation, planning speed sanity."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import torch
+from PIL import Image
+
+from joulecap.policies.config import SchedulerConfig
+from joulecap.runtime.errors import BudgetTooSmall, InvalidRequest
+from joulecap.runtime.predictor import Predictor
+from joulecap.runtime.scheduler import Scheduler
+from joulecap.runtime.types import ChatMessage, PreparedRequest, Request, TextPart
+
+
+def low_rank_features(n: int, rank: int, dim: int = 32, seed: int = 0) -> torch.Tensor:
+    """`[n, dim]` features of the given rank plus a little noise (spectral budget ~ rank)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, rank, generator=g)
+    b = torch.randn(rank, dim, generator=g)
+    return a @ b + 1e-4 * torch.randn(n, dim, generator=g)
+
+
+def prepared(
+    *,
+    text_tokens: int = 20,
+    visual: tuple[int, ...] = (64,),
+    rank: int = 8,
+    context_length: int = 2048,
+    **request_fields: object,
+) -> PreparedRequest:
+    """A `PreparedRequest` with random low-rank visual features, one per image."""
+    request = Request(
+        request_id="chatcmpl-test",
+        messages=(ChatMessage("user", (TextPart("hi"),)),),
+        **request_fields,
+    )
+    feats = tuple(low_rank_features(n, min(rank, n), seed=i) for i, n in enumerate(visual))
+    return PreparedRequest(request, text_tokens, visual, feats, context_length)
+
+
+def sched(**cfg: object) -> Scheduler:
+    return Scheduler(replace(SchedulerConfig(), **cfg), Predictor(1.0, 0.01, 0.1))
+
+
+def test_default_policy_and_request_override() -> None:
+    s = sched()
+    assert s.plan(prepared()).policy == "joint"
+    assert s.plan(prepared(policy="baseline")).policy == "baseline"
+    assert sched(policy="fixed_output").plan(prepared()).policy == "fixed_output"
+
+
+def test_unknown_policy() -> None:
+    with pytest.raises(InvalidRequest, match="available"):
+        sched().plan(prepared(policy="magic"))
+    with pytest.raises(InvalidRequest, match="available"):
+        sched(policy="magic")
+
+
+@pytest.mark.parametrize("tau", [0.0, -0.1, 1.5, float("nan")])
+def test_invalid_tau_is_400(tau: float) -> None:
+    with pytest.raises(InvalidRequest) as err:
+        sched().plan(prepared(tau=tau))
+    assert err.value.param == "tau" and err.value.http_status == 400
+
+
+def test_request_tau_overrides_config() -> None:
+    p_lo = sched().plan(prepared(visual=(128,), rank=64, tau=0.3))
+    p_hi = sched().plan(prepared(visual=(128,), rank=64, tau=1.0))
+    assert sum(p_lo.visual_keep) < sum(p_hi.visual_keep)
+
+
+@pytest.mark.parametrize("budget", [0.0, -1.0, float("inf"), float("nan"), 0.5, 2000.0])
+def test_budget_out_of_range_is_400(budget: float) -> None:
+    with pytest.raises(InvalidRequest) as err:
+        sched(budget_min_j=1.0, budget_max_j=1000.0).plan(prepared(energy_budget_j=budget))
+    assert err.value.param == "energy_budget_j" and err.value.http_status == 400
+
+
+def test_budget_in_range_plans_and_too_small_is_422() -> None:
+    s = sched()
+    out = s.plan(prepared(energy_budget_j=5.0))
+    assert out.budget_j == 5.0 and out.predicted_j <= 5.0
+    with pytest.raises(BudgetTooSmall):
+        s.plan(prepared(energy_budget_j=0.01))
+
+
+def test_scheduler_sets_the_predictor_forgetting() -> None:
+    pred = Predictor(1.0, 0.01, 0.1)
+    Scheduler(replace(SchedulerConfig(), rls_forgetting=0.9), pred)
+    assert pred.forgetting == 0.9
+
+
+def test_planning_without_spectral_work_is_fast() -> None:
+    # Sanity bound only (generous for loaded CI); the real p50 is measured in benchmarks/scheduler.py.
+    s = sched()
+    p = prepared(visual=(64,), energy_budget_j=5.0, policy="output_budget")
+    t0 = time.perf_counter()
+    for _ in range(200):
+        s.plan(p)
+    assert (time.perf_counter() - t0) / 200 < 0.01
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the real runtime (tiny random-weight model, estimate meter) and a real server.
+
+
+def test_joint_holds_binding_budgets_in_the_real_runtime(config_factory: Any) -> None:
+    from joulecap.runtime.runtime import Runtime
+
+    frames = [Image.new("RGB", (96, 96), c) for c in ("red", "green", "blue", "white", "black", "gray")]
+    prompt = "Describe everything you see in great detail."
+    # 100 Hz sampling: the governor sees energy only as fast as the sampler reads the meter.
+    with Runtime(config_factory(energy={"sample_hz": 100.0})) as rt:
+        for frame in frames[:3]:  # warm the engine and let the predictor learn this machine
+            rt.chat(prompt, images=[frame], max_tokens=48)
+        held, budgets = [], []
+        for frame in frames:
+            # 60% of what the predictor expects the unconstrained request to cost: binding.
+            free = rt.plan(rt.build_request(prompt, [frame], max_tokens=48, policy="baseline"))[1]
+            budgets.append(0.6 * free.predicted_j)
+            held.append(
+                rt.chat(prompt, images=[frame], max_tokens=48, energy_budget_j=budgets[-1], policy="joint")
+            )
+    assert all(r.plan.max_new_tokens < 48 for r in held)  # planned under the budget
+    used = [r.energy.total_j / b for r, b in zip(held, budgets, strict=True)]
+    # Unheld, these requests would use ~1/0.6 = 1.67x their budgets. The governor's guarantee is
+    # against its own measurement and prediction; on a shared, loaded CPU a stall after its last
+    # check can still push one over, so this checks the mechanism, not the >= 99% target (that is
+    # measured, with its machine, by benchmarks/scheduler.py).
+    assert max(used) <= 1.4, used
+    assert sum(u <= 1.0 for u in used) >= len(used) // 2 + 1, used
+    assert all(r.energy.source == "estimated" for r in held)
+
+
+def test_envelope_429_with_retry_after_over_http(live_server_factory: Any) -> None:
+    server, runtime = live_server_factory(scheduler={"power_envelope_w": 0.001, "power_envelope_j": 3.0})
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
+    messages: Any = [{"role": "user", "content": "hello"}]
+    first = client.chat.completions.create(
+        model="default", messages=messages, max_tokens=4, extra_headers={"X-Energy-Budget-J": "2.0"}
+    )
+    assert first.choices[0].message is not None
+    assert runtime.envelope.level_j() < 3.0  # the first request's energy was drawn
+    with pytest.raises(openai.RateLimitError) as err:
+        client.chat.completions.create(
+            model="default", messages=messages, max_tokens=4, extra_headers={"X-Energy-Budget-J": "3.0"}
+        )
+    retry_after = int(err.value.response.headers["retry-after"])
+    expected_s = (3.0 - runtime.envelope.level_j()) / 0.001
+    assert retry_after >= 1 and abs(retry_after - expected_s) <= max(2.0, 0.05 * expected_s)
+    assert err.value.response.json()["error"]["code"] == "power_envelope_exhausted"
+    metrics = httpx.get(server.base_url + "/metrics", timeout=10).text
+    assert "joulecap_envelope_level_joules" in metrics
+
+
+@pytest.mark.slow
+def test_scheduler_benchmark_smoke(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    monkeypatch.setenv("JOULECAP_CACHE", str(tmp_path / "cache"))
+    from benchmarks import scheduler as bench
+
+    out = tmp_path / "scheduler.json"
+    args = ["--requests", "2", "--heldout", "2", "--quick-calibration", "--out", str(out)]
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(args) == 0
+    finally:
+        torch.set_num_threads(threads)  # the benchmark pins torch threads process-wide
+    data = json.loads(out.read_text())
+    assert set(data["policies"]) >= {"baseline", "joint", "output_budget"}
+    assert "ESTIMATED" in data["energy_source"] or "measured" in data["energy_source"]
+    assert data["machine"]["label"] and data["planning"]["joint"]["p50_ms"] > 0
+    assert set(data["targets"]) == {
+        "joint_within_budget_pct>=99",
+        "joint_mean_use_binding_pct>=85",
+        "calibrated_heldout_mape_pct<=5",
+        "planning_besides_spectral_p50_ms<=1",
+    }

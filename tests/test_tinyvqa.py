@@ -1,0 +1,205 @@
+"""TinyVQA: the generator is deterministic and the shipped trained model really answers questions.
+
+The model tests load `joulecap/runtime/data/tinyvqa` offline through the ordinary `from_pretrained`
+path and score a fixed set of held-out test questions (never seen in training); the threshold sits a
+little under the accuracy measured by `benchmarks/tinyvqa/eval.py` so that a broken model, processor,
+tokenizer or chat template fails the test, while CPU-dependent rounding cannot.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # benchmarks/ is a folder of scripts, not an installed package
+
+from benchmarks.tinyvqa.generate import (  # noqa: E402
+    IMAGE_SIZE,
+    QTYPES,
+    SHORT_QTYPES,
+    VOCAB_WORDS,
+    describe,
+    make_example,
+    parse_objects,
+    write_split,
+)
+from joulecap.runtime.tiny_models import PACKAGED_DEMO, demo_model_path  # noqa: E402
+
+N_SHORT = 40
+SHORT_THRESHOLD = 0.85
+"""Exact-match floor on the fixed 40 held-out short questions (measured accuracy: see eval JSON)."""
+
+
+def _png(img: Any) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_generator_is_deterministic_and_varied() -> None:
+    a, img_a = make_example("test", 3)
+    b, img_b = make_example("test", 3)
+    assert a == b and _png(img_a) == _png(img_b)
+    assert img_a.size == (IMAGE_SIZE, IMAGE_SIZE) and IMAGE_SIZE >= 112
+    other = [make_example("train", 3)[0], make_example("test", 4)[0], make_example("test", 3, seed=1)[0]]
+    assert all(o.objects != a.objects for o in other)
+    kinds = {make_example("val", i)[0].qtype for i in range(200)}
+    assert kinds == set(QTYPES)
+
+
+def test_answers_are_consistent_with_the_scene() -> None:
+    for i in range(300):
+        ex, _ = make_example("train", i)
+        objs = ex.objects
+        if ex.qtype == "color":
+            shape = ex.question.removeprefix("what color is the ").removesuffix("?")
+            assert [o.color for o in objs if o.shape == shape] == [ex.answer]
+        elif ex.qtype == "describe":
+            assert sorted(parse_objects(ex.answer)) == sorted((o.color, o.shape) for o in objs)
+            assert ex.answer == describe(objs)
+        elif ex.qtype == "count":
+            assert 0 <= int(ex.answer) <= len(objs)
+        else:
+            assert ex.answer in ("yes", "no")
+
+
+def test_tokenizer_covers_every_generated_text() -> None:
+    from benchmarks.tinyvqa.model import UNK, build_tokenizer
+
+    tok = build_tokenizer()
+    unk = tok.convert_tokens_to_ids(UNK)
+    for i in range(300):
+        ex, _ = make_example("train", i)
+        for text in (ex.question, ex.answer):
+            ids = tok(text)["input_ids"]
+            assert unk not in ids, text
+            assert tok.decode(ids) == text
+    assert len(VOCAB_WORDS) < 100
+
+
+def test_write_split_round_trips(tmp_path: Path) -> None:
+    import json
+
+    path = write_split("test", 3, tmp_path)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["question"] for r in rows] == [make_example("test", i)[0].question for i in range(3)]
+    assert all((tmp_path / r["image"]).is_file() for r in rows)
+
+
+# ------------------------------------------------------------------------------- the shipped model
+@pytest.fixture(scope="module")
+def shipped(monkeypatch_module: Any) -> tuple[Any, Any]:
+    """The packaged model and processor, loaded with the hub switched off."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    assert (PACKAGED_DEMO / "config.json").is_file(), "the trained TinyVQA model is not packaged"
+    processor = AutoProcessor.from_pretrained(PACKAGED_DEMO)
+    model = AutoModelForImageTextToText.from_pretrained(PACKAGED_DEMO).eval()
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module() -> Any:
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    mp.setenv("TRANSFORMERS_OFFLINE", "1")
+    yield mp
+    mp.undo()
+
+
+def _short_examples(n: int) -> list[tuple[Any, Any]]:
+    out: list[tuple[Any, Any]] = []
+    i = 0
+    while len(out) < n:
+        ex, img = make_example("test", i)
+        if ex.qtype in SHORT_QTYPES:
+            out.append((ex, img))
+        i += 1
+    return out
+
+
+def test_shipped_model_is_marked_trained_and_small() -> None:
+    import json
+
+    marker = json.loads((PACKAGED_DEMO / "joulecap.json").read_text())
+    assert marker["random_weights"] is False and marker["arch"] == "llava" and marker["task"] == "tinyvqa"
+    assert marker["accuracy"] >= 0.9
+    weights = sum(p.stat().st_size for p in PACKAGED_DEMO.glob("*.safetensors"))
+    assert 0 < weights <= 20 * 1024 * 1024
+    assert demo_model_path(Path(os.devnull).parent / "unused-cache") == PACKAGED_DEMO
+
+
+def test_shipped_model_answers_held_out_questions(shipped: tuple[Any, Any]) -> None:
+    import torch
+
+    from benchmarks.tinyvqa.model import messages
+
+    model, processor = shipped
+    hits = 0
+    for ex, img in _short_examples(N_SHORT):
+        text = processor.apply_chat_template(
+            messages(ex.question), add_generation_prompt=True, tokenize=False
+        )
+        inputs = processor(text=text, images=img, return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        pred = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        hits += pred.strip() == ex.answer
+    assert hits / N_SHORT >= SHORT_THRESHOLD, f"{hits}/{N_SHORT}"
+
+
+def test_shipped_model_describes_images(shipped: tuple[Any, Any]) -> None:
+    import torch
+
+    from benchmarks.tinyvqa.eval import describe_counts
+    from benchmarks.tinyvqa.model import messages
+
+    model, processor = shipped
+    matched = predicted = true = 0
+    for i in range(6):
+        ex, img = make_example("test", i, qtype="describe")
+        text = processor.apply_chat_template(
+            messages(ex.question), add_generation_prompt=True, tokenize=False
+        )
+        inputs = processor(text=text, images=img, return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=48, do_sample=False)
+        pred = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        m, p, t = describe_counts(pred, ex.answer)
+        matched, predicted, true = matched + m, predicted + p, true + t
+    assert matched / true >= 0.7 and matched / max(1, predicted) >= 0.7, (matched, predicted, true)
+
+
+def test_runtime_serves_the_trained_model(tmp_path: Path, monkeypatch_module: Any) -> None:
+    """The whole runtime (engine, scheduler, E-AdaPrune by default) answers with the demo model."""
+    from dataclasses import replace
+
+    from joulecap.runtime.config import JoulecapConfig
+    from joulecap.runtime.runtime import Runtime
+
+    base = JoulecapConfig()
+    cfg = replace(
+        base,
+        engine=replace(base.engine, model=None, cache_dir=str(tmp_path / "cache")),
+        energy=replace(base.energy, meter="estimate"),
+        ledger=replace(base.ledger, ledger_path=str(tmp_path / "ledger.sqlite3")),
+        scheduler=replace(base.scheduler, profile_dir=str(tmp_path / "profiles")),
+    )
+    rt = Runtime(cfg)
+    try:
+        assert rt.engine.info.random_weights is False
+        hits = 0
+        examples = _short_examples(12)
+        for ex, img in examples:
+            res = rt.chat(ex.question, images=[img], max_tokens=8)
+            hits += res.text.strip() == ex.answer
+        assert hits / len(examples) >= 0.75, f"{hits}/{len(examples)}"
+    finally:
+        rt.close()
