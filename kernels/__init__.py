@@ -16,7 +16,7 @@ scikit-image, as raw 14x14 patch pixels (576 x 588) and through a fixed random G
 (576 x 1024; no real vision tower can be downloaded here), and measures the budget against a
 quality proxy: the relative error of rebuilding every token from the span of the kept
 (leverage-selected) tokens (`benchmarks/results/kernels_tau.json`). Projector features, mean
-over six photos (tau: kept tokens, error): 0.95: 11.2, 0.59; 0.97: 20.2, 0.45; 0.98: 31, 0.34;
+over six photos (tau: kept tokens, error): 0.95: 11.2, 0.59; 0.97: 20.3, 0.45; 0.98: 31, 0.34;
 0.99: 55, 0.19; 0.995: 85, 0.13. The error barely moves up to 0.95, and there the budget sits
 below the scheduler's `k_min` = 16 for 5 of 6 photos, i.e. E-AdaPrune degenerates to a fixed 16
 tokens; the error drop per extra token is 0.016 (0.95 -> 0.97), 0.010 (-> 0.98), 0.006
