@@ -5,41 +5,14 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-import torch
+from _factories import prepared
 
 from joulecap.kernels import spectral_budget
 from joulecap.policies import PlanContext, Policy, available_policies, get_policy, policy_instance, register
 from joulecap.policies.config import SchedulerConfig
 from joulecap.runtime.errors import BudgetTooSmall, InvalidRequest
 from joulecap.runtime.predictor import Predictor
-from joulecap.runtime.types import ChatMessage, Plan, PreparedRequest, Request, TextPart
-
-
-def low_rank_features(n: int, rank: int, dim: int = 32, seed: int = 0) -> torch.Tensor:
-    """`[n, dim]` features of the given rank plus a little noise (spectral budget ~ rank)."""
-    g = torch.Generator().manual_seed(seed)
-    a = torch.randn(n, rank, generator=g)
-    b = torch.randn(rank, dim, generator=g)
-    return a @ b + 1e-4 * torch.randn(n, dim, generator=g)
-
-
-def prepared(
-    *,
-    text_tokens: int = 20,
-    visual: tuple[int, ...] = (64,),
-    rank: int = 8,
-    context_length: int = 2048,
-    **request_fields: object,
-) -> PreparedRequest:
-    """A `PreparedRequest` with random low-rank visual features, one per image."""
-    request = Request(
-        request_id="chatcmpl-test",
-        messages=(ChatMessage("user", (TextPart("hi"),)),),
-        **request_fields,
-    )
-    feats = tuple(low_rank_features(n, min(rank, n), seed=i) for i, n in enumerate(visual))
-    return PreparedRequest(request, text_tokens, visual, feats, context_length)
-
+from joulecap.runtime.types import Plan, PreparedRequest
 
 CFG = SchedulerConfig()
 PRED = Predictor(1.0, 0.01, 0.1)  # 1 J fixed, 0.01 J per input token, 0.1 J per output token

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from joulecap.runtime.types import SamplingParams
+from joulecap.runtime.types import SamplingParams, StopReason
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from joulecap.runtime.engines.base import RunHooks
 
 _REPLACEMENT = "\ufffd"
 
@@ -104,3 +107,22 @@ class StreamDetokenizer:
     def text(self) -> str:
         """Everything emitted so far."""
         return "".join(self.emitted)
+
+
+def stop_after_token(
+    token: int, generated: int, max_new: int, stop_ids: frozenset[int] | set[int], hooks: RunHooks
+) -> StopReason | None:
+    """Why decoding ends after `token` (the `generated`-th token), or None to go on.
+
+    The order matters and is shared by every engine: a stop token wins over the length cap,
+    which wins over a cancellation and then over the governor (`hooks.should_stop`).
+    """
+    if token in stop_ids:
+        return "stop"
+    if generated >= max_new:
+        return "length"
+    if hooks.cancelled.is_set():
+        return "aborted"
+    if hooks.should_stop is not None and hooks.should_stop(generated):
+        return "energy_budget"
+    return None

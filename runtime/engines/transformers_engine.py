@@ -31,7 +31,7 @@ from joulecap.kernels import select_tokens
 from joulecap.runtime.engines.adapters import FamilyAdapter, get_adapter
 from joulecap.runtime.engines.base import EngineInfo, RunHooks
 from joulecap.runtime.engines.config import EngineConfig
-from joulecap.runtime.engines.decoding import StreamDetokenizer, TokenChooser
+from joulecap.runtime.engines.decoding import StreamDetokenizer, TokenChooser, stop_after_token
 from joulecap.runtime.engines.factory import ModelLoadError
 from joulecap.runtime.errors import InvalidRequest
 from joulecap.runtime.tiny_models import MARKER
@@ -347,14 +347,7 @@ class TransformersEngine:
                 first_token_s = time.monotonic()
                 if hooks.on_prefill_done is not None:
                     hooks.on_prefill_done(first_token_s)
-            if token in self.stop_ids:
-                reason = "stop"
-            elif n >= max_new:
-                reason = "length"
-            elif hooks.cancelled.is_set():
-                reason = "aborted"
-            elif hooks.should_stop is not None and hooks.should_stop(n):
-                reason = "energy_budget"
+            reason = stop_after_token(token, n, max_new, self.stop_ids, hooks)
             delta = detok.push(token, final=reason is not None)
             if hooks.on_token is not None:
                 hooks.on_token(token, delta)

@@ -325,7 +325,7 @@ class VLLMEngine:
 
     def run(self, prepared: PreparedRequest, plan: Plan, hooks: RunHooks) -> GenerationResult:
         """Execute `plan` on vLLM; see the module docstring. Safe to call from many threads at once."""
-        from joulecap.runtime.engines.decoding import StreamDetokenizer
+        from joulecap.runtime.engines.decoding import StreamDetokenizer, stop_after_token
 
         start_s = time.monotonic()
         prompt, prefill_tokens, visual_kept = self._prompt(prepared, plan)
@@ -369,15 +369,8 @@ class VLLMEngine:
                             first_token_s = time.monotonic()
                             if hooks.on_prefill_done is not None:
                                 hooks.on_prefill_done(first_token_s)
-                        if token in self._hf.stop_ids:
-                            reason = "stop"
-                        elif n >= max_new:
-                            reason = "length"
-                        elif hooks.cancelled.is_set():
-                            reason = "aborted"
-                        elif hooks.should_stop is not None and hooks.should_stop(n):
-                            reason = "energy_budget"
-                        elif item.finished and i == len(item.token_ids) - 1:
+                        reason = stop_after_token(token, n, max_new, self._hf.stop_ids, hooks)
+                        if reason is None and item.finished and i == len(item.token_ids) - 1:
                             reason = "length" if item.finish_reason == "length" else "stop"
                         delta = detok.push(token, final=reason is not None)
                         if hooks.on_token is not None:

@@ -1,0 +1,33 @@
+"""Small builders shared by test modules (importable because pytest's `pythonpath` holds tests/)."""
+
+from __future__ import annotations
+
+import torch
+
+from joulecap.runtime.types import ChatMessage, PreparedRequest, Request, TextPart
+
+
+def low_rank_features(n: int, rank: int, dim: int = 32, seed: int = 0) -> torch.Tensor:
+    """`[n, dim]` features of the given rank plus a little noise (spectral budget ~ rank)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, rank, generator=g)
+    b = torch.randn(rank, dim, generator=g)
+    return a @ b + 1e-4 * torch.randn(n, dim, generator=g)
+
+
+def prepared(
+    *,
+    text_tokens: int = 20,
+    visual: tuple[int, ...] = (64,),
+    rank: int = 8,
+    context_length: int = 2048,
+    **request_fields: object,
+) -> PreparedRequest:
+    """A `PreparedRequest` with random low-rank visual features, one per image."""
+    request = Request(
+        request_id="chatcmpl-test",
+        messages=(ChatMessage("user", (TextPart("hi"),)),),
+        **request_fields,
+    )
+    feats = tuple(low_rank_features(n, min(rank, n), seed=i) for i, n in enumerate(visual))
+    return PreparedRequest(request, text_tokens, visual, feats, context_length)
