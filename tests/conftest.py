@@ -17,8 +17,8 @@ from PIL import Image
 
 from joulecap.runtime.config import JoulecapConfig
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-"""../shared beside the checkout (OpenAI schemas)."""
+OPENAI_SCHEMAS = Path(__file__).resolve().parent / "fixtures" / "openai"
+"""OpenAI's published JSON schemas (extracted from openai/openai-openapi, MIT; see the LICENSE there)."""
 
 
 @pytest.fixture(scope="session")
@@ -128,7 +128,7 @@ def config_factory(tmp_path: Path, tiny_idefics3: Path) -> Any:
 
 @pytest.fixture(scope="session")
 def openai_schemas() -> dict[str, Any]:
-    """OpenAI's published JSON schemas from ../shared/openai, keyed by short name."""
+    """OpenAI's published JSON schemas from tests/fixtures/openai, keyed by short name."""
     import json
 
     names = {
@@ -137,7 +137,7 @@ def openai_schemas() -> dict[str, Any]:
         "error": "error_response.schema.json",
     }
     return {
-        k: _nullable_to_json_schema(json.loads((SHARED / "openai" / v).read_text())) for k, v in names.items()
+        k: _nullable_to_json_schema(json.loads((OPENAI_SCHEMAS / v).read_text())) for k, v in names.items()
     }
 
 
