@@ -133,8 +133,8 @@ def run_one(
         rec.update(refused=True, error=f"422: {exc}", quality=0.0, latency_s=time.perf_counter() - t0)
         return rec
     plan_s = time.perf_counter() - t0
-    # Image preprocessing and the vision encoder run while planning, before the runtime's energy
-    # window opens: measure that share separately so the tables can say how large it is.
+    # Image preprocessing and the vision encoder run while planning; the runtime charges that window
+    # to the request's prefill. Measure it here too so the tables can say how large that part is.
     encode_j = rt.monitor.energy_between(m0, time.monotonic()).energy_j
     # The predictor learns from each request after it runs; predict now, before that update, for
     # every output length the plan allows, so the error below is a true out-of-sample error.
@@ -423,9 +423,8 @@ def _notes(meter_facts: dict[str, Any], random_weights: bool) -> list[str]:
     if random_weights:
         notes.append("The model has random weights: quality figures are meaningless for it.")
     notes.append(
-        "energy_j is the runtime's per-request figure (prefill + decode, what budgets are held to); "
-        "image preprocessing and the vision encoder run while planning, before that window, and are "
-        "reported apart as encode_j_mean."
+        "energy_j is the runtime's per-request figure, what budgets are held to: image preprocessing and "
+        "the vision encoder (run while planning) plus prefill and decode; encode_j_mean is the first part."
     )
     notes.append(
         "violations_pct: requests whose energy exceeded the budget, over all requests of the row; "

@@ -41,7 +41,15 @@ from joulecap.runtime.predictor import (
     profile_path,
     save_profile,
 )
-from joulecap.runtime.types import ChatMessage, ImagePart, Plan, PreparedRequest, Request, TextPart
+from joulecap.runtime.types import (
+    ChatMessage,
+    ImagePart,
+    PhaseTimes,
+    Plan,
+    PreparedRequest,
+    Request,
+    TextPart,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from joulecap.runtime.config import JoulecapConfig
@@ -229,12 +237,25 @@ def run_measured(
 
 def measure_point(engine: Engine, monitor: EnergyMonitor, point: SweepPoint) -> Sample:
     """Prepare, plan (fixed keep fraction and output length) and measure one sweep point."""
+    # Image preprocessing and the vision encoder are part of a request's energy (the runtime charges
+    # the prepare window to the prefill), so calibration measures them too.
+    monitor.fresh_sample()
+    encode_start_s = time.monotonic()
     prepared = engine.prepare(make_request(point))
+    monitor.fresh_sample()
+    encode_end_s = time.monotonic()
+    encode_j = monitor.report(
+        PhaseTimes(encode_start_s, encode_end_s, encode_end_s),
+        predicted_prefill_j=0.0,
+        predicted_decode_j=0.0,
+    ).total_j
     keep = tuple(round(point.visual_frac * n) for n in prepared.visual_tokens)
     room = prepared.context_length - prepared.text_tokens - sum(keep)
     out = max(1, min(point.out_tokens, room))
     plan = Plan(keep, out, 0.0, "calibrate", "calibration sweep", budget_j=None)
     kept, n_out, energy_j, duration_s, source, meter = run_measured(engine, monitor, prepared, plan)
+    energy_j += encode_j
+    duration_s += encode_end_s - encode_start_s
     return Sample(
         point.key,
         point.image_px,

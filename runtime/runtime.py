@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import threading
 import time
@@ -216,8 +217,37 @@ class Runtime:
     # ------------------------------------------------------------------ synchronous core
     def plan(self, request: Request) -> tuple[PreparedRequest, Plan]:
         """Prepare and plan a request without running it (runs on the calling thread)."""
+        # Image preprocessing and the vision encoder run here: time the window so its energy is
+        # charged to the request (fresh reads make the window's edges exact on fast meters).
+        self.monitor.fresh_sample()
+        started_s = time.monotonic()
         prepared = self.engine.prepare(request)
+        self.monitor.fresh_sample()
+        prepared = dataclasses.replace(prepared, prepare_window_s=(started_s, time.monotonic()))
         return prepared, self.scheduler.plan(prepared)
+
+    def _encode_report(self, prepared: PreparedRequest) -> EnergyReport | None:
+        """Energy of the request's `prepare` window (None when it was not timed)."""
+        if prepared.prepare_window_s is None:
+            return None
+        t0, t1 = prepared.prepare_window_s
+        return self.monitor.report(PhaseTimes(t0, t1, t1), predicted_prefill_j=0.0, predicted_decode_j=0.0)
+
+    @staticmethod
+    def _with_encode(energy: EnergyReport, encode: EnergyReport | None) -> EnergyReport:
+        """`energy` with the encode window added to its prefill (and total, idle, duration)."""
+        if encode is None:
+            return energy
+        return dataclasses.replace(
+            energy,
+            total_j=energy.total_j + encode.total_j,
+            prefill_j=energy.prefill_j + encode.total_j,
+            idle_j=energy.idle_j + encode.idle_j,
+            duration_s=energy.duration_s + encode.duration_s,
+            samples=energy.samples + encode.samples,
+            interpolated=energy.interpolated or encode.interpolated,
+            note="; ".join(n for n in (energy.note, encode.note) if n),
+        )
 
     def run_planned(
         self,
@@ -245,11 +275,16 @@ class Runtime:
         work_log: WorkLog | None = getattr(self.engine, "work_log", None)
         prefill_cost, decode_cost = token_costs(self.predictor) if work_log is not None else (1.0, 1.0)
 
+        # A batching engine's measured windows already contain the encoder work that overlapped
+        # them (split by token work), so only the sequential engine adds the prepare window.
+        encode = self._encode_report(prepared) if work_log is None else None
+        encode_j = encode.total_j if encode is not None else 0.0
+
         def energy_so_far_j() -> float:
             used_j = self.monitor.live_energy_j(start_s)
             if work_log is None:
-                return used_j
-            return used_j * work_log.live_fraction(
+                return encode_j + used_j
+            return encode_j + used_j * work_log.live_fraction(
                 request.request_id, prefill_cost=prefill_cost, decode_cost=decode_cost
             )
 
@@ -263,8 +298,11 @@ class Runtime:
             generation = self.engine.run(prepared, plan, hooks)
         except Exception as exc:
             end_s = time.monotonic()
-            energy = self.monitor.report(
-                PhaseTimes(start_s, end_s, end_s), predicted_prefill_j=0.0, predicted_decode_j=0.0
+            energy = self._with_encode(
+                self.monitor.report(
+                    PhaseTimes(start_s, end_s, end_s), predicted_prefill_j=0.0, predicted_decode_j=0.0
+                ),
+                encode,
             )
             self.ledger.record_failure(
                 request.request_id,
@@ -304,6 +342,7 @@ class Runtime:
                 predicted_prefill_j=prediction.prefill_j,
                 predicted_decode_j=prediction.decode_j,
             )
+        energy = self._with_encode(energy, encode)
         result = ChatResult(
             request_id=request.request_id,
             model=self.info.model,

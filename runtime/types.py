@@ -101,6 +101,9 @@ class PreparedRequest:
             projector), on the engine's device. Policies compute spectral budgets from them.
         context_length: The model's maximum sequence length.
         payload: Engine-private state (tokenised inputs, embeddings) reused by `Engine.run`.
+        prepare_window_s: Monotonic start and end of `Engine.prepare` (image preprocessing and the
+            vision encoder), set by the runtime, which charges that window's energy to the
+            request's prefill.
 
     """
 
@@ -110,6 +113,7 @@ class PreparedRequest:
     features: tuple[torch.Tensor, ...]
     context_length: int
     payload: object = None
+    prepare_window_s: tuple[float, float] | None = None
 
     @property
     def input_tokens(self) -> int:
@@ -149,7 +153,8 @@ class EnergyReport:
 
     Attributes:
         total_j: Energy attributed to the request (prefill + decode), idle share included.
-        prefill_j: Energy of the prefill phase (up to the first generated token).
+        prefill_j: Energy of the prefill phase: image preprocessing and vision encoding (during
+            planning) plus the LM prefill up to the first generated token.
         decode_j: Energy of the decode phase.
         idle_j: The idle-baseline share contained in `total_j` (baseline power x duration).
         duration_s: Wall time from start of prefill to the last token.
