@@ -269,8 +269,9 @@ def savings(recs: list[dict[str, Any]], n_max: int) -> dict[str, Any]:
             f"output_{n_min}_tokens_pct": 100.0 * (1 - energy(1.0, n_min, encode) / ref),
         }
     out["note"] = (
-        "'request' is the energy the runtime reports (prefill + decode); 'with_encode' adds the "
-        "vision encoder and image preprocessing, which run before the request's energy window"
+        "'request' is LM prefill + decode (this sweep calls the engine's prepare directly); "
+        "'with_encode' adds the vision encoder and image preprocessing, which the runtime charges "
+        "to a request's prefill when it goes through Runtime.plan"
     )
     return out
 
