@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from PIL import Image
 
 from joulecap.runtime.types import ChatMessage, PreparedRequest, Request, TextPart
 
@@ -31,3 +32,12 @@ def prepared(
     )
     feats = tuple(low_rank_features(n, min(rank, n), seed=i) for i, n in enumerate(visual))
     return PreparedRequest(request, text_tokens, visual, feats, context_length)
+
+
+def marked_image(color: tuple[int, int, int], size: tuple[int, int] = (100, 80)) -> Image.Image:
+    """A light-grey image with one coloured rectangle (distinct images for engine parity tests)."""
+    img = Image.new("RGB", size, (240, 240, 240))
+    for x in range(size[0] // 4, size[0] // 2):
+        for y in range(size[1] // 5, size[1] // 2):
+            img.putpixel((x, y), color)
+    return img

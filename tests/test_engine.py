@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from PIL import Image
+from _factories import marked_image
 
 from joulecap.kernels import select_tokens
 from joulecap.runtime.engines.base import Engine, RunHooks
@@ -43,15 +43,7 @@ def llava(tiny_llava: Path) -> Iterator[TransformersEngine]:
     engine.close()
 
 
-def _image(color: tuple[int, int, int], size: tuple[int, int] = (100, 80)) -> Image.Image:
-    img = Image.new("RGB", size, (240, 240, 240))
-    for x in range(size[0] // 4, size[0] // 2):
-        for y in range(size[1] // 5, size[1] // 2):
-            img.putpixel((x, y), color)
-    return img
-
-
-IMAGES = (_image((200, 30, 30)), _image((20, 40, 220), (64, 120)))
+IMAGES = (marked_image((200, 30, 30)), marked_image((20, 40, 220), (64, 120)))
 
 
 def _request(n_images: int = 1, text: str = "What is in the picture?", **kw: Any) -> Request:
@@ -418,11 +410,11 @@ def idefics3_split(
     engine.close()
 
 
-def test_image_splitting_assigns_tiles_to_their_image(idefics3_split: TransformersEngine) -> None:
+def test_image_splitting_assigns_tiles_to_theirmarked_image(idefics3_split: TransformersEngine) -> None:
     req = Request(
         "chatcmpl-split",
         (ChatMessage("user", (ImagePart(0), TextPart("and"), ImagePart(1), TextPart("?"))),),
-        images=(_image((200, 30, 30), (200, 150)), _image((20, 40, 220), (200, 60))),
+        images=(marked_image((200, 30, 30), (200, 150)), marked_image((20, 40, 220), (200, 60))),
     )
     prepared = idefics3_split.prepare(req)
     # Longest edge to 256, then up to multiples of 128: 200x150 -> 2x2 tiles + global image,

@@ -18,7 +18,8 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed here; run `make test-vllm`")
 
-from PIL import Image
+
+from _factories import marked_image
 
 from joulecap.runtime.energy.attribution import TokenWork, split_by_token_work
 from joulecap.runtime.energy.config import EnergyConfig
@@ -72,15 +73,7 @@ def vllm_engine(model_dir: Path) -> Iterator[VLLMEngine]:
     engine.close()
 
 
-def _image(color: tuple[int, int, int], size: tuple[int, int] = (100, 80)) -> Image.Image:
-    img = Image.new("RGB", size, (240, 240, 240))
-    for x in range(size[0] // 4, size[0] // 2):
-        for y in range(size[1] // 5, size[1] // 2):
-            img.putpixel((x, y), color)
-    return img
-
-
-IMAGES = (_image((200, 30, 30)), _image((20, 40, 220), (64, 120)))
+IMAGES = (marked_image((200, 30, 30)), marked_image((20, 40, 220), (64, 120)))
 
 
 def _request(n_images: int = 1, text: str = "What is in the picture?", rid: str = "chatcmpl-vllm") -> Request:
@@ -375,24 +368,30 @@ def test_engine_args_pass_distribution_settings_through(vllm_engine: VLLMEngine)
 
 
 # ---------------------------------------------------------------------------------------- through the Runtime
-def test_runtime_over_vllm_splits_energy_among_concurrent_requests(
-    vllm_engine: VLLMEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import asyncio
-
+def _vllm_runtime_config(vllm_engine: VLLMEngine, tmp_path: Path, **scheduler: Any) -> Any:
+    """A runtime config over the module's vLLM engine: estimate meter, ledger and profiles in tmp."""
     from joulecap.runtime.config import JoulecapConfig
-    from joulecap.runtime.runtime import Runtime
 
     base = JoulecapConfig()
-    cfg = replace(
+    return replace(
         base,
         engine=replace(
             base.engine, engine="vllm", model=str(vllm_engine.config.model), cache_dir=str(tmp_path)
         ),
         energy=replace(base.energy, meter="estimate", idle_baseline_s=0.0),
         ledger=replace(base.ledger, ledger_path=str(tmp_path / "ledger.sqlite3")),
-        scheduler=replace(base.scheduler, profile_dir=str(tmp_path / "profiles"), policy="baseline"),
+        scheduler=replace(base.scheduler, profile_dir=str(tmp_path / "profiles"), **scheduler),
     )
+
+
+def test_runtime_over_vllm_splits_energy_among_concurrent_requests(
+    vllm_engine: VLLMEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from joulecap.runtime.runtime import Runtime
+
+    cfg = _vllm_runtime_config(vllm_engine, tmp_path, policy="baseline")
     rt = Runtime(cfg, engine=vllm_engine)
     assert rt.max_concurrency == vllm_engine.max_concurrency
 
@@ -438,19 +437,9 @@ def test_openai_api_over_vllm_reports_energy(
     import uvicorn
 
     from joulecap.runtime.api.app import create_app
-    from joulecap.runtime.config import JoulecapConfig
     from joulecap.runtime.runtime import Runtime
 
-    base = JoulecapConfig()
-    cfg = replace(
-        base,
-        engine=replace(
-            base.engine, engine="vllm", model=str(vllm_engine.config.model), cache_dir=str(tmp_path)
-        ),
-        energy=replace(base.energy, meter="estimate", idle_baseline_s=0.0),
-        ledger=replace(base.ledger, ledger_path=str(tmp_path / "ledger.sqlite3")),
-        scheduler=replace(base.scheduler, profile_dir=str(tmp_path / "profiles")),
-    )
+    cfg = _vllm_runtime_config(vllm_engine, tmp_path)
     rt = Runtime(cfg, engine=vllm_engine)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
