@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import torch
 from PIL import Image
 
@@ -41,3 +43,10 @@ def marked_image(color: tuple[int, int, int], size: tuple[int, int] = (100, 80))
         for y in range(size[1] // 5, size[1] // 2):
             img.putpixel((x, y), color)
     return img
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

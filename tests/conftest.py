@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _factories import free_port
 from PIL import Image
 
 from joulecap.runtime.config import JoulecapConfig
@@ -45,12 +45,6 @@ def make_config(model_dir: Path, tmp_path: Path, **sections: dict[str, Any]) -> 
     for name, overrides in sections.items():
         cfg = replace(cfg, **{name: replace(getattr(cfg, name), **overrides)})
     return cfg
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class LiveServer:

@@ -14,13 +14,13 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from _factories import free_port
 
 from joulecap.runtime import config as cfgmod
 from joulecap.runtime.api.config import ServerConfig
@@ -172,18 +172,12 @@ def test_cli_takes_host_and_port_from_the_environment(monkeypatch: pytest.Monkey
         build_parser().parse_args(["serve"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_entrypoint_with_image_env_passes_the_healthcheck(tiny_idefics3: Path, tmp_path: Path) -> None:
     """Run the x86 image's ENTRYPOINT with its ENV (host/port adapted to this machine), all
     configuration from the environment as an operator would set it, then its HEALTHCHECK."""
     dockerfile = REPO / "Dockerfile.x86"
     image_env = _env(dockerfile)
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOULECAP_")}
     env.update({k: v for k, v in image_env.items() if k.startswith("JOULECAP_")})
     env.update(

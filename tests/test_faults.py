@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
+from _factories import free_port
 
 from joulecap.runtime.api.app import create_app
 from joulecap.runtime.api.server import BackgroundServer
@@ -373,16 +374,8 @@ def _serve_cmd(model: Path, work: Path, port: int) -> list[str]:
     ]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _spawn(model: Path, work: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "JOULECAP_CACHE": str(work / "cache")}
     proc = subprocess.Popen(
         _serve_cmd(model, work, port), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE

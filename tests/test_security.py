@@ -15,6 +15,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from _factories import free_port
 from PIL import Image
 
 from joulecap.runtime.api import middleware
@@ -294,15 +295,11 @@ def test_remote_image_urls_refused_without_any_connection(serve: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------- logs
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_default_log_level_leaks_no_content_or_keys(tiny_idefics3: Path, tmp_path: Path) -> None:
     """A real `joulecap serve` at its default log level: its whole stderr has no prompt or key."""
-    port = _free_port()
+    port = free_port()
     cmd = [
         str(REPO / ".venv" / "bin" / "joulecap"),
         "serve",
