@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import psutil
+
 from joulecap.runtime.energy.base import Availability, MeterReading
 from joulecap.runtime.energy.config import EnergyConfig
 from joulecap.runtime.types import EnergySource
@@ -26,7 +28,7 @@ CHILD_RESCAN_S = 1.0
 class ProcessTreeCpuClock:
     """CPU seconds of this process and its descendants, monotonic.
 
-    Children are read with psutil when it is installed (else only this process counts). A child's
+    Children are listed with psutil (a core dependency). A child's
     last reading is kept after it exits, so the total never goes backwards.
     """
 
@@ -34,18 +36,11 @@ class ProcessTreeCpuClock:
         self._children_s: dict[int, float] = {}
         self._children: list[Any] = []
         self._listed_at_s = -float("inf")
-        try:
-            import psutil
-        except ImportError:  # pragma: no cover - psutil is in every extra we ship
-            self._proc = None
-        else:
-            self._proc = psutil.Process()
+        self._proc = psutil.Process()
 
     def __call__(self) -> float:
         """Current CPU seconds of the process tree."""
         own_s = time.process_time()
-        if self._proc is None:
-            return own_s
         now = time.monotonic()
         if now - self._listed_at_s >= CHILD_RESCAN_S:
             # Listing children scans the whole process table: do it rarely, read known ones often.
