@@ -25,6 +25,10 @@ class PlanContext:
         tau: E-AdaPrune spectral-energy fraction for this request, in (0, 1].
         max_tokens: The client's own output cap, if any.
         budget_j: The request's joule budget, if any (already validated).
+        spent_j: Energy the request has already spent when it is planned (the measured image
+            preprocessing and vision encoder). Policies plan the run within `left_j`.
+        feasibility_margin: The margin to accept budgets with now (the scheduler's learned
+            `FeasibilityMargin`); None means the configured floor.
 
     """
 
@@ -33,6 +37,18 @@ class PlanContext:
     tau: float
     max_tokens: int | None = None
     budget_j: float | None = None
+    spent_j: float = 0.0
+    feasibility_margin: float | None = None
+
+    @property
+    def margin(self) -> float:
+        """Relative margin the minimum answer's predicted run must leave within the budget."""
+        return self.config.feasibility_margin if self.feasibility_margin is None else self.feasibility_margin
+
+    @property
+    def left_j(self) -> float | None:
+        """The budget less what is already spent (None without a budget; may be <= 0)."""
+        return None if self.budget_j is None else self.budget_j - self.spent_j
 
 
 class Policy(ABC):
@@ -62,9 +78,10 @@ class Policy(ABC):
         max_new_tokens: int,
         reason: str,
     ) -> Plan:
-        """Assemble the plan with its prediction and optional brevity hint."""
+        """Assemble the plan with its prediction (spent so far plus the run) and brevity hint."""
         keep = tuple(int(k) for k in keep)
-        predicted = ctx.predictor.predict(prepared.text_tokens, sum(keep), max_new_tokens).total_j
+        run_j = ctx.predictor.predict(prepared.text_tokens, sum(keep), max_new_tokens).total_j
+        predicted = ctx.spent_j + run_j
         return Plan(
             visual_keep=keep,
             max_new_tokens=max_new_tokens,
@@ -131,10 +148,23 @@ def lower_visual(keep: Sequence[int], floors: Sequence[int], total: int) -> tupl
     return tuple(out)
 
 
-def too_small(min_j: float, budget_j: float, what: str) -> BudgetTooSmall:
-    """The 422 error with the minimum joules in its message."""
+def too_small(ctx: PlanContext, run_min_j: float, what: str) -> BudgetTooSmall:
+    """The 422 error; its minimum joules are the encode plus the smallest run, with the margin.
+
+    A retry encodes the images again, and that measured energy varies from run to run like a
+    prediction's error, so the stated minimum carries the feasibility margin on the encode too.
+
+    Args:
+        ctx: The planning context (budget and energy already spent).
+        run_min_j: Cost of the smallest run, feasibility margin included.
+        what: What the smallest run is, for the message.
+
+    """
+    budget_j = ctx.budget_j if ctx.budget_j is not None else 0.0
+    min_j = ctx.spent_j * (1.0 + ctx.margin) + run_min_j
+    spent = f" ({ctx.spent_j:.4g} J already spent on encoding the images)" if ctx.spent_j > 0 else ""
     return BudgetTooSmall(
-        f"Energy budget {budget_j:.4g} J is too small: {what} needs at least {min_j:.4g} J.",
+        f"Energy budget {budget_j:.4g} J is too small: {what} needs at least {min_j:.4g} J{spent}.",
         min_j=min_j,
     )
 

@@ -36,7 +36,12 @@ class SchedulerConfig:
     feasibility_margin: float = 0.15
     """Budget-holding policies accept a budget only when the predicted cost of the minimum answer
     times (1 + this margin) fits it: the prefill cannot be stopped by the governor, so prediction
-    error there would overshoot the budget. The 422's minimum joules include the margin."""
+    error there would overshoot the budget. The 422's minimum joules include the margin. This is
+    the floor: once runs are observed, the margin follows `feasibility_quantile`."""
+    feasibility_quantile: float = 0.99
+    """Quantile of the measured prefill's relative overshoot over its prediction (last 200 runs)
+    used as the feasibility margin when larger than `feasibility_margin` (from 20 runs on), so
+    that about this share of accepted minimum answers stay within budget on a noisy device."""
     fixed_output_tokens: int = 64
     """`fixed_output` policy: output cap N."""
     fixed_prune_ratio: float = 0.5
@@ -61,6 +66,8 @@ class SchedulerConfig:
             raise ValueError(f"fixed_prune_ratio must be in (0, 1], got {self.fixed_prune_ratio}")
         if not 0.0 < self.rls_forgetting <= 1.0:
             raise ValueError(f"rls_forgetting must be in (0, 1], got {self.rls_forgetting}")
+        if not 0.0 < self.feasibility_quantile <= 1.0:
+            raise ValueError(f"feasibility_quantile must be in (0, 1], got {self.feasibility_quantile}")
         if not 0.0 <= self.feasibility_margin <= 10.0:
             raise ValueError(f"feasibility_margin must be in [0, 10], got {self.feasibility_margin}")
         if not 0.0 <= self.budget_headroom < 1.0:

@@ -33,7 +33,7 @@ class Joint(Policy):
             return self.make_plan(prepared, ctx, keep, cap, f"joint: no budget, tau {ctx.tau:g}")
         budget = ctx.budget_j
         cap = output_cap(prepared, ctx, sum(keep))
-        n = budgeted_output(prepared, ctx, sum(keep), cap, budget)
+        n = budgeted_output(prepared, ctx, sum(keep), cap)
         if n is not None:
             return self.make_plan(
                 prepared, ctx, keep, n, f"joint: tau {ctx.tau:g}, {n} output tokens fit {budget:.4g} J"
@@ -44,17 +44,20 @@ class Joint(Policy):
         floors = tuple(min(k, ctx.config.visual_floor_tokens) for k in keep)
         # Spend at most the budget less headroom, and never plan on the margin that absorbs the
         # prediction error of the (unstoppable) prefill.
-        margin = 1.0 + ctx.config.feasibility_margin
-        spendable = min(budget * (1.0 - ctx.config.budget_headroom), budget / margin)
-        total = ctx.predictor.max_visual_tokens(spendable, prepared.text_tokens, min_out)
+        margin = 1.0 + ctx.margin
+        left = budget - ctx.spent_j
+        spendable = min(left - budget * ctx.config.budget_headroom, left / margin)
+        total = -1  # the encode alone may have spent the budget
+        if spendable > 0:
+            total = ctx.predictor.max_visual_tokens(spendable, prepared.text_tokens, min_out)
         if total < sum(floors):
-            min_j = margin * ctx.predictor.predict(prepared.text_tokens, sum(floors), min_out).total_j
+            run_min_j = margin * ctx.predictor.predict(prepared.text_tokens, sum(floors), min_out).total_j
             raise too_small(
-                min_j, budget, f"the prompt with {sum(floors)} visual token(s) and {min_out} output token(s)"
+                ctx, run_min_j, f"the prompt with {sum(floors)} visual token(s) and {min_out} output token(s)"
             )
         keep = lower_visual(keep, floors, total)
         cap = output_cap(prepared, ctx, sum(keep))
-        n = budgeted_output(prepared, ctx, sum(keep), cap, budget)
+        n = budgeted_output(prepared, ctx, sum(keep), cap)
         if n is None:  # rounding in lower_visual only ever removes tokens, so this cannot happen
             n = min_out
         return self.make_plan(

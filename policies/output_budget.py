@@ -7,21 +7,22 @@ from joulecap.policies.registry import register
 from joulecap.runtime.types import Plan, PreparedRequest
 
 
-def budgeted_output(
-    prepared: PreparedRequest, ctx: PlanContext, visual_kept: int, cap: int, budget_j: float
-) -> int | None:
-    """Output tokens that fit `budget_j` (less headroom) with `visual_kept` tokens.
+def budgeted_output(prepared: PreparedRequest, ctx: PlanContext, visual_kept: int, cap: int) -> int | None:
+    """Output tokens whose run fits the budget left (`ctx.left_j`, less headroom) with `visual_kept`.
 
-    Returns None when not even `min_output_tokens` fit the budget less the feasibility margin.
-    Headroom leaves a fraction of the budget for prediction error, but never turns a budget that
-    fits the minimum answer into a refusal.
+    Returns None when not even `min_output_tokens` fit the budget left less the feasibility
+    margin. Headroom leaves a fraction of the budget for prediction error, but never turns a
+    budget that fits the minimum answer into a refusal.
     """
+    budget_j, left_j = ctx.budget_j, ctx.left_j
+    if budget_j is None or left_j is None:
+        raise ValueError("budgeted_output needs a budget")
     pred = ctx.predictor
     min_out = ctx.config.min_output_tokens
-    feasible_j = budget_j / (1.0 + ctx.config.feasibility_margin)
-    if pred.max_output_tokens(feasible_j, prepared.text_tokens, visual_kept) < min_out:
+    feasible_j = left_j / (1.0 + ctx.margin)
+    if left_j <= 0 or pred.max_output_tokens(feasible_j, prepared.text_tokens, visual_kept) < min_out:
         return None
-    spendable = budget_j * (1.0 - ctx.config.budget_headroom)
+    spendable = left_j - budget_j * ctx.config.budget_headroom
     n = pred.max_output_tokens(spendable, prepared.text_tokens, visual_kept)
     return min(cap, max(min_out, n))
 
@@ -38,12 +39,11 @@ class OutputBudget(Policy):
         cap = output_cap(prepared, ctx, sum(keep))
         if ctx.budget_j is None:
             return self.make_plan(prepared, ctx, keep, cap, "output_budget: no budget, output capped only")
-        n = budgeted_output(prepared, ctx, sum(keep), cap, ctx.budget_j)
+        n = budgeted_output(prepared, ctx, sum(keep), cap)
         if n is None:
             min_out = ctx.config.min_output_tokens
-            margin = 1.0 + ctx.config.feasibility_margin
-            min_j = margin * ctx.predictor.predict(prepared.text_tokens, sum(keep), min_out).total_j
-            raise too_small(
-                min_j, ctx.budget_j, f"the prompt with all visual tokens and {min_out} output token(s)"
-            )
+            margin = 1.0 + ctx.margin
+            run_min_j = margin * ctx.predictor.predict(prepared.text_tokens, sum(keep), min_out).total_j
+            what = f"the prompt with all visual tokens and {min_out} output token(s)"
+            raise too_small(ctx, run_min_j, what)
         return self.make_plan(prepared, ctx, keep, n, f"output_budget: {n} tokens fit {ctx.budget_j:.4g} J")

@@ -44,7 +44,6 @@ from joulecap.runtime.predictor import (
 from joulecap.runtime.types import (
     ChatMessage,
     ImagePart,
-    PhaseTimes,
     Plan,
     PreparedRequest,
     Request,
@@ -127,6 +126,9 @@ class Sample:
     duration_s: float
     source: str
     meter: str
+    encode_j: float = 0.0
+    """Energy of `Engine.prepare` (image preprocessing and vision encoder), measured apart: the
+    runtime measures it before planning instead of predicting it, so `energy_j` excludes it."""
 
     @property
     def n_in(self) -> int:
@@ -237,25 +239,14 @@ def run_measured(
 
 def measure_point(engine: Engine, monitor: EnergyMonitor, point: SweepPoint) -> Sample:
     """Prepare, plan (fixed keep fraction and output length) and measure one sweep point."""
-    # Image preprocessing and the vision encoder are part of a request's energy (the runtime charges
-    # the prepare window to the prefill), so calibration measures them too.
-    monitor.fresh_sample()
-    encode_start_s = time.monotonic()
-    prepared = engine.prepare(make_request(point))
-    monitor.fresh_sample()
-    encode_end_s = time.monotonic()
-    encode_j = monitor.report(
-        PhaseTimes(encode_start_s, encode_end_s, encode_end_s),
-        predicted_prefill_j=0.0,
-        predicted_decode_j=0.0,
-    ).total_j
+    # Image preprocessing and the vision encoder are measured apart, as the runtime does before
+    # planning; the fit models only the run (what the planner must predict).
+    prepared, encode = monitor.measure(lambda: engine.prepare(make_request(point)))
     keep = tuple(round(point.visual_frac * n) for n in prepared.visual_tokens)
     room = prepared.context_length - prepared.text_tokens - sum(keep)
     out = max(1, min(point.out_tokens, room))
     plan = Plan(keep, out, 0.0, "calibrate", "calibration sweep", budget_j=None)
     kept, n_out, energy_j, duration_s, source, meter = run_measured(engine, monitor, prepared, plan)
-    energy_j += encode_j
-    duration_s += encode_end_s - encode_start_s
     return Sample(
         point.key,
         point.image_px,
@@ -267,13 +258,15 @@ def measure_point(engine: Engine, monitor: EnergyMonitor, point: SweepPoint) -> 
         duration_s,
         source,
         meter,
+        encode.total_j,
     )
 
 
 # ---------------------------------------------------------------------- checkpoint
 def sweep_header(header: dict[str, Any], spec: SweepSpec) -> dict[str, Any]:
     """The checkpoint's first line, as JSON reads it back (tuples become lists)."""
-    loaded: dict[str, Any] = json.loads(json.dumps({**header, "spec": asdict(spec)}))
+    # `energy`: what `Sample.energy_j` covers; a checkpoint that measured otherwise is not resumed.
+    loaded: dict[str, Any] = json.loads(json.dumps({**header, "spec": asdict(spec), "energy": "run"}))
     return loaded
 
 
@@ -378,21 +371,24 @@ def format_table(cal: Calibration) -> str:
     for s in cal.samples:
         groups[(s.image_px, s.visual_kept, s.text_tokens, s.out_tokens)].append(s)
     lines = [
-        f"{'image':>5} {'vis kept':>8} {'text':>5} {'out':>4} {'runs':>4} {'energy J':>10} "
+        f"{'image':>5} {'vis kept':>8} {'text':>5} {'out':>4} {'runs':>4} {'encode J':>9} {'run J':>10} "
         f"{'pred J':>10} {'err %':>6} {'power W':>8}"
     ]
     for (px, kept, text, out), group in sorted(groups.items()):
         e = float(np.mean([g.energy_j for g in group]))
         p = cal.predictor.predict(text, kept, out).total_j
         w = float(np.mean([g.power_w for g in group]))
+        enc = float(np.mean([g.encode_j for g in group]))
         lines.append(
-            f"{px:>5} {kept:>8} {text:>5} {out:>4} {len(group):>4} {e:>10.4f} {p:>10.4f} "
+            f"{px:>5} {kept:>8} {text:>5} {out:>4} {len(group):>4} {enc:>9.4f} {e:>10.4f} {p:>10.4f} "
             f"{100 * (p - e) / e:>6.1f} {w:>8.1f}"
         )
     j, pm, u = cal.joules, cal.per_model, cal.universal
     c = pm.coefficients
     lines += [
         "",
+        "encode J: image preprocessing and vision encoder, measured before planning (not predicted); "
+        "run J: the LM prefill and decode, which the models below predict.",
         f"joule model  E = {j.coefficients['b_j']:.4g} + {j.coefficients['in_j']:.4g}*N_in + "
         f"{j.coefficients['out_j']:.4g}*N_out J   R2 {j.r2:.4f}  MAPE {100 * j.mape:.2f}%  n {j.n}",
         f"per-model    E = P*({c['a_p_s']:.4g}*N_in + {c['a_d_s']:.4g}*N_out + {c['b_s']:.4g}) "

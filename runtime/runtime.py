@@ -217,21 +217,17 @@ class Runtime:
     # ------------------------------------------------------------------ synchronous core
     def plan(self, request: Request) -> tuple[PreparedRequest, Plan]:
         """Prepare and plan a request without running it (runs on the calling thread)."""
-        # Image preprocessing and the vision encoder run here: time the window so its energy is
-        # charged to the request (fresh reads make the window's edges exact on fast meters).
-        self.monitor.fresh_sample()
-        started_s = time.monotonic()
-        prepared = self.engine.prepare(request)
-        self.monitor.fresh_sample()
-        prepared = dataclasses.replace(prepared, prepare_window_s=(started_s, time.monotonic()))
+        # Image preprocessing and the vision encoder run here. Their energy is measured, not
+        # predicted: it is spent before planning, so the plan budgets only what is left (fresh
+        # reads make the window's edges exact on fast meters).
+        # A batching engine's measured windows already contain the encoder work that overlapped
+        # them (split by token work), so only a sequential engine measures the prepare window.
+        if getattr(self.engine, "work_log", None) is None:
+            prepared, encode = self.monitor.measure(lambda: self.engine.prepare(request))
+            prepared = dataclasses.replace(prepared, prepare_energy=encode)
+        else:
+            prepared = self.engine.prepare(request)
         return prepared, self.scheduler.plan(prepared)
-
-    def _encode_report(self, prepared: PreparedRequest) -> EnergyReport | None:
-        """Energy of the request's `prepare` window (None when it was not timed)."""
-        if prepared.prepare_window_s is None:
-            return None
-        t0, t1 = prepared.prepare_window_s
-        return self.monitor.report(PhaseTimes(t0, t1, t1), predicted_prefill_j=0.0, predicted_decode_j=0.0)
 
     @staticmethod
     def _with_encode(energy: EnergyReport, encode: EnergyReport | None) -> EnergyReport:
@@ -275,10 +271,8 @@ class Runtime:
         work_log: WorkLog | None = getattr(self.engine, "work_log", None)
         prefill_cost, decode_cost = token_costs(self.predictor) if work_log is not None else (1.0, 1.0)
 
-        # A batching engine's measured windows already contain the encoder work that overlapped
-        # them (split by token work), so only the sequential engine adds the prepare window.
-        encode = self._encode_report(prepared) if work_log is None else None
-        encode_j = encode.total_j if encode is not None else 0.0
+        encode = prepared.prepare_energy
+        encode_j = prepared.spent_j
 
         def energy_so_far_j() -> float:
             used_j = self.monitor.live_energy_j(start_s)
@@ -342,6 +336,11 @@ class Runtime:
                 predicted_prefill_j=prediction.prefill_j,
                 predicted_decode_j=prediction.decode_j,
             )
+        if energy.source != "replayed" and not energy.interpolated and generation.token_ids:
+            # How far the unstoppable part (prefill to the first token) exceeded its prediction:
+            # the scheduler's feasibility margin follows it.
+            first = self.predictor.predict(text_tokens, generation.visual_tokens_kept, 1).total_j
+            self.scheduler.margin.observe(first, energy.prefill_j)
         energy = self._with_encode(energy, encode)
         result = ChatResult(
             request_id=request.request_id,
@@ -365,11 +364,12 @@ class Runtime:
         # Replayed traces describe another device; learning from them would corrupt this profile.
         if energy.source == "replayed" or energy.interpolated:
             return
+        # The predictor models the run (LM prefill and decode); the encode is measured, not predicted.
         self.predictor.update(
             result.generation.prefill_tokens - result.generation.visual_tokens_kept,
             result.generation.visual_tokens_kept,
             result.completion_tokens,
-            energy.total_j,
+            max(0.0, energy.total_j - prepared.spent_j),
         )
         mape = self.predictor.stats().get("mape")
         if mape is not None:

@@ -7,6 +7,7 @@ import math
 from joulecap.policies import PlanContext, get_policy, policy_instance
 from joulecap.policies.config import SchedulerConfig
 from joulecap.runtime.errors import InvalidRequest
+from joulecap.runtime.margin import FeasibilityMargin
 from joulecap.runtime.predictor import Predictor
 from joulecap.runtime.types import Plan, PreparedRequest
 
@@ -30,6 +31,7 @@ class Scheduler:
         # The runtime loads the profile without knowing the scheduler's config; the forgetting
         # factor of the online update is a scheduler setting.
         predictor.forgetting = config.rls_forgetting
+        self.margin = FeasibilityMargin(config.feasibility_margin, config.feasibility_quantile)
 
     def validate(self, prepared: PreparedRequest) -> tuple[float, float | None]:
         """The request's tau and budget, checked against the configured ranges (400 otherwise)."""
@@ -70,5 +72,7 @@ class Scheduler:
             tau=tau,
             max_tokens=prepared.request.max_tokens,
             budget_j=budget,
+            spent_j=prepared.spent_j,
+            feasibility_margin=self.margin.value(),
         )
         return policy.plan(prepared, ctx)

@@ -157,8 +157,29 @@ def _build_idefics3(tokenizer: Any) -> tuple[Any, Any]:
     return model, processor
 
 
+def llava_processor(tokenizer: Any, image_size: int, patch: int) -> Any:
+    """A LLaVA processor (PIL CLIP image processor, square `image_size`) with joulecap's chat template.
+
+    Shared by the tiny random-weight LLaVA and the trained TinyVQA model.
+    """
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
 def _build_llava(tokenizer: Any) -> tuple[Any, Any]:
-    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     n_tokens = (LLAVA_IMAGE_SIZE // LLAVA_PATCH) ** 2
     config = LlavaConfig(
@@ -177,19 +198,7 @@ def _build_llava(tokenizer: Any) -> tuple[Any, Any]:
         tie_word_embeddings=False,
     )
     model = LlavaForConditionalGeneration(config)
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": LLAVA_IMAGE_SIZE},
-        crop_size={"height": LLAVA_IMAGE_SIZE, "width": LLAVA_IMAGE_SIZE},
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=LLAVA_PATCH,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
-        chat_template=CHAT_TEMPLATE,
-    )
-    return model, processor
+    return model, llava_processor(tokenizer, LLAVA_IMAGE_SIZE, LLAVA_PATCH)
 
 
 _BUILDERS = {"idefics3": _build_idefics3, "llava": _build_llava}

@@ -101,9 +101,10 @@ class PreparedRequest:
             projector), on the engine's device. Policies compute spectral budgets from them.
         context_length: The model's maximum sequence length.
         payload: Engine-private state (tokenised inputs, embeddings) reused by `Engine.run`.
-        prepare_window_s: Monotonic start and end of `Engine.prepare` (image preprocessing and the
-            vision encoder), set by the runtime, which charges that window's energy to the
-            request's prefill.
+        prepare_energy: Measured energy of `Engine.prepare` (image preprocessing and the vision
+            encoder), set by the runtime before planning. It is already spent, so policies plan
+            the rest of the budget around it, and it is charged to the request's prefill. None
+            when it is not measured apart (batching engines, whose run windows contain it).
 
     """
 
@@ -113,12 +114,17 @@ class PreparedRequest:
     features: tuple[torch.Tensor, ...]
     context_length: int
     payload: object = None
-    prepare_window_s: tuple[float, float] | None = None
+    prepare_energy: EnergyReport | None = None
 
     @property
     def input_tokens(self) -> int:
         """All prompt tokens with every visual token kept."""
         return self.text_tokens + sum(self.visual_tokens)
+
+    @property
+    def spent_j(self) -> float:
+        """Energy already spent on the request when it is planned (`prepare_energy`, else 0)."""
+        return 0.0 if self.prepare_energy is None else self.prepare_energy.total_j
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -50,3 +51,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def serve_cmd(model: Path, work: Path, port: int, *, log_level: str | None = None) -> list[str]:
+    """`joulecap serve` from the repo's venv on the tiny model: estimate meter, all state under `work`."""
+    head = [str(REPO / ".venv" / "bin" / "joulecap")]
+    if log_level is not None:
+        head += ["--log-level", log_level]
+    return [
+        *head,
+        "serve",
+        "--model",
+        str(model),
+        "--port",
+        str(port),
+        "--meter",
+        "estimate",
+        "--idle-baseline-s",
+        "0",
+        "--ledger-path",
+        str(work / "ledger.sqlite3"),
+        "--profile-dir",
+        str(work / "profiles"),
+        "--cache-dir",
+        str(work / "cache"),
+    ]

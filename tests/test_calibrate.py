@@ -61,6 +61,8 @@ def test_sweep_covers_the_grid_with_forced_lengths(swept: Calibration, rig: tupl
     # Stop tokens are suppressed: every run generated exactly the forced length.
     assert sorted({s.out_tokens for s in swept.samples}) == [1, 6]
     assert all(s.energy_j > 0 and s.source == "estimated" for s in swept.samples)
+    # The encode (image preprocessing, vision tower) is measured apart from the run, as the runtime does.
+    assert all(s.encode_j > 0 for s in swept.samples)
     assert engine.stop_ids  # restored after the sweep
 
 
@@ -71,7 +73,7 @@ def test_fit_is_usable_and_profile_round_trips(swept: Calibration, tmp_path: Pat
     assert pred.calibrated and "estimate" in pred.source and "(estimated)" in pred.source
     assert swept.joules.n == 8
     table = format_table(swept)
-    assert "R2" in table and "MAPE" in table and "a_d/a_p" in table
+    assert "R2" in table and "MAPE" in table and "a_d/a_p" in table and "encode J" in table
     save_profile(tmp_path, "m", "cpu", "float32", pred, params_b=0.001)
     loaded = load_profile(tmp_path, "m", "cpu", "float32", 0.001)
     assert loaded.calibrated and loaded.coefficients == pytest.approx(pred.coefficients)

@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
-from _factories import free_port
+from _factories import free_port, serve_cmd
 
 from joulecap.runtime.api.app import create_app
 from joulecap.runtime.api.server import BackgroundServer
@@ -351,34 +351,14 @@ def test_request_timeout_is_504_and_stops_the_engine(serve: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------- kill -9
-def _serve_cmd(model: Path, work: Path, port: int) -> list[str]:
-    return [
-        str(REPO / ".venv" / "bin" / "joulecap"),
-        "--log-level",
-        "warning",
-        "serve",
-        "--model",
-        str(model),
-        "--port",
-        str(port),
-        "--meter",
-        "estimate",
-        "--idle-baseline-s",
-        "0",
-        "--ledger-path",
-        str(work / "ledger.sqlite3"),
-        "--profile-dir",
-        str(work / "profiles"),
-        "--cache-dir",
-        str(work / "cache"),
-    ]
-
-
 def _spawn(model: Path, work: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "JOULECAP_CACHE": str(work / "cache")}
     proc = subprocess.Popen(
-        _serve_cmd(model, work, port), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        serve_cmd(model, work, port, log_level="warning"),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     url = f"http://127.0.0.1:{port}"
 

@@ -18,9 +18,13 @@ CFG = SchedulerConfig()
 PRED = Predictor(1.0, 0.01, 0.1)  # 1 J fixed, 0.01 J per input token, 0.1 J per output token
 
 
-def ctx(budget: float | None = None, max_tokens: int | None = None, **cfg: object) -> PlanContext:
+def ctx(
+    budget: float | None = None, max_tokens: int | None = None, spent: float = 0.0, **cfg: object
+) -> PlanContext:
     config = replace(CFG, **cfg)
-    return PlanContext(config=config, predictor=PRED, tau=config.tau, max_tokens=max_tokens, budget_j=budget)
+    return PlanContext(
+        config=config, predictor=PRED, tau=config.tau, max_tokens=max_tokens, budget_j=budget, spent_j=spent
+    )
 
 
 def plan(name: str, p: PreparedRequest, c: PlanContext) -> Plan:
@@ -164,6 +168,37 @@ def test_joint_422_states_the_minimum_at_the_floor() -> None:
     # and the minimum it states is indeed accepted
     ok = plan("joint", p, ctx(budget=err.value.min_j * (1 + 1e-9), visual_floor_tokens=4))
     assert sum(ok.visual_keep) >= 8 and ok.max_new_tokens >= 1 and ok.predicted_j <= ok.budget_j
+
+
+@pytest.mark.parametrize("name", ["output_budget", "joint"])
+def test_energy_already_spent_on_encoding_is_taken_off_the_budget(name: str) -> None:
+    # The measured encode is spent before planning: the plan's run must fit what is left.
+    p = prepared(visual=(64,))
+    budget, spent = 6.0, 2.5
+    fresh = plan(name, p, ctx(budget=budget))
+    after = plan(name, p, ctx(budget=budget, spent=spent))
+    assert after.max_new_tokens < fresh.max_new_tokens
+    run_j = PRED.predict(20, sum(after.visual_keep), after.max_new_tokens).total_j
+    assert after.predicted_j == pytest.approx(spent + run_j)  # the plan's figure is the whole request
+    assert run_j <= budget - spent - budget * CFG.budget_headroom + 1e-9
+    # one more token would not fit what is left
+    assert PRED.predict(20, sum(after.visual_keep), after.max_new_tokens + 1).total_j > (
+        budget - spent - budget * CFG.budget_headroom
+    )
+
+
+@pytest.mark.parametrize("name", ["output_budget", "joint"])
+def test_422_when_the_encode_alone_spent_the_budget(name: str) -> None:
+    p = prepared(visual=(64,))
+    with pytest.raises(BudgetTooSmall) as err:
+        plan(name, p, ctx(budget=2.0, spent=2.5))
+    # what was spent plus the cheapest run, both with the margin (a retry encodes again); joint's
+    # cheapest run keeps only the visual floor
+    cheapest_visual = 64 if name == "output_budget" else CFG.visual_floor_tokens
+    margin = 1 + CFG.feasibility_margin
+    run_min_j = PRED.predict(20, cheapest_visual, 1).total_j
+    assert err.value.min_j == pytest.approx(margin * 2.5 + margin * run_min_j)
+    assert "already spent on encoding" in err.value.message
 
 
 def test_joint_without_budget_is_eadaprune_with_the_output_cap() -> None:

@@ -15,7 +15,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from _factories import free_port
+from _factories import free_port, serve_cmd
 from PIL import Image
 
 from joulecap.runtime.api import middleware
@@ -24,7 +24,6 @@ from joulecap.runtime.api.config import ServerConfig
 from joulecap.runtime.api.server import BackgroundServer
 from joulecap.runtime.runtime import Runtime
 
-REPO = Path(__file__).resolve().parents[1]
 KEY = "sk-test-4f1c9a77e2"
 
 
@@ -300,24 +299,7 @@ def test_remote_image_urls_refused_without_any_connection(serve: Any) -> None:
 def test_default_log_level_leaks_no_content_or_keys(tiny_idefics3: Path, tmp_path: Path) -> None:
     """A real `joulecap serve` at its default log level: its whole stderr has no prompt or key."""
     port = free_port()
-    cmd = [
-        str(REPO / ".venv" / "bin" / "joulecap"),
-        "serve",
-        "--model",
-        str(tiny_idefics3),
-        "--port",
-        str(port),
-        "--meter",
-        "estimate",
-        "--idle-baseline-s",
-        "0",
-        "--ledger-path",
-        str(tmp_path / "ledger.sqlite3"),
-        "--profile-dir",
-        str(tmp_path / "profiles"),
-        "--cache-dir",
-        str(tmp_path / "cache"),
-    ]
+    cmd = serve_cmd(tiny_idefics3, tmp_path, port)
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOULECAP_")}
     env.update(HF_HUB_OFFLINE="1", JOULECAP_API_KEY=KEY, JOULECAP_CACHE=str(tmp_path / "cache"))
     # uvicorn's access log goes to stdout, everything else to stderr: read both, as one.

@@ -11,16 +11,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from benchmarks.tinyvqa.generate import IMAGE_SIZE, VOCAB_WORDS
-from joulecap.runtime.tiny_models import CHAT_TEMPLATE, EOS, EOU, IM_START, IMAGE
+from joulecap.runtime.tiny_models import EOS, EOU, IM_START, IMAGE, llava_processor
 
 UNK = "[UNK]"
-PATCH = 12
 
 
 @dataclass(frozen=True)
 class ModelSize:
-    """Widths and depths of the two towers."""
+    """Patch size, widths and depths of the two towers."""
 
+    patch: int = 10
     vision_hidden: int = 128
     vision_layers: int = 3
     vision_heads: int = 4
@@ -57,10 +57,10 @@ def build_tokenizer() -> Any:
 def build_model(size: ModelSize, seed: int) -> tuple[Any, Any]:
     """A freshly initialised LLaVA model and its processor (slow PIL CLIP image processor)."""
     import torch
-    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     tokenizer = build_tokenizer()
-    n_tokens = (IMAGE_SIZE // PATCH) ** 2
+    n_tokens = (IMAGE_SIZE // size.patch) ** 2
     config = LlavaConfig(
         vision_config={
             "model_type": "clip_vision_model",
@@ -69,7 +69,7 @@ def build_model(size: ModelSize, seed: int) -> tuple[Any, Any]:
             "num_hidden_layers": size.vision_layers,
             "num_attention_heads": size.vision_heads,
             "image_size": IMAGE_SIZE,
-            "patch_size": PATCH,
+            "patch_size": size.patch,
             "projection_dim": size.vision_hidden,
         },
         text_config={
@@ -96,18 +96,7 @@ def build_model(size: ModelSize, seed: int) -> tuple[Any, Any]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config)
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE},
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=PATCH,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
-    )
+    processor = llava_processor(tokenizer, IMAGE_SIZE, size.patch)
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(EOU)]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.convert_tokens_to_ids(IM_START)

@@ -14,6 +14,7 @@ Checkpoints (`save_pretrained`) go to `--out/step_N` and `--out/last`; the final
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -241,26 +242,30 @@ def lr_at(step: int, steps: int, peak: float, warmup: int, time_frac: float = 0.
 def main() -> None:
     """CLI entry point."""
     ap = argparse.ArgumentParser(description="Train the TinyVQA LLaVA.")
-    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--steps", type=int, default=8000)
     ap.add_argument("--batch", type=int, default=16, help="Images per step.")
     ap.add_argument("--questions", type=int, default=4, help="Questions per image (shared prefix).")
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--warmup", type=int, default=150)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--drop-prob", type=float, default=0.3, help="Share of examples with token dropout.")
-    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--eval-every", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("/tmp/tinyvqa_ckpt"))
     ap.add_argument("--init-from", type=Path, default=None, help="Start from these saved weights.")
     ap.add_argument("--deadline-s", type=float, default=0.0, help="Wall-clock cap (0: none).")
     ap.add_argument("--bench", type=int, default=0, help="Only time this many steps and exit.")
+    defaults = ModelSize()
+    for field in dataclasses.fields(ModelSize):
+        ap.add_argument(f"--{field.name.replace('_', '-')}", type=int, default=getattr(defaults, field.name))
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rnd = random.Random(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    model, processor = build_model(ModelSize(), args.seed)
+    size = ModelSize(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ModelSize)})
+    model, processor = build_model(size, args.seed)
     if args.init_from is not None:
         model = type(model).from_pretrained(args.init_from)
     batcher = Batcher(processor)
@@ -331,6 +336,7 @@ def main() -> None:
         "lr": args.lr,
         "seed": args.seed,
         "init_from": str(args.init_from) if args.init_from else None,
+        "model_size": dataclasses.asdict(size),
         "train_s": time.time() - t0,
     }
     (final / "train_meta.json").write_text(json.dumps(meta, indent=2) + "\n")

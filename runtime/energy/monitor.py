@@ -23,6 +23,8 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 from joulecap.runtime.energy.base import Meter
 from joulecap.runtime.energy.config import EnergyConfig
@@ -30,6 +32,8 @@ from joulecap.runtime.energy.sampler import Sampler, WindowEnergy
 from joulecap.runtime.types import EnergyReport, PhaseTimes
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 IDLE_EMA_ALPHA = 0.5
 """Weight of a newly measured idle gap in the idle baseline."""
@@ -172,6 +176,20 @@ class EnergyMonitor:
             return 0.0
 
     # ------------------------------------------------------------------ reports
+    def measure(self, work: Callable[[], T]) -> tuple[T, EnergyReport]:
+        """Run `work` and report the energy of its window as one phase (edges read fresh).
+
+        Used for work that happens before a request's run, such as image preprocessing and the
+        vision encoder in `Engine.prepare`.
+        """
+        self.fresh_sample()
+        start_s = time.monotonic()
+        value = work()
+        self.fresh_sample()
+        end_s = time.monotonic()
+        window = PhaseTimes(start_s, end_s, end_s)
+        return value, self.report(window, predicted_prefill_j=0.0, predicted_decode_j=0.0)
+
     def report(
         self, times: PhaseTimes, *, predicted_prefill_j: float = 0.0, predicted_decode_j: float = 0.0
     ) -> EnergyReport:
