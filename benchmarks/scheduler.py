@@ -180,6 +180,7 @@ def held_out_mape(rt: Any, predictor: Any, n: int, seed: int) -> dict[str, Any]:
 
     rng = np.random.default_rng(seed)
     errors, request_errors, encode_share = [], [], []
+    rows: list[dict[str, float]] = []
     with forced_length(rt.engine):
         for i in tqdm(range(n), desc="held-out", leave=False):
             px = int(rng.choice([80, 128, 200, 320]))
@@ -199,6 +200,16 @@ def held_out_mape(rt: Any, predictor: Any, n: int, seed: int) -> dict[str, Any]:
             errors.append(abs(pred - energy_j) / energy_j)
             request_errors.append(abs(pred - energy_j) / (energy_j + encode.total_j))
             encode_share.append(encode.total_j / (energy_j + encode.total_j))
+            rows.append(
+                {
+                    "text_tokens": prepared.text_tokens,
+                    "visual_kept": kept,
+                    "output_tokens": n_out,
+                    "predicted_j": pred,
+                    "measured_j": energy_j,
+                    "encode_j": encode.total_j,
+                }
+            )
     return {
         "requests": n,
         "mape_pct": 100.0 * statistics.fmean(errors),
@@ -206,6 +217,7 @@ def held_out_mape(rt: Any, predictor: Any, n: int, seed: int) -> dict[str, Any]:
         "encode_share_pct": 100.0 * statistics.fmean(encode_share),
         "median_ape_pct": 100.0 * statistics.median(errors),
         "p90_ape_pct": pct([100 * e for e in errors], 90),
+        "rows": rows,
     }
 
 
@@ -320,11 +332,12 @@ def main(argv: list[str] | None = None) -> int:
             f"energy {label}"
         )
 
-        # 1. calibrate (a mid-size sweep by default, 84 runs; the CLI default sweep is larger)
+        # 1. calibrate (a mid-size sweep by default, 112 runs, whose output lengths span the held-out
+        # requests' 2-43; the CLI default sweep is larger)
         spec = (
             QUICK
             if args.quick_calibration
-            else SweepSpec((0, 64, 256), (0.0, 0.5, 1.0), (4, 60), (1, 8, 24), reps=2, warmup=3)
+            else SweepSpec((0, 64, 256), (0.0, 0.5, 1.0), (4, 60), (1, 8, 24, 48), reps=2, warmup=3)
         )
         t0 = time.time()
         cal = calibrate(rt.engine, rt.monitor, spec, work / "sweep.jsonl", header={"bench": 1})

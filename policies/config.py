@@ -40,7 +40,7 @@ class SchedulerConfig:
     the floor: once runs are observed, the margin follows `feasibility_quantile`."""
     feasibility_quantile: float = 0.99
     """Quantile of the measured prefill's relative overshoot over its prediction (last 200 runs)
-    used as the feasibility margin when larger than `feasibility_margin` (from 20 runs on), so
+    used as the feasibility margin when larger than `feasibility_margin` (from 5 runs on), so
     that about this share of accepted minimum answers stay within budget on a noisy device."""
     fixed_output_tokens: int = 64
     """`fixed_output` policy: output cap N."""

@@ -4,6 +4,10 @@ Meters update coarsely (NVML about every 100 ms, RAPL/estimates by sampling), so
 "measured so far" lags. Between readings the governor trusts the predictor: the spend is taken
 as the larger of the measurement and the predicted prefill plus `n` decode tokens, and a token
 is only generated if that spend plus the predicted cost of one more token stays within budget.
+
+The next token's predicted cost is scaled by how much the run so far exceeded its prediction: a
+device that is slower or busier than when the predictor learned (clocks, heat, contention) makes
+every token dearer, and the first tokens give the governor no per-token measurement yet.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from joulecap.runtime.types import Plan
 
 _RECENT_TOKENS = 4
 """Measured per-token costs remembered for the next-token estimate."""
+_MAX_SLOWDOWN = 10.0
+"""Cap on the run-so-far overshoot factor applied to the next token (a meter glitch must not stop
+every request at its first token)."""
 
 
 class Governor:
@@ -27,16 +34,27 @@ class Governor:
         plan: The request's plan (its `budget_j` is the limit; None means never stop).
         predictor: Energy model used for the prefill and per-token costs.
         energy_so_far_j: Returns the energy measured since the request started.
+        spent_j: Energy spent before the run (the measured encode), included in both the plan's
+            `predicted_j` and `energy_so_far_j`; left out when comparing the run with its prediction.
 
     """
 
-    def __init__(self, plan: Plan, predictor: Predictor, energy_so_far_j: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        predictor: Predictor,
+        energy_so_far_j: Callable[[], float],
+        spent_j: float = 0.0,
+    ) -> None:
         self.budget_j = plan.budget_j if self._holds(plan.policy) else None
         self._energy_so_far_j = energy_so_far_j
         # Text tokens are not in the plan; the prefill prediction is recovered from the plan's own
         # total so the governor agrees with the policy that planned it.
         self.token_j = predictor.decode_j_per_token()
         self.prefill_j = max(0.0, plan.predicted_j - self.token_j * plan.max_new_tokens)
+        self.spent_j = spent_j
+        self.slowdown = 1.0
+        """Measured over predicted cost of the run so far (>= 1; scales the next token's cost)."""
         self.stopped_at: int | None = None
         self.last_spent_j = 0.0
         self._last: tuple[int, float] | None = None
@@ -50,12 +68,12 @@ class Governor:
             return True
 
     def next_token_j(self) -> float:
-        """Cost of the next token: the prediction, or the dearest recent measured token if higher.
+        """Cost of the next token: the prediction times the run's slowdown, or the dearest recent token.
 
         On a busy machine a token can cost several times the prediction (contention stretches
         its wall time); trusting only the prediction would overshoot by that difference.
         """
-        return max(self.token_j, max(self._recent, default=0.0))
+        return max(self.token_j * self.slowdown, max(self._recent, default=0.0))
 
     def should_stop(self, n_generated: int) -> bool:
         """True when generating one more token would exceed the budget."""
@@ -67,6 +85,10 @@ class Governor:
             self._recent.append(per_token)
         self._last = (n_generated, measured)
         predicted = self.prefill_j + self.token_j * n_generated
+        run_predicted = predicted - self.spent_j
+        if n_generated >= 1 and run_predicted > 0:
+            ratio = (measured - self.spent_j) / run_predicted
+            self.slowdown = min(_MAX_SLOWDOWN, max(1.0, ratio))
         self.last_spent_j = spent = max(measured, predicted)
         if spent + self.next_token_j() > self.budget_j * (1 + 1e-9):  # float slack, not policy
             self.stopped_at = n_generated

@@ -26,11 +26,12 @@ class FeasibilityMargin:
         quantile: Quantile of the observed overshoot used as the margin, in (0, 1]. 0.99 keeps
             about 99% of the minimum answers' prefills within what was accepted.
         window: Recent runs remembered (older ones are forgotten, so it follows load changes).
-        min_samples: Runs needed before the observations are trusted over the floor.
+        min_samples: Runs needed before the observations are used. With few runs the quantile is
+            close to their maximum, which errs on the safe side (more refusals, fewer overshoots).
 
     """
 
-    def __init__(self, floor: float, quantile: float, window: int = 200, min_samples: int = 20) -> None:
+    def __init__(self, floor: float, quantile: float, window: int = 200, min_samples: int = 5) -> None:
         if not 0.0 < quantile <= 1.0:
             raise ValueError(f"quantile must be in (0, 1], got {quantile}")
         self.floor = floor

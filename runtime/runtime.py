@@ -282,7 +282,7 @@ class Runtime:
                 request.request_id, prefill_cost=prefill_cost, decode_cost=decode_cost
             )
 
-        governor = Governor(plan, self.predictor, energy_so_far_j)
+        governor = Governor(plan, self.predictor, energy_so_far_j, spent_j=encode_j)
         hooks = RunHooks(
             on_token=on_token,
             should_stop=governor.should_stop,

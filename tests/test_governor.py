@@ -66,3 +66,18 @@ def test_dear_measured_tokens_raise_the_next_token_estimate() -> None:
     # It stops while the next (dear) token still fits: spent + 0.5 <= budget after stopping.
     assert 1.5 + 0.5 * stopped <= budget
     assert 1.5 + 0.5 * (stopped + 1) > budget
+
+
+def test_a_run_dearer_than_predicted_makes_the_next_token_dearer() -> None:
+    # Prefill predicted at 1.5 J (after 0.5 J of measured encode) but measured at twice that: the
+    # device is slower than the predictor knows, so the first decode step is priced at 2x too.
+    spent = 0.5
+    plan = Plan((30,), 100, spent + PRED.predict(20, 30, 100).total_j, "joint", "test", budget_j=3.85)
+    measured = {"j": spent + 2 * (1.5 + 0.1)}  # encode + (prefill and first token) x 2
+    g = Governor(plan, PRED, lambda: measured["j"], spent_j=spent)
+    assert g.should_stop(1)  # 3.7 J spent + 0.2 J > 3.85 J; with the plain 0.1 J it would go on
+    assert g.slowdown == pytest.approx(2.0) and g.next_token_j() == pytest.approx(0.2)
+    # A run cheaper than predicted never lowers the price below the prediction.
+    cheap = Governor(plan, PRED, lambda: spent + 0.5, spent_j=spent)
+    assert not cheap.should_stop(1)
+    assert cheap.slowdown == 1.0 and cheap.next_token_j() == pytest.approx(0.1)

@@ -242,14 +242,14 @@ def lr_at(step: int, steps: int, peak: float, warmup: int, time_frac: float = 0.
 def main() -> None:
     """CLI entry point."""
     ap = argparse.ArgumentParser(description="Train the TinyVQA LLaVA.")
-    ap.add_argument("--steps", type=int, default=8000)
+    ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--batch", type=int, default=16, help="Images per step.")
     ap.add_argument("--questions", type=int, default=4, help="Questions per image (shared prefix).")
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=150)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--drop-prob", type=float, default=0.3, help="Share of examples with token dropout.")
-    ap.add_argument("--eval-every", type=int, default=1000)
+    ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("/tmp/tinyvqa_ckpt"))
     ap.add_argument("--init-from", type=Path, default=None, help="Start from these saved weights.")
