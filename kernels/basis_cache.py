@@ -7,7 +7,8 @@ subspace, so recomputing it for the leverage scores would double the cost of the
 Entries are keyed by the tensor object (identity through a weak reference, plus its version
 counter, data pointer, shape and dtype), so an in-place change or a new tensor at a reused
 address never hits a stale entry. The memo holds at most `MAX_ENTRIES` bases (each `[N, r]`
-fp32, ~150 KB for 576 x 64) and is thread-safe.
+fp32, ~150 KB for 576 x 64) and is thread-safe. Inference-mode tensors have no version counter,
+so an in-place change could not be detected: they are never memoised (selection recomputes).
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ def _fingerprint(x: torch.Tensor) -> tuple[Any, ...]:
 
 
 def put(x: torch.Tensor, basis: SketchBasis) -> None:
-    """Remember `basis` as the sketch of tensor `x`."""
+    """Remember `basis` as the sketch of tensor `x` (a no-op for inference-mode tensors)."""
+    if x.is_inference():
+        return
     with _lock:
         _entries[id(x)] = (weakref.ref(x), _fingerprint(x), basis)
         _entries.move_to_end(id(x))
@@ -42,6 +45,8 @@ def put(x: torch.Tensor, basis: SketchBasis) -> None:
 
 def get(x: torch.Tensor) -> SketchBasis | None:
     """The remembered sketch of this very tensor, unchanged since, or None."""
+    if x.is_inference():
+        return None
     with _lock:
         hit = _entries.get(id(x))
         if hit is None:

@@ -85,6 +85,22 @@ def test_leverage_reuses_budget_sketch() -> None:
     assert basis_cache.get(x) is None
 
 
+def test_budget_and_selection_on_inference_mode_tensors() -> None:
+    # Features made under torch.inference_mode() have no version counter: they are not memoised,
+    # and the budget and selection match those of an ordinary tensor.
+    from joulecap.kernels import basis_cache
+
+    basis_cache.clear()
+    x = with_spectrum([0.85**i for i in range(100)], 300, 400, seed=5).float()
+    with torch.inference_mode():
+        xi = x.clone()
+        k = int(spectral_budget(xi, 0.9))
+        assert basis_cache.get(xi) is None
+        scores = leverage_scores(xi, k)
+    assert k == int(spectral_budget(x, 0.9))
+    assert torch.allclose(scores, leverage_scores(x, k), atol=0.02)
+
+
 def test_randomized_falls_back_to_exact_for_flat_spectrum() -> None:
     x = torch.randn(1, 160, 200, generator=torch.Generator().manual_seed(3))
     res = randomized_budget(x, 0.95, 1, 160)

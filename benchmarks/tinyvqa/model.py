@@ -20,7 +20,7 @@ UNK = "[UNK]"
 class ModelSize:
     """Patch size, widths and depths of the two towers."""
 
-    patch: int = 12
+    patch: int = 10
     vision_hidden: int = 128
     vision_layers: int = 3
     vision_heads: int = 4
