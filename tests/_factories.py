@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import socket
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 
+from joulecap.runtime.config import JoulecapConfig
 from joulecap.runtime.types import ChatMessage, PreparedRequest, Request, TextPart
 
 
@@ -79,3 +82,23 @@ def serve_cmd(model: Path, work: Path, port: int, *, log_level: str | None = Non
         "--cache-dir",
         str(work / "cache"),
     ]
+
+
+def make_config(model_dir: Path | None, tmp_path: Path, **sections: dict[str, Any]) -> JoulecapConfig:
+    """A config serving `model_dir` (None: the demo model) with the estimate meter, all state under
+    `tmp_path`.
+
+    `sections` maps a component name (`server`, `engine`, ...) to field overrides.
+    """
+    base = JoulecapConfig()
+    model = None if model_dir is None else str(model_dir)
+    cfg = replace(
+        base,
+        engine=replace(base.engine, model=model, cache_dir=str(tmp_path / "cache")),
+        energy=replace(base.energy, meter="estimate"),
+        ledger=replace(base.ledger, ledger_path=str(tmp_path / "ledger.sqlite3")),
+        scheduler=replace(base.scheduler, profile_dir=str(tmp_path / "profiles")),
+    )
+    for name, overrides in sections.items():
+        cfg = replace(cfg, **{name: replace(getattr(cfg, name), **overrides)})
+    return cfg

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import base64
 import io
-import threading
-import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
-from _factories import free_port
+from _factories import make_config
 from PIL import Image
-
-from joulecap.runtime.config import JoulecapConfig
 
 OPENAI_SCHEMAS = Path(__file__).resolve().parent / "fixtures" / "openai"
 """OpenAI's published JSON schemas (extracted from openai/openai-openapi, MIT; see the LICENSE there)."""
@@ -29,71 +24,24 @@ def tiny_idefics3(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model("idefics3", tmp_path_factory.mktemp("models") / "tiny-idefics3", seed=0)
 
 
-def make_config(model_dir: Path, tmp_path: Path, **sections: dict[str, Any]) -> JoulecapConfig:
-    """A config serving `model_dir` with the estimate meter and a ledger under `tmp_path`.
-
-    `sections` maps a component name (`server`, `engine`, ...) to field overrides.
-    """
-    base = JoulecapConfig()
-    cfg = replace(
-        base,
-        engine=replace(base.engine, model=str(model_dir), cache_dir=str(tmp_path / "cache")),
-        energy=replace(base.energy, meter="estimate"),
-        ledger=replace(base.ledger, ledger_path=str(tmp_path / "ledger.sqlite3")),
-        scheduler=replace(base.scheduler, profile_dir=str(tmp_path / "profiles")),
-    )
-    for name, overrides in sections.items():
-        cfg = replace(cfg, **{name: replace(getattr(cfg, name), **overrides)})
-    return cfg
-
-
-class LiveServer:
-    """A real uvicorn server on 127.0.0.1 in a background thread."""
-
-    def __init__(self, app: Any) -> None:
-        import uvicorn
-
-        self.port = free_port()
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
 @pytest.fixture
 def live_server_factory(tmp_path: Path, tiny_idefics3: Path) -> Iterator[Any]:
     """Start servers over fresh runtimes; everything is closed at teardown."""
     from joulecap.runtime.api.app import create_app
+    from joulecap.runtime.api.server import BackgroundServer
     from joulecap.runtime.runtime import Runtime
 
-    opened: list[tuple[LiveServer, Runtime]] = []
+    opened: list[tuple[BackgroundServer, Runtime]] = []
 
-    def start(**sections: dict[str, Any]) -> tuple[LiveServer, Runtime]:
+    def start(**sections: dict[str, Any]) -> tuple[BackgroundServer, Runtime]:
         runtime = Runtime(make_config(tiny_idefics3, tmp_path, **sections))
-        server = LiveServer(create_app(runtime)).__enter__()
+        server = BackgroundServer(create_app(runtime)).start()
         opened.append((server, runtime))
         return server, runtime
 
     yield start
     for server, runtime in opened:
-        server.__exit__(None, None, None)
+        server.stop()
         runtime.close()
 
 

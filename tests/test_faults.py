@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
-from _factories import free_port, serve_cmd
+from _factories import REPO, free_port, serve_cmd
 
 from joulecap.runtime.api.app import create_app
 from joulecap.runtime.api.server import BackgroundServer
@@ -32,8 +32,6 @@ from joulecap.runtime.engines.base import RunHooks
 from joulecap.runtime.engines.factory import create_engine
 from joulecap.runtime.runtime import Runtime
 from joulecap.runtime.types import GenerationResult, Plan, PreparedRequest, Request
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------------- boundaries

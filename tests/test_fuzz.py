@@ -20,13 +20,13 @@ from typing import Any
 
 import httpx
 import pytest
+from _factories import make_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from joulecap.runtime.api.app import create_app
 from joulecap.runtime.api.server import BackgroundServer
-from joulecap.runtime.config import JoulecapConfig
 from joulecap.runtime.errors import InvalidRequest, PayloadTooLarge
 from joulecap.runtime.images import ImagePolicy, decode_image_bytes, load_image
 from joulecap.runtime.runtime import Runtime
@@ -175,15 +175,7 @@ LIMITS = {
 def limited(tiny_idefics3: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Runtime]]:
     """One server for the module, with small limits so tests reach them cheaply."""
     tmp = tmp_path_factory.mktemp("fuzz")
-    base = JoulecapConfig()
-    cfg = replace(
-        base,
-        server=replace(base.server, **LIMITS),
-        engine=replace(base.engine, model=str(tiny_idefics3), cache_dir=str(tmp / "cache")),
-        energy=replace(base.energy, meter="estimate", idle_baseline_s=0.0),
-        ledger=replace(base.ledger, ledger_path=str(tmp / "ledger.sqlite3")),
-        scheduler=replace(base.scheduler, profile_dir=str(tmp / "profiles")),
-    )
+    cfg = make_config(tiny_idefics3, tmp, server=LIMITS, energy={"idle_baseline_s": 0.0})
     runtime = Runtime(cfg)
     server = BackgroundServer(create_app(runtime)).start()
     yield server.base_url, runtime

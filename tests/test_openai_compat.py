@@ -5,31 +5,22 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
+from _factories import make_config
 
 from joulecap.runtime.api.app import create_app
 from joulecap.runtime.api.server import BackgroundServer
-from joulecap.runtime.config import JoulecapConfig
 from joulecap.runtime.runtime import Runtime
 
 
 @pytest.fixture(scope="module")
 def base_url(tiny_idefics3: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("compat")
-    base = JoulecapConfig()
-    cfg = replace(
-        base,
-        engine=replace(base.engine, model=str(tiny_idefics3), cache_dir=str(tmp / "cache")),
-        energy=replace(base.energy, meter="estimate", idle_baseline_s=0.0),
-        ledger=replace(base.ledger, ledger_path=str(tmp / "ledger.sqlite3")),
-        scheduler=replace(base.scheduler, profile_dir=str(tmp / "profiles")),
-    )
-    runtime = Runtime(cfg)
+    runtime = Runtime(make_config(tiny_idefics3, tmp, energy={"idle_baseline_s": 0.0}))
     server = BackgroundServer(create_app(runtime)).start()
     yield server.base_url + "/v1"
     server.stop()

@@ -25,11 +25,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
+from _factories import make_config
 from PIL import Image
 
 from joulecap.runtime.api.app import create_app
 from joulecap.runtime.api.server import BackgroundServer
-from joulecap.runtime.config import JoulecapConfig
 from joulecap.runtime.runtime import Runtime
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,14 +130,8 @@ def server_for(tiny_idefics3: Path, tmp_path_factory: pytest.TempPathFactory) ->
     def get(api_key: str | None = None) -> str:
         if api_key not in started:
             tmp = tmp_path_factory.mktemp("readme")
-            base = JoulecapConfig()
-            cfg = replace(
-                base,
-                server=replace(base.server, api_key=api_key),
-                engine=replace(base.engine, model=str(tiny_idefics3), cache_dir=str(tmp / "cache")),
-                energy=replace(base.energy, meter="estimate", idle_baseline_s=0.0),
-                ledger=replace(base.ledger, ledger_path=str(tmp / "ledger.sqlite3")),
-                scheduler=replace(base.scheduler, profile_dir=str(tmp / "profiles")),
+            cfg = make_config(
+                tiny_idefics3, tmp, server={"api_key": api_key}, energy={"idle_baseline_s": 0.0}
             )
             runtime = Runtime(cfg)
             started[api_key] = (BackgroundServer(create_app(runtime)).start(), runtime)

@@ -8,33 +8,30 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import schemathesis
+from _factories import make_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
 from joulecap.runtime.api.app import create_app
 from joulecap.runtime.api.server import BackgroundServer
-from joulecap.runtime.config import JoulecapConfig
 from joulecap.runtime.runtime import Runtime
 
 
 @pytest.fixture(scope="module")
 def live_base_url(tiny_idefics3: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("schemathesis")
-    base = JoulecapConfig()
-    cfg = replace(
-        base,
-        server=replace(base.server, max_tokens_limit=8, max_images=2, request_timeout_s=60.0),
-        engine=replace(base.engine, model=str(tiny_idefics3), cache_dir=str(tmp / "cache")),
-        energy=replace(base.energy, meter="estimate", idle_baseline_s=0.0),
-        ledger=replace(base.ledger, ledger_path=str(tmp / "ledger.sqlite3")),
-        scheduler=replace(base.scheduler, profile_dir=str(tmp / "profiles"), default_max_tokens=4),
+    cfg = make_config(
+        tiny_idefics3,
+        tmp,
+        server={"max_tokens_limit": 8, "max_images": 2, "request_timeout_s": 60.0},
+        energy={"idle_baseline_s": 0.0},
+        scheduler={"default_max_tokens": 4},
     )
     runtime = Runtime(cfg)
     server = BackgroundServer(create_app(runtime)).start()

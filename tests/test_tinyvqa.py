@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _factories import make_config
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -207,20 +208,9 @@ def test_shipped_model_describes_images(shipped: tuple[Any, Any]) -> None:
 @pytestmark_model
 def test_runtime_serves_the_trained_model(tmp_path: Path, monkeypatch_module: Any) -> None:
     """The whole runtime (engine, scheduler, E-AdaPrune by default) answers with the demo model."""
-    from dataclasses import replace
-
-    from joulecap.runtime.config import JoulecapConfig
     from joulecap.runtime.runtime import Runtime
 
-    base = JoulecapConfig()
-    cfg = replace(
-        base,
-        engine=replace(base.engine, model=None, cache_dir=str(tmp_path / "cache")),
-        energy=replace(base.energy, meter="estimate"),
-        ledger=replace(base.ledger, ledger_path=str(tmp_path / "ledger.sqlite3")),
-        scheduler=replace(base.scheduler, profile_dir=str(tmp_path / "profiles")),
-    )
-    rt = Runtime(cfg)
+    rt = Runtime(make_config(None, tmp_path))
     try:
         assert rt.engine.info.random_weights is False
         hits = 0

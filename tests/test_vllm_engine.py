@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed here; run `make test-vllm`")
 
 
-from _factories import marked_image
+from _factories import make_config, marked_image
 
 from joulecap.runtime.energy.attribution import TokenWork, split_by_token_work
 from joulecap.runtime.energy.config import EnergyConfig
@@ -370,17 +370,13 @@ def test_engine_args_pass_distribution_settings_through(vllm_engine: VLLMEngine)
 # ---------------------------------------------------------------------------------------- through the Runtime
 def _vllm_runtime_config(vllm_engine: VLLMEngine, tmp_path: Path, **scheduler: Any) -> Any:
     """A runtime config over the module's vLLM engine: estimate meter, ledger and profiles in tmp."""
-    from joulecap.runtime.config import JoulecapConfig
 
-    base = JoulecapConfig()
-    return replace(
-        base,
-        engine=replace(
-            base.engine, engine="vllm", model=str(vllm_engine.config.model), cache_dir=str(tmp_path)
-        ),
-        energy=replace(base.energy, meter="estimate", idle_baseline_s=0.0),
-        ledger=replace(base.ledger, ledger_path=str(tmp_path / "ledger.sqlite3")),
-        scheduler=replace(base.scheduler, profile_dir=str(tmp_path / "profiles"), **scheduler),
+    return make_config(
+        Path(str(vllm_engine.config.model)),
+        tmp_path,
+        engine={"engine": "vllm", "cache_dir": str(tmp_path)},
+        energy={"idle_baseline_s": 0.0},
+        scheduler=scheduler,
     )
 
 
