@@ -131,6 +131,8 @@ def run_policy(rt: Any, items: list[Item], budgets: list[float | None], policy: 
                 "prefill_j": res.energy.prefill_j,
                 "decode_j": res.energy.decode_j,
                 "predicted_j": res.plan.predicted_j,
+                # The predictor has already learned from this request: a diagnostic, not the
+                # prediction the plan was made with (that one is in `predicted_j`, encode included).
                 "predicted_prefill_j": rt.predictor.predict(
                     res.generation.prefill_tokens - res.generation.visual_tokens_kept,
                     res.generation.visual_tokens_kept,

@@ -39,6 +39,8 @@ class FeasibilityMargin:
         self.min_samples = min_samples
         self._overshoot: deque[float] = deque(maxlen=window)
         self._lock = threading.Lock()
+        # Recomputed when a run is observed, not on every plan: planning is the hot path.
+        self._margin = floor
 
     def observe(self, predicted_j: float, measured_j: float) -> None:
         """Record one run's prefill: its predicted and measured energy (ignored if not positive)."""
@@ -48,14 +50,13 @@ class FeasibilityMargin:
             return
         with self._lock:
             self._overshoot.append(measured_j / predicted_j - 1.0)
+            if len(self._overshoot) >= self.min_samples:
+                observed = float(np.quantile(np.fromiter(self._overshoot, float), self.quantile))
+                self._margin = max(self.floor, observed)
 
     def value(self) -> float:
         """The margin to plan with now."""
-        with self._lock:
-            if len(self._overshoot) < self.min_samples:
-                return self.floor
-            observed = float(np.quantile(np.fromiter(self._overshoot, float), self.quantile))
-        return max(self.floor, observed)
+        return self._margin
 
     def stats(self) -> dict[str, float | int]:
         """Observations held and the current margin (for the profile endpoint and benchmarks)."""
