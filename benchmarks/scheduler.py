@@ -46,6 +46,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from benchmarks import _common as common
+from benchmarks._heldout import held_out_mape
 
 log = logging.getLogger("benchmarks.scheduler")
 
@@ -167,59 +168,6 @@ def summarise(rows: list[dict[str, Any]], binds: list[bool]) -> dict[str, Any]:
         "mean_visual_kept": statistics.fmean(r["visual_kept"] for r, _ in ran) if ran else float("nan"),
         "mean_energy_j": statistics.fmean(r["used_j"] for r, _ in ran) if ran else float("nan"),
         "stopped_by_governor": sum(r["stop_reason"] == "energy_budget" for r, _ in ran),
-    }
-
-
-def held_out_mape(rt: Any, predictor: Any, n: int, seed: int) -> dict[str, Any]:
-    """MAPE of a frozen predictor on requests off the calibration grid (forced lengths).
-
-    `mape_pct` is the predictor's error on what it predicts: the run (LM prefill and decode).
-    `request_mape_pct` is the error of the planner's whole-request figure, in which the image
-    preprocessing and vision encoder are measured before planning, not predicted.
-    """
-    from joulecap.runtime.calibrate import forced_length, run_measured
-    from joulecap.runtime.types import ChatMessage, ImagePart, Plan, Request, TextPart
-
-    rng = np.random.default_rng(seed)
-    errors, request_errors, encode_share = [], [], []
-    rows: list[dict[str, float]] = []
-    with forced_length(rt.engine):
-        for i in tqdm(range(n), desc="held-out", leave=False):
-            px = int(rng.choice([80, 128, 200, 320]))
-            prompt = " ".join(str(rng.choice(PROMPTS)) for _ in range(int(rng.integers(1, 4))))
-            req = Request(
-                request_id=f"heldout-{i}",
-                messages=(ChatMessage("user", (ImagePart(0), TextPart(prompt))),),
-                images=(make_image(px, seed + i),),
-            )
-            prepared, encode = rt.monitor.measure(lambda req=req: rt.engine.prepare(req))
-            frac = float(rng.uniform(0, 1))
-            keep = tuple(round(frac * v) for v in prepared.visual_tokens)
-            out = int(rng.integers(2, 44))
-            plan = Plan(keep, out, 0.0, "heldout", "held-out measurement")
-            kept, n_out, energy_j, _, _, _ = run_measured(rt.engine, rt.monitor, prepared, plan)
-            pred = predictor.predict(prepared.text_tokens, kept, n_out).total_j
-            errors.append(abs(pred - energy_j) / energy_j)
-            request_errors.append(abs(pred - energy_j) / (energy_j + encode.total_j))
-            encode_share.append(encode.total_j / (energy_j + encode.total_j))
-            rows.append(
-                {
-                    "text_tokens": prepared.text_tokens,
-                    "visual_kept": kept,
-                    "output_tokens": n_out,
-                    "predicted_j": pred,
-                    "measured_j": energy_j,
-                    "encode_j": encode.total_j,
-                }
-            )
-    return {
-        "requests": n,
-        "mape_pct": 100.0 * statistics.fmean(errors),
-        "request_mape_pct": 100.0 * statistics.fmean(request_errors),
-        "encode_share_pct": 100.0 * statistics.fmean(encode_share),
-        "median_ape_pct": 100.0 * statistics.median(errors),
-        "p90_ape_pct": pct([100 * e for e in errors], 90),
-        "rows": rows,
     }
 
 
@@ -347,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         calibration_s = time.time() - t0
 
         # 2. held-out MAPE of the frozen calibrated predictor
-        heldout = held_out_mape(rt, cal.predictor, args.heldout, args.seed + 7)
+        heldout = held_out_mape(
+            rt, cal.predictor, args.heldout, args.seed + 7, prompts=PROMPTS, make_image=make_image
+        )
         print(f"held-out MAPE {heldout['mape_pct']:.1f}% over {heldout['requests']} requests")
 
         # 3. workload under every policy; budgets relative to each request's measured cost when
@@ -377,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = {name: summarise(rows, binds) for name, rows in results.items()}
         online_mape = {name: arms[name].predictor.stats()["mape"] for name in policies}
         margins = {name: arms[name].margin.stats() for name in policies}
+        first_steps = {name: arms[name].first_step.stats() for name in policies}
 
         # 4. planning overhead
         rt.predictor = _fresh(cal)
@@ -437,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         "heldout": heldout,
         "online_rolling_mape_pct": {k: None if v is None else 100 * v for k, v in online_mape.items()},
         "feasibility_margin_at_end": margins,
+        "first_step_premium_at_end": first_steps,
         "policies": summary,
         # Per-request rows of the budget-holding policies, for diagnosing overshoots.
         "requests": {name: results[name] for name in ("joint", "output_budget") if name in results},
@@ -455,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
             "online, as a server does (online_rolling_mape_pct: its last-100 MAPE at the end).",
             f"torch intra-op threads: {torch.get_num_threads()} (--torch-threads); meter sampling "
             f"{args.sample_hz:g} Hz (--sample-hz).",
+            "heldout.repeat_ape_pct and heldout.refit_loo_mape_pct are floors set by the machine and the "
+            "meter, not by the predictor (see benchmarks/_heldout.py): when they exceed 5%, the MAPE "
+            "target cannot be shown here by any predictor of this form.",
             "Random-weight demo model: answers are meaningless and rarely stop early, so output "
             "lengths run to the plan; the brevity instruction cannot change its answers, only the prompt.",
         ],
@@ -505,6 +460,10 @@ def _print_table(
         f"held-out MAPE {heldout['mape_pct']:.1f}% of the run (median {heldout['median_ape_pct']:.1f}%, "
         f"p90 {heldout['p90_ape_pct']:.1f}%); {heldout['request_mape_pct']:.1f}% of the whole request "
         f"with the encode measured ({heldout['encode_share_pct']:.0f}% of it)"
+    )
+    print(
+        f"this machine's floors: repeat run-to-run {heldout['repeat_ape_pct']:.1f}%, "
+        f"held-out refit (leave-one-out) {heldout['refit_loo_mape_pct']:.1f}%"
     )
     for k, s in brevity.items():
         print(

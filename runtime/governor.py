@@ -8,6 +8,12 @@ is only generated if that spend plus the predicted cost of one more token stays 
 The next token's predicted cost is scaled by how much the run so far exceeded its prediction: a
 device that is slower or busier than when the predictor learned (clocks, heat, contention) makes
 every token dearer, and the first tokens give the governor no per-token measurement yet.
+
+The first decode step is dearer than the steady per-token cost the predictor learns (measured on
+the 2-core CPU: 1.1-1.4x the same run's later steps), and it is priced before any step has been
+measured. So it carries a premium, `first_step_premium`: the scheduler learns it from the first
+steps this governor measures (`first_step_priced_j`, `first_step_j`), as it learns the
+feasibility margin.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ class Governor:
         energy_so_far_j: Returns the energy measured since the request started.
         spent_j: Energy spent before the run (the measured encode), included in both the plan's
             `predicted_j` and `energy_so_far_j`; left out when comparing the run with its prediction.
+        first_step_premium: Relative extra cost of the first decode step over the next-token
+            estimate (0: none).
 
     """
 
@@ -45,6 +53,7 @@ class Governor:
         predictor: Predictor,
         energy_so_far_j: Callable[[], float],
         spent_j: float = 0.0,
+        first_step_premium: float = 0.0,
     ) -> None:
         self.budget_j = plan.budget_j if self._holds(plan.policy) else None
         self._energy_so_far_j = energy_so_far_j
@@ -59,6 +68,11 @@ class Governor:
         self.last_spent_j = 0.0
         self._last: tuple[int, float] | None = None
         self._recent: deque[float] = deque(maxlen=_RECENT_TOKENS)
+        self.first_step_premium = max(0.0, first_step_premium)
+        self.first_step_priced_j: float | None = None
+        """The first decode step's estimate without the premium (set when it was priced)."""
+        self.first_step_j: float | None = None
+        """The first decode step's measured cost (set when a later check measured it)."""
 
     @staticmethod
     def _holds(policy: str) -> bool:
@@ -73,6 +87,8 @@ class Governor:
         On a busy machine a token can cost several times the prediction (contention stretches
         its wall time); trusting only the prediction would overshoot by that difference.
         """
+        if not self._recent:  # nothing measured yet: this is the first decode step
+            return self.token_j * self.slowdown * (1.0 + self.first_step_premium)
         return max(self.token_j * self.slowdown, max(self._recent, default=0.0))
 
     def should_stop(self, n_generated: int) -> bool:
@@ -82,6 +98,8 @@ class Governor:
         measured = self._energy_so_far_j()
         if self._last is not None and n_generated > self._last[0]:
             per_token = (measured - self._last[1]) / (n_generated - self._last[0])
+            if self._last[0] == 1 and n_generated == 2:
+                self.first_step_j = per_token
             self._recent.append(per_token)
         self._last = (n_generated, measured)
         predicted = self.prefill_j + self.token_j * n_generated
@@ -90,6 +108,8 @@ class Governor:
             ratio = (measured - self.spent_j) / run_predicted
             self.slowdown = min(_MAX_SLOWDOWN, max(1.0, ratio))
         self.last_spent_j = spent = max(measured, predicted)
+        if n_generated == 1:
+            self.first_step_priced_j = self.token_j * self.slowdown
         if spent + self.next_token_j() > self.budget_j * (1 + 1e-9):  # float slack, not policy
             self.stopped_at = n_generated
             return True

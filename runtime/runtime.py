@@ -282,7 +282,13 @@ class Runtime:
                 request.request_id, prefill_cost=prefill_cost, decode_cost=decode_cost
             )
 
-        governor = Governor(plan, self.predictor, energy_so_far_j, spent_j=encode_j)
+        governor = Governor(
+            plan,
+            self.predictor,
+            energy_so_far_j,
+            spent_j=encode_j,
+            first_step_premium=self.scheduler.first_step.value(),
+        )
         hooks = RunHooks(
             on_token=on_token,
             should_stop=governor.should_stop,
@@ -341,6 +347,8 @@ class Runtime:
             # the scheduler's feasibility margin follows it.
             first = self.predictor.predict(text_tokens, generation.visual_tokens_kept, 1).total_j
             self.scheduler.margin.observe(first, energy.prefill_j)
+            if governor.first_step_priced_j is not None and governor.first_step_j is not None:
+                self.scheduler.first_step.observe(governor.first_step_priced_j, governor.first_step_j)
         energy = self._with_encode(energy, encode)
         result = ChatResult(
             request_id=request.request_id,

@@ -32,6 +32,9 @@ class Scheduler:
         # factor of the online update is a scheduler setting.
         predictor.forgetting = config.rls_forgetting
         self.margin = FeasibilityMargin(config.feasibility_margin, config.feasibility_quantile)
+        # The same running quantile, of how far the first decode step exceeded its estimate:
+        # the governor's premium on that step (no floor: it starts at 0 and follows the device).
+        self.first_step = FeasibilityMargin(0.0, config.feasibility_quantile)
 
     def validate(self, prepared: PreparedRequest) -> tuple[float, float | None]:
         """The request's tau and budget, checked against the configured ranges (400 otherwise)."""

@@ -81,3 +81,22 @@ def test_a_run_dearer_than_predicted_makes_the_next_token_dearer() -> None:
     cheap = Governor(plan, PRED, lambda: spent + 0.5, spent_j=spent)
     assert not cheap.should_stop(1)
     assert cheap.slowdown == 1.0 and cheap.next_token_j() == pytest.approx(0.1)
+
+
+def test_the_first_decode_step_carries_the_premium_and_is_measured() -> None:
+    # Prefill measured as predicted (1.6 J with the first token); the next-token estimate is 0.1 J.
+    measured = {"j": 1.6}
+    plan = make_plan(1.75)
+    plain = Governor(plan, PRED, lambda: measured["j"])
+    assert not plain.should_stop(1)  # 1.6 + 0.1 fits 1.75
+    dear = Governor(plan, PRED, lambda: measured["j"], first_step_premium=1.0)
+    assert dear.should_stop(1)  # 1.6 + 0.1 x 2 does not
+    assert dear.first_step_priced_j == pytest.approx(0.1)
+
+    g = Governor(make_plan(10.0), PRED, lambda: measured["j"], first_step_premium=1.0)
+    assert not g.should_stop(1) and g.next_token_j() == pytest.approx(0.2)
+    measured["j"] = 1.6 + 0.25  # the first decode step cost 0.25 J
+    assert not g.should_stop(2)
+    assert g.first_step_j == pytest.approx(0.25) and g.first_step_priced_j == pytest.approx(0.1)
+    # From the second step on, the measured steps price the next token, not the premium.
+    assert g.next_token_j() == pytest.approx(0.25)

@@ -118,6 +118,9 @@ def test_joint_holds_binding_budgets_in_the_real_runtime(config_factory: Any) ->
     assert max(used) <= min(1.25, min(unheld)), used
     assert sum(u <= 1.0 for u in used) >= len(used) // 2 + 1, used
     assert all(r.energy.source == "estimated" for r in held)
+    # Held runs that went past their first decode step taught the scheduler that step's premium.
+    long_held = [r for r in held if r.completion_tokens >= 3]
+    assert rt.scheduler.first_step.stats()["samples"] >= len(long_held) > 0
 
 
 def test_envelope_429_with_retry_after_over_http(live_server_factory: Any) -> None:
@@ -161,6 +164,8 @@ def test_scheduler_benchmark_smoke(tmp_path: Any, monkeypatch: pytest.MonkeyPatc
     assert set(data["policies"]) >= {"baseline", "joint", "output_budget"}
     assert "ESTIMATED" in data["energy_source"] or "measured" in data["energy_source"]
     assert data["machine"]["label"] and data["planning"]["joint"]["p50_ms"] > 0
+    held = data["heldout"]
+    assert all(r["repeat_j"] > 0 for r in held["rows"]) and 0 <= held["repeat_ape_pct"] < 100
     assert set(data["targets"]) == {
         "joint_within_budget_pct>=99",
         "joint_mean_use_binding_pct>=85",
