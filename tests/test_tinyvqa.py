@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _factories import make_config
+from _factories import REPO, make_config
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # benchmarks/ is a folder of scripts, not an installed package
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # benchmarks/ is a folder of scripts, not an installed package
 
-from benchmarks.tinyvqa.generate import (  # noqa: E402
+from benchmarks.tinyvqa.generate import (
     IMAGE_SIZE,
     QTYPES,
     SHORT_QTYPES,
@@ -31,7 +30,7 @@ from benchmarks.tinyvqa.generate import (  # noqa: E402
     parse_objects,
     write_split,
 )
-from joulecap.runtime.tiny_models import PACKAGED_DEMO, demo_model_path  # noqa: E402
+from joulecap.runtime.tiny_models import PACKAGED_DEMO, demo_model_path
 
 N_SHORT = 40
 MARGIN = 0.15
@@ -76,6 +75,28 @@ def test_answers_are_consistent_with_the_scene() -> None:
             assert 0 <= int(ex.answer) <= len(objs)
         else:
             assert ex.answer in ("yes", "no")
+
+
+def test_subtypes_split_what_the_model_must_recognise() -> None:
+    from benchmarks.tinyvqa.eval import score, subtype
+
+    seen = set()
+    for i in range(300):
+        ex, _ = make_example("train", i)
+        st = subtype(ex)
+        seen.add(st)
+        if st == "count_of_shape":
+            assert not any(c in ex.question for c in ("red", "green", "blue", "yellow", "purple"))
+        if st == "color_lone_object":
+            assert len(ex.objects) == 1
+        if ex.qtype in ("presence", "position"):
+            assert st.endswith(ex.answer)
+    assert {"count_of_colour", "count_of_shape", "color_among_several", "presence_yes", "position_no"} <= seen
+    rows = [
+        {"qtype": "presence", "subtype": "presence_yes", "answer": "yes", "pred": "yes"},
+        {"qtype": "presence", "subtype": "presence_no", "answer": "no", "pred": "yes"},
+    ]
+    assert score(rows)["exact_by_subtype"] == {"presence_no": 0.0, "presence_yes": 1.0}
 
 
 def test_tokenizer_covers_every_generated_text() -> None:
@@ -148,7 +169,7 @@ def test_shipped_model_is_marked_trained_and_small() -> None:
     marker = json.loads((PACKAGED_DEMO / "joulecap.json").read_text())
     assert marker["random_weights"] is False and marker["arch"] == "llava" and marker["task"] == "tinyvqa"
     # The recorded figure is the one eval.py wrote into the results file for the same weights.
-    results = json.loads((ROOT / "benchmarks/results/tinyvqa_accuracy.json").read_text())
+    results = json.loads((REPO / "benchmarks/results/tinyvqa_accuracy.json").read_text())
     full = next(r for r in results["results"] if r["condition"] == "full")
     assert marker["accuracy"] == pytest.approx(full["exact_short"], abs=1e-4)
     weights = sum(p.stat().st_size for p in PACKAGED_DEMO.glob("*.safetensors"))

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.tinyvqa.generate import SHORT_QTYPES, make_example, parse_objects
+from benchmarks.tinyvqa.generate import COLORS, SHORT_QTYPES, Example, make_example, parse_objects
 from benchmarks.tinyvqa.model import messages
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "runtime" / "data" / "tinyvqa"
@@ -141,8 +141,24 @@ def describe_counts(pred: str, truth: str) -> tuple[int, int, int]:
     return sum((p & t).values()), sum(p.values()), sum(t.values())
 
 
+def subtype(ex: Example) -> str:
+    """A finer label than `qtype` that separates what the model must see to answer.
+
+    Colour of a lone object needs no shape recognition, colour among several does; counting a
+    colour needs none either, counting a shape does; yes/no types are split by the true answer
+    (a model stuck on one constant answer scores 100% on one half and 0% on the other).
+    """
+    if ex.qtype == "count":
+        return "count_of_colour" if any(w in COLORS for w in ex.question.split()) else "count_of_shape"
+    if ex.qtype in ("presence", "position"):
+        return f"{ex.qtype}_{ex.answer}"
+    if ex.qtype == "color":
+        return "color_lone_object" if len(ex.objects) == 1 else "color_among_several"
+    return ex.qtype
+
+
 def score(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Exact match per type, short-question overall, describe recall/precision."""
+    """Exact match per type and subtype, short-question overall, describe recall/precision."""
     res: dict[str, Any] = {}
     for qt in (*SHORT_QTYPES, "describe"):
         sel = [r for r in rows if r["qtype"] == qt]
@@ -155,6 +171,11 @@ def score(rows: list[dict[str, Any]]) -> dict[str, Any]:
     res["describe_recall"] = matched / max(1, true)
     res["describe_precision"] = matched / max(1, predicted)
     res["n_short"], res["n_describe"] = len(short), len(desc)
+    subtypes = sorted({r["subtype"] for r in rows if "subtype" in r and r["qtype"] in SHORT_QTYPES})
+    res["exact_by_subtype"] = {
+        st: _mean([float(r["pred"] == r["answer"]) for r in rows if r.get("subtype") == st])
+        for st in subtypes
+    }
     return res
 
 
@@ -176,6 +197,7 @@ def evaluate(
             per_cond[cond.name].append(
                 {
                     "qtype": ex.qtype,
+                    "subtype": subtype(ex),
                     "answer": ex.answer,
                     "ids": out,
                     "pred": ans.text(out),
@@ -233,6 +255,8 @@ def table(doc: dict[str, Any]) -> str:
             + "".join(f"{r.get(c, float('nan')):>11.3f}" for c in cols)
         )
     full = next(r for r in doc["results"] if r["condition"] == "full")
+    lines += ["", "all visual tokens, by subtype:"]
+    lines += [f"  {st:<24}{acc:>7.3f}" for st, acc in full["exact_by_subtype"].items()]
     lines += ["", "all visual tokens, answer truncated at max_new_tokens:"]
     lines += [f"{'max_new_tokens':<28}" + "".join(f"{c:>11}" for c in names)]
     for cap, s in full["by_max_new_tokens"].items():

@@ -35,7 +35,9 @@ def package(src: Path, dst: Path, accuracy_json: Path) -> dict[str, object]:
         "task": "tinyvqa",
         "accuracy": round(full["exact_short"], 4),
         "accuracy_by_type": {
-            k.removeprefix("exact_"): round(v, 4) for k, v in full.items() if k.startswith("exact_")
+            k.removeprefix("exact_"): round(v, 4)
+            for k, v in full.items()
+            if k.startswith("exact_") and isinstance(v, float)
         },
         "describe_recall": round(full["describe_recall"], 4),
         "describe_precision": round(full["describe_precision"], 4),
