@@ -38,7 +38,7 @@ serve: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy runtime policies kernels
+	$(BIN)/mypy runtime policies kernels benchmarks
 	$(BIN)/hadolint Dockerfile.x86 Dockerfile.jetson
 
 # Default suite (under 20 minutes on 2 cores), then the slow suites (benchmark smoke runs, load,

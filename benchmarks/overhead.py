@@ -24,6 +24,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 import torch
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     runtime.close()
 
     bare_med = statistics.median(times["bare generate"])
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in paths:
         med = statistics.median(times[name])
         over = med - bare_med

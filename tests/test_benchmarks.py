@@ -11,14 +11,15 @@ import csv
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _factories import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ROW_KEYS = {
     "policy",
@@ -43,7 +44,7 @@ ROW_KEYS = {
 
 @pytest.fixture
 def bench(monkeypatch: pytest.MonkeyPatch) -> Any:
-    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.syspath_prepend(str(REPO))
     import benchmarks._common as common
     import benchmarks._plots as plots
     import benchmarks.run as run
@@ -148,6 +149,27 @@ def test_summarize_all_refused_gives_nan_not_crash(bench: Any) -> None:
     assert "-" in run.format_table([row])
 
 
+def test_refit_loo_mape_is_zero_for_an_exact_linear_cost_and_grows_with_noise(bench: Any) -> None:
+    from benchmarks._heldout import refit_loo_mape_pct
+
+    rng = random.Random(0)
+    rows = []
+    for _ in range(30):
+        n_in, n_out = rng.randint(10, 200), rng.randint(2, 40)
+        rows.append(
+            {
+                "text_tokens": n_in,
+                "visual_kept": 0,
+                "output_tokens": n_out,
+                "measured_j": 0.05 + 0.001 * n_in + 0.03 * n_out,
+            }
+        )
+    assert refit_loo_mape_pct(rows) < 1e-6
+    noisy = [{**r, "measured_j": r["measured_j"] * rng.choice([0.8, 1.2])} for r in rows]
+    assert 10 < refit_loo_mape_pct(noisy) < 40
+    assert math.isnan(refit_loo_mape_pct(rows[:4]))
+
+
 def test_pareto_front_keeps_only_undominated_points(bench: Any) -> None:
     *_, plots = bench
     pts = [(1.0, 0.5), (2.0, 0.4), (2.0, 0.8), (3.0, 0.8), (4.0, 0.9)]
@@ -163,8 +185,8 @@ def _run(script: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess
         "MPLBACKEND": "Agg",
     }
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), *args],
-        cwd=ROOT,
+        [sys.executable, str(REPO / "benchmarks" / script), *args],
+        cwd=REPO,
         env=env,
         capture_output=True,
         text=True,

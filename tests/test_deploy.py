@@ -20,14 +20,13 @@ import time
 from pathlib import Path
 
 import pytest
-from _factories import free_port
+from _factories import REPO, free_port
 
 from joulecap.runtime import config as cfgmod
 from joulecap.runtime.api.config import ServerConfig
 from joulecap.runtime.cli import build_parser
 from joulecap.runtime.configtools import env_name
 
-REPO = Path(__file__).resolve().parents[1]
 DOCKERFILES = ("Dockerfile.x86", "Dockerfile.jetson")
 
 

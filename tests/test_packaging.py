@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import tomllib
+from _factories import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_ROOTS = {
     "runtime": "joulecap.runtime",
     "policies": "joulecap.policies",
@@ -19,15 +19,15 @@ PACKAGE_ROOTS = {
 
 
 def _pyproject() -> dict:
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
 
 
 def test_every_package_folder_is_listed() -> None:
     listed = set(_pyproject()["tool"]["setuptools"]["packages"])
     found = set()
     for folder, dotted in PACKAGE_ROOTS.items():
-        for init in (ROOT / folder).rglob("__init__.py"):
-            rel = init.parent.relative_to(ROOT / folder)
+        for init in (REPO / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(REPO / folder)
             found.add(".".join([dotted, *rel.parts]) if rel.parts else dotted)
     assert found == listed
 
@@ -50,7 +50,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "-q",
             "-w",
             str(out),
-            str(ROOT),
+            str(REPO),
         ],
         check=True,
         capture_output=True,

@@ -25,14 +25,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
-from _factories import make_config
+from _factories import REPO, make_config
 from PIL import Image
 
 from joulecap.runtime.api.app import create_app
 from joulecap.runtime.api.server import BackgroundServer
 from joulecap.runtime.runtime import Runtime
 
-REPO = Path(__file__).resolve().parents[1]
 MARKER = "# checked-by-test"
 STATUS_PREFIX = "JOULECAP_HTTP_STATUS="
 FENCE = re.compile(r"^```(?:bash|sh|shell)[ \t]*\n(.*?)^```", re.S | re.M)

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from _factories import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 # The example prints 3 decimals for joules and 1 for percent.
 TOL = 0.06
 ROW = re.compile(

@@ -1,12 +1,13 @@
-"""Token choice (greedy, temperature/top-p sampling) and streaming detokenisation."""
+"""Token choice (greedy, temperature/top-p sampling), streaming detokenisation, and the run result."""
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from joulecap.runtime.types import SamplingParams, StopReason
+from joulecap.runtime.types import GenerationResult, PhaseTimes, SamplingParams, StopReason
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from joulecap.runtime.engines.base import RunHooks
@@ -126,3 +127,27 @@ def stop_after_token(
     if hooks.should_stop is not None and hooks.should_stop(generated):
         return "energy_budget"
     return None
+
+
+def finish_run(
+    detok: StreamDetokenizer,
+    reason: StopReason,
+    *,
+    prefill_tokens: int,
+    visual_in: int,
+    visual_kept: int,
+    start_s: float,
+    first_token_s: float | None,
+) -> GenerationResult:
+    """The result of a finished run, stamped with its end time now (shared by every engine)."""
+    end_s = time.monotonic()
+    return GenerationResult(
+        text=detok.text,
+        token_ids=tuple(detok.ids),
+        stop_reason=reason,
+        prefill_tokens=prefill_tokens,
+        visual_tokens_in=visual_in,
+        visual_tokens_kept=visual_kept,
+        # A run that produced no token (aborted before its first step) ends where it starts decoding.
+        times=PhaseTimes(start_s=start_s, first_token_s=first_token_s or end_s, end_s=end_s),
+    )

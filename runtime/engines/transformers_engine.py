@@ -31,7 +31,7 @@ from joulecap.kernels import select_tokens
 from joulecap.runtime.engines.adapters import FamilyAdapter, get_adapter
 from joulecap.runtime.engines.base import EngineInfo, RunHooks
 from joulecap.runtime.engines.config import EngineConfig
-from joulecap.runtime.engines.decoding import StreamDetokenizer, TokenChooser, stop_after_token
+from joulecap.runtime.engines.decoding import StreamDetokenizer, TokenChooser, finish_run, stop_after_token
 from joulecap.runtime.engines.factory import ModelLoadError
 from joulecap.runtime.errors import InvalidRequest
 from joulecap.runtime.tiny_models import MARKER
@@ -39,7 +39,6 @@ from joulecap.runtime.types import (
     ChatMessage,
     GenerationResult,
     ImagePart,
-    PhaseTimes,
     Plan,
     PreparedRequest,
     Request,
@@ -353,15 +352,14 @@ class TransformersEngine:
                 hooks.on_token(token, delta)
             step_kwargs = {"input_ids": torch.tensor([[token]], device=self.device)}
             length += 1
-        end_s = time.monotonic()
-        return GenerationResult(
-            text=detok.text,
-            token_ids=tuple(detok.ids),
-            stop_reason=reason,
+        return finish_run(
+            detok,
+            reason,
             prefill_tokens=prefill_tokens,
-            visual_tokens_in=visual_in,
-            visual_tokens_kept=visual_kept,
-            times=PhaseTimes(start_s=start_s, first_token_s=first_token_s or end_s, end_s=end_s),
+            visual_in=visual_in,
+            visual_kept=visual_kept,
+            start_s=start_s,
+            first_token_s=first_token_s,
         )
 
     def close(self) -> None:

@@ -59,7 +59,7 @@ from joulecap.runtime.engines.base import EngineInfo, RunHooks
 from joulecap.runtime.engines.config import EngineConfig
 from joulecap.runtime.engines.worklog import WorkLog
 from joulecap.runtime.errors import InvalidRequest
-from joulecap.runtime.types import GenerationResult, PhaseTimes, Plan, PreparedRequest, Request, StopReason
+from joulecap.runtime.types import GenerationResult, Plan, PreparedRequest, Request, StopReason
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +325,7 @@ class VLLMEngine:
 
     def run(self, prepared: PreparedRequest, plan: Plan, hooks: RunHooks) -> GenerationResult:
         """Execute `plan` on vLLM; see the module docstring. Safe to call from many threads at once."""
-        from joulecap.runtime.engines.decoding import StreamDetokenizer, stop_after_token
+        from joulecap.runtime.engines.decoding import StreamDetokenizer, finish_run, stop_after_token
 
         start_s = time.monotonic()
         prompt, prefill_tokens, visual_kept = self._prompt(prepared, plan)
@@ -387,13 +387,12 @@ class VLLMEngine:
                 except Exception as exc:  # the reason we stopped is already decided
                     log.debug("vLLM stream of %s ended with %s", vllm_id, exc)
         assert reason is not None
-        end_s = time.monotonic()
-        return GenerationResult(
-            text=detok.text,
-            token_ids=tuple(detok.ids),
-            stop_reason=reason,
+        return finish_run(
+            detok,
+            reason,
             prefill_tokens=prefill_tokens,
-            visual_tokens_in=sum(prepared.visual_tokens),
-            visual_tokens_kept=visual_kept,
-            times=PhaseTimes(start_s=start_s, first_token_s=first_token_s or end_s, end_s=end_s),
+            visual_in=sum(prepared.visual_tokens),
+            visual_kept=visual_kept,
+            start_s=start_s,
+            first_token_s=first_token_s,
         )
