@@ -24,23 +24,28 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from benchmarks._common import pct
+
 
 def refit_loo_mape_pct(rows: list[dict[str, float]]) -> float:
-    """Leave-one-out MAPE of `E = b + a_in * N_in + a_out * N_out` fitted to `rows` themselves.
+    """Leave-one-out MAPE of the calibration's own fit, made on `rows` themselves.
 
-    The fit minimises relative squared error (each row divided by its measurement), matching MAPE.
+    The fit is `fit_per_model` as calibration calls it (joules, relative weights, coefficients
+    >= 0): `E = b_j + in_j * N_in + out_j * N_out`.
     """
+    from joulecap.runtime.predictor import fit_per_model
+
     if len(rows) < 5:
         return float("nan")
-    x = np.array(
-        [[1.0, r["text_tokens"] + r["visual_kept"], r["output_tokens"]] for r in rows], dtype=np.float64
-    )
+    n_in = np.array([r["text_tokens"] + r["visual_kept"] for r in rows], dtype=np.float64)
+    n_out = np.array([r["output_tokens"] for r in rows], dtype=np.float64)
     m = np.array([r["measured_j"] for r in rows], dtype=np.float64)
     errors = []
     for i in range(len(rows)):
         keep = np.arange(len(rows)) != i
-        coef = np.linalg.lstsq(x[keep] / m[keep, None], np.ones(int(keep.sum())), rcond=None)[0]
-        errors.append(abs(float(x[i] @ coef) / m[i] - 1.0))
+        c = fit_per_model(n_in[keep], n_out[keep], m[keep], 1.0, relative=True).coefficients
+        pred = c["b_j"] + c["in_j"] * n_in[i] + c["out_j"] * n_out[i]
+        errors.append(abs(pred / m[i] - 1.0))
     return 100.0 * statistics.fmean(errors)
 
 
@@ -104,7 +109,7 @@ def held_out_mape(
         "request_mape_pct": 100.0 * statistics.fmean(request_errors),
         "encode_share_pct": 100.0 * statistics.fmean(encode_share),
         "median_ape_pct": 100.0 * statistics.median(errors),
-        "p90_ape_pct": float(np.percentile([100 * e for e in errors], 90)),
+        "p90_ape_pct": pct([100 * e for e in errors], 90),
         "repeat_ape_pct": 100.0 * statistics.fmean(repeat),
         "refit_loo_mape_pct": refit_loo_mape_pct(rows),
         "rows": rows,

@@ -105,11 +105,6 @@ def workload(n: int, seed: int) -> list[Item]:
     return items
 
 
-def pct(values: list[float], q: float) -> float:
-    """Percentile `q` (0-100) of `values` (nan when empty)."""
-    return float(np.percentile(values, q)) if values else float("nan")
-
-
 def run_policy(rt: Any, items: list[Item], budgets: list[float | None], policy: str) -> list[dict[str, Any]]:
     """Run the workload under `policy`; one record per request (refusals included)."""
     from joulecap.runtime.errors import BudgetTooSmall
@@ -213,10 +208,10 @@ def planning_overhead(rt: Any, items: list[Item], budgets: list[float | None], r
                     besides.append((dt - inner["ns"]) / 1e6)
                     spectral.append(inner["ns"] / 1e6)
             out[name] = {
-                "p50_ms": pct(total, 50),
-                "p90_ms": pct(total, 90),
-                "besides_spectral_p50_ms": pct(besides, 50),
-                "spectral_p50_ms": pct(spectral, 50),
+                "p50_ms": common.pct(total, 50),
+                "p90_ms": common.pct(total, 90),
+                "besides_spectral_p50_ms": common.pct(besides, 50),
+                "spectral_p50_ms": common.pct(spectral, 50),
             }
     finally:
         policy_base.spectral_budget = real

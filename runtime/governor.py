@@ -91,6 +91,21 @@ class Governor:
             return self.token_j * self.slowdown * (1.0 + self.first_step_premium)
         return max(self.token_j * self.slowdown, max(self._recent, default=0.0))
 
+    def first_step_observation(self, tokens: int, decode_j: float) -> tuple[float, float] | None:
+        """(priced, measured) joules of the run's first decode step, for the scheduler to learn from.
+
+        None when that step was never priced (no budget held, or the run ended at its first
+        token). When the second token ended the run (a stop token or the length cap) before a check
+        could measure its step, the measurement is the run's decode phase (`decode_j`): that step
+        plus the run's tail, which the governor must afford too when that step may be the last.
+        """
+        if self.first_step_priced_j is None:
+            return None
+        measured = self.first_step_j
+        if measured is None and tokens == 2:
+            measured = decode_j
+        return None if measured is None else (self.first_step_priced_j, measured)
+
     def should_stop(self, n_generated: int) -> bool:
         """True when generating one more token would exceed the budget."""
         if self.budget_j is None:

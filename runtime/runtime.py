@@ -347,14 +347,9 @@ class Runtime:
             # the scheduler's feasibility margin follows it.
             first = self.predictor.predict(text_tokens, generation.visual_tokens_kept, 1).total_j
             self.scheduler.margin.observe(first, energy.prefill_j)
-            first_step_j = governor.first_step_j
-            if first_step_j is None and len(generation.token_ids) == 2:
-                # The second token ended the run (a stop token) before the governor could measure
-                # its step: the decode phase is that step plus the run's tail, which the governor
-                # must afford too when that step may be the last.
-                first_step_j = energy.decode_j
-            if governor.first_step_priced_j is not None and first_step_j is not None:
-                self.scheduler.first_step.observe(governor.first_step_priced_j, first_step_j)
+            step = governor.first_step_observation(len(generation.token_ids), energy.decode_j)
+            if step is not None:  # the governor's premium on the first decode step follows it
+                self.scheduler.first_step.observe(*step)
         energy = self._with_encode(energy, encode)
         result = ChatResult(
             request_id=request.request_id,

@@ -100,3 +100,9 @@ def test_the_first_decode_step_carries_the_premium_and_is_measured() -> None:
     assert g.first_step_j == pytest.approx(0.25) and g.first_step_priced_j == pytest.approx(0.1)
     # From the second step on, the measured steps price the next token, not the premium.
     assert g.next_token_j() == pytest.approx(0.25)
+    assert g.first_step_observation(tokens=9, decode_j=2.0) == pytest.approx((0.1, 0.25))
+    # A run the second token ended was never checked at 2: its decode phase is that step (+ tail).
+    assert dear.first_step_observation(tokens=2, decode_j=0.3) == pytest.approx((0.1, 0.3))
+    assert dear.first_step_observation(tokens=1, decode_j=0.0) is None  # stopped before that step
+    unpriced = Governor(make_plan(None), PRED, lambda: measured["j"])
+    assert not unpriced.should_stop(1) and unpriced.first_step_observation(2, 0.3) is None
