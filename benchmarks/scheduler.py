@@ -405,8 +405,14 @@ def main(argv: list[str] | None = None) -> int:
             "heldout.repeat_ape_pct and heldout.refit_loo_mape_pct are floors set by the machine and the "
             "meter, not by the predictor (see benchmarks/_heldout.py): when they exceed 5%, the MAPE "
             "target cannot be shown here by any predictor of this form.",
-            "Random-weight demo model: answers are meaningless and rarely stop early, so output "
-            "lengths run to the plan; the brevity instruction cannot change its answers, only the prompt.",
+            (
+                "Random-weight model: answers are meaningless and rarely stop early, so output lengths "
+                "run to the plan; the brevity instruction cannot change its answers, only the prompt."
+                if rt.info.random_weights
+                else "The brevity instruction is a system message the model may not have been trained "
+                "on (TinyVQA was not): plans pay for its prompt tokens (PreparedRequest.hint_tokens), "
+                "so 'on' shows its cost as much as any change in answer length."
+            ),
         ],
     }
     out = Path(args.out)

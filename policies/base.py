@@ -10,6 +10,7 @@ from typing import ClassVar
 
 from joulecap.kernels import spectral_budget
 from joulecap.policies.config import SchedulerConfig
+from joulecap.runtime.brevity import brevity_hint
 from joulecap.runtime.errors import BudgetTooSmall, InvalidRequest
 from joulecap.runtime.predictor import Predictor
 from joulecap.runtime.types import Plan, PreparedRequest
@@ -80,7 +81,7 @@ class Policy(ABC):
     ) -> Plan:
         """Assemble the plan with its prediction (spent so far plus the run) and brevity hint."""
         keep = tuple(int(k) for k in keep)
-        run_j = ctx.predictor.predict(prepared.text_tokens, sum(keep), max_new_tokens).total_j
+        run_j = ctx.predictor.predict(text_tokens(prepared, ctx), sum(keep), max_new_tokens).total_j
         predicted = ctx.spent_j + run_j
         return Plan(
             visual_keep=keep,
@@ -89,9 +90,22 @@ class Policy(ABC):
             policy=self.name,
             reason=reason,
             selection=ctx.config.selection,
-            brevity_hint=brevity_hint(max_new_tokens) if ctx.config.brevity else None,
+            brevity_hint=brevity_hint(max_new_tokens) if hinted(prepared, ctx) else None,
             budget_j=ctx.budget_j,
         )
+
+
+def hinted(prepared: PreparedRequest, ctx: PlanContext) -> bool:
+    """Whether the plan carries a brevity hint: configured, and the engine can add one."""
+    return ctx.config.brevity and prepared.hint_tokens > 0
+
+
+def text_tokens(prepared: PreparedRequest, ctx: PlanContext) -> int:
+    """The prompt's text tokens as planned: with the brevity hint's reserve when it is added.
+
+    The hint goes in after planning, so the plan pays for the most tokens any of its wordings adds.
+    """
+    return prepared.text_tokens + (prepared.hint_tokens if hinted(prepared, ctx) else 0)
 
 
 def output_cap(prepared: PreparedRequest, ctx: PlanContext, visual_kept: int) -> int:
@@ -102,6 +116,7 @@ def output_cap(prepared: PreparedRequest, ctx: PlanContext, visual_kept: int) ->
 
     """
     cap = ctx.max_tokens if ctx.max_tokens is not None else ctx.config.default_max_tokens
+    # The engine drops the hint when it would not fit, so the context check ignores its reserve.
     room = prepared.context_length - prepared.text_tokens - visual_kept
     if room < ctx.config.min_output_tokens:
         raise InvalidRequest(
@@ -167,13 +182,3 @@ def too_small(ctx: PlanContext, run_min_j: float, what: str) -> BudgetTooSmall:
         f"Energy budget {budget_j:.4g} J is too small: {what} needs at least {min_j:.4g} J{spent}.",
         min_j=min_j,
     )
-
-
-def brevity_hint(tokens: int) -> str:
-    """A system instruction asking for an answer of about `tokens` tokens (~0.75 words each)."""
-    words = max(1, int(tokens * 0.75))
-    if words <= 3:
-        return f"Answer in at most {words} word{'s' if words > 1 else ''}."
-    if words <= 40:
-        return f"Answer briefly, in at most {words} words."
-    return f"Keep the answer under {words} words."

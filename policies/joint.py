@@ -12,6 +12,7 @@ from joulecap.policies.base import (
     lower_visual,
     output_cap,
     spectral_keep,
+    text_tokens,
     too_small,
 )
 from joulecap.policies.output_budget import budgeted_output
@@ -45,13 +46,14 @@ class Joint(Policy):
         # Spend at most the budget less headroom, and never plan on the margin that absorbs the
         # prediction error of the (unstoppable) prefill.
         margin = 1.0 + ctx.margin
+        n_text = text_tokens(prepared, ctx)
         left = budget - ctx.spent_j
         spendable = min(left - budget * ctx.config.budget_headroom, left / margin)
         total = -1  # the encode alone may have spent the budget
         if spendable > 0:
-            total = ctx.predictor.max_visual_tokens(spendable, prepared.text_tokens, min_out)
+            total = ctx.predictor.max_visual_tokens(spendable, n_text, min_out)
         if total < sum(floors):
-            run_min_j = margin * ctx.predictor.predict(prepared.text_tokens, sum(floors), min_out).total_j
+            run_min_j = margin * ctx.predictor.predict(n_text, sum(floors), min_out).total_j
             raise too_small(
                 ctx, run_min_j, f"the prompt with {sum(floors)} visual token(s) and {min_out} output token(s)"
             )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from joulecap.policies.base import PlanContext, Policy, all_visual, output_cap, too_small
+from joulecap.policies.base import PlanContext, Policy, all_visual, output_cap, text_tokens, too_small
 from joulecap.policies.registry import register
 from joulecap.runtime.types import Plan, PreparedRequest
 
@@ -20,10 +20,10 @@ def budgeted_output(prepared: PreparedRequest, ctx: PlanContext, visual_kept: in
     pred = ctx.predictor
     min_out = ctx.config.min_output_tokens
     feasible_j = left_j / (1.0 + ctx.margin)
-    if left_j <= 0 or pred.max_output_tokens(feasible_j, prepared.text_tokens, visual_kept) < min_out:
+    if left_j <= 0 or pred.max_output_tokens(feasible_j, text_tokens(prepared, ctx), visual_kept) < min_out:
         return None
     spendable = left_j - budget_j * ctx.config.budget_headroom
-    n = pred.max_output_tokens(spendable, prepared.text_tokens, visual_kept)
+    n = pred.max_output_tokens(spendable, text_tokens(prepared, ctx), visual_kept)
     return min(cap, max(min_out, n))
 
 
@@ -43,7 +43,7 @@ class OutputBudget(Policy):
         if n is None:
             min_out = ctx.config.min_output_tokens
             margin = 1.0 + ctx.margin
-            run_min_j = margin * ctx.predictor.predict(prepared.text_tokens, sum(keep), min_out).total_j
+            run_min_j = margin * ctx.predictor.predict(text_tokens(prepared, ctx), sum(keep), min_out).total_j
             what = f"the prompt with all visual tokens and {min_out} output token(s)"
             raise too_small(ctx, run_min_j, what)
         return self.make_plan(prepared, ctx, keep, n, f"output_budget: {n} tokens fit {ctx.budget_j:.4g} J")

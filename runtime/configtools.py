@@ -103,7 +103,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, *, title: str | 
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
-        help_text = docs.get(f.name, "") + f" [env {env_name(f.name)}]"
+        # argparse %-formats help strings: a literal "%" in a docstring must be doubled.
+        help_text = docs.get(f.name, "").replace("%", "%%") + f" [env {env_name(f.name)}]"
         env_value = os.environ.get(env_name(f.name))
         if tp is bool:
             if env_value is not None:

@@ -132,6 +132,7 @@ class Runtime:
         )
         self._inflight = 0
         self._inflight_lock = threading.Lock()
+        self._prepare_lock = threading.Lock()
         self._closed = False
         if cfg.engine.warmup:
             self._warmup()
@@ -220,13 +221,17 @@ class Runtime:
         # Image preprocessing and the vision encoder run here. Their energy is measured, not
         # predicted: it is spent before planning, so the plan budgets only what is left (fresh
         # reads make the window's edges exact on fast meters).
-        # A batching engine's measured windows already contain the encoder work that overlapped
-        # them (split by token work), so only a sequential engine measures the prepare window.
-        if getattr(self.engine, "work_log", None) is None:
+        # Under a batching engine, an encode that overlapped other requests' work lies in their
+        # measured windows (split by token work); only one done while the engine was idle is
+        # charged here, so nothing is counted twice and a lone request's encode is not lost.
+        # Prepares are serialised (engines encode one at a time anyway), so that two measured
+        # encode windows never overlap and count the same joules twice.
+        work_log: WorkLog | None = getattr(self.engine, "work_log", None)
+        with self._prepare_lock:
+            t0_s = time.monotonic()
             prepared, encode = self.monitor.measure(lambda: self.engine.prepare(request))
-            prepared = dataclasses.replace(prepared, prepare_energy=encode)
-        else:
-            prepared = self.engine.prepare(request)
+            if work_log is None or work_log.idle_throughout(t0_s):
+                prepared = dataclasses.replace(prepared, prepare_energy=encode)
         return prepared, self.scheduler.plan(prepared)
 
     @staticmethod

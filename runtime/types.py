@@ -101,10 +101,13 @@ class PreparedRequest:
             projector), on the engine's device. Policies compute spectral budgets from them.
         context_length: The model's maximum sequence length.
         payload: Engine-private state (tokenised inputs, embeddings) reused by `Engine.run`.
+        hint_tokens: The most prompt tokens a brevity hint adds to this request (the longest of
+            its wordings); 0 when the engine does not add hints, so plans carry none.
         prepare_energy: Measured energy of `Engine.prepare` (image preprocessing and the vision
             encoder), set by the runtime before planning. It is already spent, so policies plan
             the rest of the budget around it, and it is charged to the request's prefill. None
-            when it is not measured apart (batching engines, whose run windows contain it).
+            when it is not measured apart (under a batching engine, an encode that overlapped
+            other requests' work: their measured windows contain it).
 
     """
 
@@ -114,6 +117,7 @@ class PreparedRequest:
     features: tuple[torch.Tensor, ...]
     context_length: int
     payload: object = None
+    hint_tokens: int = 0
     prepare_energy: EnergyReport | None = None
 
     @property

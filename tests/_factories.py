@@ -28,6 +28,7 @@ def prepared(
     visual: tuple[int, ...] = (64,),
     rank: int = 8,
     context_length: int = 2048,
+    hint_tokens: int = 0,
     **request_fields: object,
 ) -> PreparedRequest:
     """A `PreparedRequest` with random low-rank visual features, one per image."""
@@ -37,7 +38,7 @@ def prepared(
         **request_fields,
     )
     feats = tuple(low_rank_features(n, min(rank, n), seed=i) for i, n in enumerate(visual))
-    return PreparedRequest(request, text_tokens, visual, feats, context_length)
+    return PreparedRequest(request, text_tokens, visual, feats, context_length, hint_tokens=hint_tokens)
 
 
 def marked_image(color: tuple[int, int, int], size: tuple[int, int] = (100, 80)) -> Image.Image:

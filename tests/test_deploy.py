@@ -8,6 +8,7 @@ environment), and the healthcheck command is run against it.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib.metadata
 import json
@@ -169,6 +170,18 @@ def test_cli_takes_host_and_port_from_the_environment(monkeypatch: pytest.Monkey
     monkeypatch.setenv("JOULECAP_PORT", "not-a-port")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve"])
+
+
+def test_every_subcommand_prints_its_help(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--help` formats every field docstring (argparse %-formats them: a bare % once crashed it)."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name in ["", *sub.choices]:
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args([name, "--help"] if name else ["--help"])
+        assert exit_info.value.code == 0, name
+    out = capsys.readouterr().out
+    assert "--brevity" in out and "~10% of tokens kept" in out
 
 
 def test_entrypoint_with_image_env_passes_the_healthcheck(tiny_idefics3: Path, tmp_path: Path) -> None:

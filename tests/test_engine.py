@@ -12,6 +12,7 @@ import torch
 from _factories import marked_image
 
 from joulecap.kernels import select_tokens
+from joulecap.runtime.brevity import brevity_hint
 from joulecap.runtime.engines.base import Engine, RunHooks
 from joulecap.runtime.engines.config import EngineConfig
 from joulecap.runtime.engines.decoding import StreamDetokenizer
@@ -292,6 +293,10 @@ def test_brevity_hint_becomes_a_system_message(idefics3: TransformersEngine) -> 
     system = "System: " + hint + "<end_of_utterance>\n"
     extra = len(idefics3.tokenizer.encode(system, add_special_tokens=False))
     assert hinted.prefill_tokens == plain.prefill_tokens + extra - (64 - 20)
+    # The reserve that plans pay for covers every wording the policies produce.
+    for n in (1, 3, 7, 30, 200, 5000):
+        ran = idefics3.run(prepared, _plan(prepared, max_new=1, brevity_hint=brevity_hint(n)), RunHooks())
+        assert 0 < ran.prefill_tokens - plain.prefill_tokens <= prepared.hint_tokens
 
 
 def test_multi_turn_with_assistant_message(llava: TransformersEngine) -> None:

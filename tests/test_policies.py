@@ -209,7 +209,7 @@ def test_joint_without_budget_is_eadaprune_with_the_output_cap() -> None:
 
 
 def test_brevity_hint_is_sized_to_the_plan() -> None:
-    p = prepared(visual=(64,))
+    p = prepared(visual=(64,), hint_tokens=12)
     assert plan("joint", p, ctx(budget=5.0)).brevity_hint is None
     short = plan("joint", p, ctx(budget=2.0, brevity=True))
     long = plan("joint", p, ctx(budget=30.0, brevity=True))
@@ -217,6 +217,21 @@ def test_brevity_hint_is_sized_to_the_plan() -> None:
     words = [int(s) for s in short.brevity_hint.split() if s.isdigit()]
     assert words and words[0] <= max(1, short.max_new_tokens)
     assert short.brevity_hint != long.brevity_hint
+
+
+def test_brevity_hint_is_paid_for_and_only_where_the_engine_adds_it() -> None:
+    with_hint, without = prepared(visual=(64,), hint_tokens=40), prepared(visual=(64,))
+    budget = ctx(budget=3.0, brevity=True)
+    hinted, bare = plan("joint", with_hint, budget), plan("joint", without, budget)
+    # An engine that cannot add hints (hint_tokens 0) gets plans without one.
+    assert hinted.brevity_hint and bare.brevity_hint is None
+    # The hint's prompt tokens are in the prediction, so the answer gets fewer tokens for the same joules.
+    assert hinted.max_new_tokens < bare.max_new_tokens
+    assert hinted.predicted_j <= 3.0 and bare.predicted_j <= 3.0
+    expected = PRED.predict(20 + 40, sum(hinted.visual_keep), hinted.max_new_tokens).total_j
+    assert hinted.predicted_j == pytest.approx(expected)
+    # Without brevity configured, the reserve costs nothing.
+    assert plan("joint", with_hint, ctx(budget=3.0)) == plan("joint", without, ctx(budget=3.0))
 
 
 def test_images_without_tokens_and_no_images() -> None:

@@ -421,6 +421,30 @@ def test_runtime_over_vllm_splits_energy_among_concurrent_requests(
         rt.close()
 
 
+def test_lone_request_encode_is_charged_and_an_overlapping_one_is_not(
+    vllm_engine: VLLMEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An encode done while vLLM is idle lies in no split window: the runtime measures and charges
+    it (as the embedded engine does); one that overlaps another request's work is left to that
+    request's windows, so it is not counted twice."""
+    from joulecap.runtime.runtime import Runtime
+
+    rt = Runtime(_vllm_runtime_config(vllm_engine, tmp_path, policy="baseline"), engine=vllm_engine)
+    try:
+        prepared, plan = rt.plan(_request(rid="chatcmpl-lone"))
+        assert prepared.prepare_energy is not None and prepared.spent_j > 0
+        result = rt.run_planned(prepared, replace(plan, max_new_tokens=4))
+        encode_j = prepared.prepare_energy.total_j
+        assert result.energy.prefill_j >= encode_j and result.energy.total_j >= encode_j
+        vllm_engine.work_log.begin("chatcmpl-busy")  # another request in flight
+        overlapped, _ = rt.plan(_request(rid="chatcmpl-overlap"))
+        assert overlapped.prepare_energy is None and overlapped.spent_j == 0.0
+    finally:
+        vllm_engine.work_log.end("chatcmpl-busy")
+        monkeypatch.setattr(vllm_engine, "close", lambda: None)  # the module's engine outlives this runtime
+        rt.close()
+
+
 def test_openai_api_over_vllm_reports_energy(
     vllm_engine: VLLMEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

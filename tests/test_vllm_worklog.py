@@ -116,6 +116,25 @@ def test_live_fraction_is_the_running_share_of_token_work() -> None:
     assert log.live_fraction("B", **costs) == pytest.approx(2 / 3)  # only work since B arrived
 
 
+def test_idle_throughout_says_when_an_encode_lies_in_no_window() -> None:
+    log = WorkLog()
+    assert log.idle_throughout(0.0)  # nothing ever ran
+    log.begin("A", 1.0)
+    assert not log.idle_throughout(0.5) and not log.idle_throughout(2.0)  # A in flight
+    log.begin("B", 1.5)
+    log.end("A", 3.0)
+    assert not log.idle_throughout(3.5)  # B still in flight
+    log.end("B", 4.0)
+    assert log.idle_throughout(4.0) and log.idle_throughout(9.0)
+    assert not log.idle_throughout(3.9)  # B was in flight after 3.9
+    log.end("B", 5.0)  # ending twice (or a request never begun) changes nothing
+    assert log.idle_throughout(4.5)
+    log.busy("C")  # in flight without a window boundary (an engine building C's prompt)
+    assert not log.idle_throughout(4.5) and len(log.events()) == 2  # the two begins only
+    log.end("C", 6.0)
+    assert log.idle_throughout(6.0) and not log.idle_throughout(5.5)
+
+
 def test_token_costs_from_the_predictor() -> None:
     def predict(text: int, visual: int, out: int) -> Any:
         return SimpleNamespace(prefill_j=0.5 + 0.01 * (text + visual), decode_j=0.2 * out)

@@ -127,17 +127,33 @@ def render(objects: tuple[Obj, ...], background: str, rng: np.random.Generator) 
     draw = ImageDraw.Draw(img)
     for o in objects:
         fill = tuple(int(np.clip(c + rng.integers(-15, 16), 0, 255)) for c in COLORS[o.color])
-        x, y, r = o.x, o.y, o.r
-        if o.shape == "circle":
-            draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
-        elif o.shape == "square":
-            s = r * 0.85
-            draw.rectangle((x - s, y - s, x + s, y + s), fill=fill)
-        elif o.shape == "triangle":
-            draw.polygon([(x, y - r), (x - r, y + r * 0.8), (x + r, y + r * 0.8)], fill=fill)
-        else:  # diamond
-            draw.polygon([(x, y - r), (x + r * 0.8, y), (x, y + r), (x - r * 0.8, y)], fill=fill)
+        _draw_shape(draw, o, fill)
     return img
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, o: Obj, fill: tuple[int, ...] | int) -> None:
+    x, y, r = o.x, o.y, o.r
+    if o.shape == "circle":
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+    elif o.shape == "square":
+        s = r * 0.85
+        draw.rectangle((x - s, y - s, x + s, y + s), fill=fill)
+    elif o.shape == "triangle":
+        draw.polygon([(x, y - r), (x - r, y + r * 0.8), (x + r, y + r * 0.8)], fill=fill)
+    else:  # diamond
+        draw.polygon([(x, y - r), (x + r * 0.8, y), (x, y + r), (x - r * 0.8, y)], fill=fill)
+
+
+def object_map(objects: tuple[Obj, ...]) -> np.ndarray:
+    """Which object covers each pixel: 0 for background, `i + 1` for `objects[i]`.
+
+    Drawn with `render`'s geometry, so the labels are exactly the painted pixels.
+    """
+    img = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    draw = ImageDraw.Draw(img)
+    for i, o in enumerate(objects):
+        _draw_shape(draw, o, i + 1)
+    return np.asarray(img)
 
 
 def _unique_refs(objs: tuple[Obj, ...]) -> list[tuple[str, Obj]]:
@@ -224,18 +240,19 @@ def make_example(
 
 
 def make_scene_examples(
-    split: str, index: int, k: int, *, seed: int = 0
+    split: str, index: int, k: int, *, seed: int = 0, weights: tuple[float, ...] = QTYPE_WEIGHTS
 ) -> tuple[list[Example], Image.Image]:
     """`k` questions about one scene (for training with a shared image prefix); deterministic.
 
     Uses a separate stream of seeds from `make_example` (the index is offset by 2**40), so its scenes
-    never coincide with the single-question examples.
+    never coincide with the single-question examples. `weights` are the question types' sampling
+    weights (in `QTYPES` order; training may ask some types more often than the test splits do).
     """
     rng = _rng(split, index + 2**40, seed)
     objs, background = _scene(rng)
     examples: list[Example] = []
     while len(examples) < k:
-        kind = str(rng.choice(QTYPES, p=QTYPE_WEIGHTS))
+        kind = str(rng.choice(QTYPES, p=np.asarray(weights) / sum(weights)))
         qa = _question(kind, objs, rng)
         if qa is not None:
             examples.append(Example(split, index, qa[0], qa[1], kind, objs, background))

@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 import torch
 
 from joulecap.kernels import select_tokens
+from joulecap.runtime.brevity import RESERVE_SIZES, brevity_hint
 from joulecap.runtime.engines.adapters import FamilyAdapter, get_adapter
 from joulecap.runtime.engines.base import EngineInfo, RunHooks
 from joulecap.runtime.engines.config import EngineConfig
@@ -183,6 +184,36 @@ class TransformersEngine:
             context_length=int(context),
             random_weights=random_weights,
         )
+        self.hint_tokens = self._hint_reserve()
+
+    def _hint_reserve(self) -> int:
+        """Most prompt tokens any wording of the brevity hint adds, from the chat template.
+
+        Plans pay for this many tokens whenever they carry a hint. A template without a system role
+        gives 0, and plans then carry no hint.
+        """
+        probe = (ChatMessage("user", (TextPart("?"),)),)
+
+        def count(messages: tuple[ChatMessage, ...]) -> int:
+            text = self.processor.apply_chat_template(
+                self._template_messages(messages), add_generation_prompt=True, tokenize=False
+            )
+            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        try:
+            base = count(probe)
+            added = [
+                count((ChatMessage("system", (TextPart(brevity_hint(n)),)), *probe)) - base
+                for n in RESERVE_SIZES
+            ]
+        except Exception as exc:  # any template failure means "no hints", not a failed start
+            log.info(
+                "brevity hints disabled for %s: its chat template cannot render them (%s)",
+                self.info.model,
+                exc,
+            )
+            return 0
+        return max(0, *added)
 
     # ------------------------------------------------------------------ prepare
     def _template_messages(self, messages: tuple[ChatMessage, ...]) -> list[dict[str, Any]]:
@@ -260,6 +291,7 @@ class TransformersEngine:
             features=features,
             context_length=self.info.context_length,
             payload=_Payload(input_ids=input_ids, positions=tuple(positions), images=images),
+            hint_tokens=self.hint_tokens,
         )
 
     # ------------------------------------------------------------------ run

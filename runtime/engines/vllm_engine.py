@@ -325,6 +325,16 @@ class VLLMEngine:
 
     def run(self, prepared: PreparedRequest, plan: Plan, hooks: RunHooks) -> GenerationResult:
         """Execute `plan` on vLLM; see the module docstring. Safe to call from many threads at once."""
+        # In flight from the first step (building the prompt) to the last, so that the runtime
+        # never charges another request's encode for a stretch this one was working in.
+        request_id = prepared.request.request_id
+        self.work_log.busy(request_id)
+        try:
+            return self._run(prepared, plan, hooks)
+        finally:
+            self.work_log.end(request_id)
+
+    def _run(self, prepared: PreparedRequest, plan: Plan, hooks: RunHooks) -> GenerationResult:
         from joulecap.runtime.engines.decoding import StreamDetokenizer, finish_run, stop_after_token
 
         start_s = time.monotonic()

@@ -103,6 +103,9 @@ class WorkLog:
         self._total = (0, 0)
         self._own: dict[str, tuple[int, int]] = {}
         self._at_begin: dict[str, tuple[int, int]] = {}
+        # Requests between `begin` and `end`, and when the last of them ended (`idle_throughout`).
+        self._in_flight: set[str] = set()
+        self._idle_since_s = -math.inf
 
     def _count(self, event: WorkEvent) -> None:
         if not (event.prefill_tokens or event.decode_tokens):
@@ -132,8 +135,33 @@ class WorkLog:
                 del self._times[:cut], self._events[:cut]
 
     def begin(self, request_id: str, t_s: float | None = None) -> None:
-        """Mark a request's arrival (a window boundary, no work)."""
+        """Mark a request's arrival (a window boundary, no work); it is in flight until `end`."""
+        self.busy(request_id)
         self._append(WorkEvent(time.monotonic() if t_s is None else t_s, request_id))
+
+    def busy(self, request_id: str) -> None:
+        """Mark a request in flight from now until `end`, without a window boundary."""
+        with self._lock:
+            self._in_flight.add(request_id)
+
+    def end(self, request_id: str, t_s: float | None = None) -> None:
+        """Mark that the engine is done with a request (its last work is recorded)."""
+        t = time.monotonic() if t_s is None else t_s
+        with self._lock:
+            if request_id not in self._in_flight:
+                return
+            self._in_flight.discard(request_id)
+            if not self._in_flight:
+                self._idle_since_s = max(self._idle_since_s, t)
+
+    def idle_throughout(self, t0_s: float) -> bool:
+        """Whether no request has been in flight at any moment from `t0_s` until now.
+
+        Work done in such a stretch (a lone request's image encode) lies in no window that
+        `attribute` splits, so the caller must measure and charge it itself.
+        """
+        with self._lock:
+            return not self._in_flight and self._idle_since_s <= t0_s
 
     def record(
         self, request_id: str, *, prefill_tokens: int = 0, decode_tokens: int = 0, t_s: float | None = None
