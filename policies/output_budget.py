@@ -19,11 +19,12 @@ def budgeted_output(prepared: PreparedRequest, ctx: PlanContext, visual_kept: in
         raise ValueError("budgeted_output needs a budget")
     pred = ctx.predictor
     min_out = ctx.config.min_output_tokens
+    n_text = text_tokens(prepared, ctx)
     feasible_j = left_j / (1.0 + ctx.margin)
-    if left_j <= 0 or pred.max_output_tokens(feasible_j, text_tokens(prepared, ctx), visual_kept) < min_out:
+    if left_j <= 0 or pred.max_output_tokens(feasible_j, n_text, visual_kept) < min_out:
         return None
     spendable = left_j - budget_j * ctx.config.budget_headroom
-    n = pred.max_output_tokens(spendable, text_tokens(prepared, ctx), visual_kept)
+    n = pred.max_output_tokens(spendable, n_text, visual_kept)
     return min(cap, max(min_out, n))
 
 

@@ -6,9 +6,10 @@ and engines count the prompt tokens it adds, which the plan must pay for.
 
 from __future__ import annotations
 
-# Planned sizes that give each wording of the hint at its longest word count (1, 3, 40, 2-digit,
-# 5-digit): an engine's reserve is the most tokens any of them adds.
-RESERVE_SIZES = (1, 2, 4, 53, 134, 13_334)
+# Planned sizes that give each wording of the hint at its longest: "1 word", "3 words", "40 words"
+# (the longest "briefly" form) and a 5-digit count (the 4096-token output limit needs at most 4
+# digits). An engine's reserve is the most tokens any of them adds.
+RESERVE_SIZES = (1, 4, 54, 13_334)
 
 
 def brevity_hint(tokens: int) -> str:

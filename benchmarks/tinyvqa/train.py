@@ -344,8 +344,9 @@ def main() -> None:
     check_packed(model, batcher)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params} ({n_params * 4 / 1e6:.1f} MB fp32)", flush=True)
-    head = patch_aux.make_head(size.text_hidden)
-    params = list(model.parameters()) + (list(head.parameters()) if args.aux_weight > 0 else [])
+    # The per-patch head exists only when its loss is on (it is trained, then discarded).
+    head = patch_aux.make_head(size.text_hidden) if args.aux_weight > 0 else None
+    params = list(model.parameters()) + (list(head.parameters()) if head is not None else [])
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     model.train()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -376,7 +377,7 @@ def main() -> None:
         loss = packed_loss(model, batcher, batch, keep, gen, feats, per_question=args.per_question)
         extra: dict[str, float] = {}
         total = loss
-        if args.aux_weight > 0:
+        if head is not None:
             aux, extra = patch_aux.aux_loss(head, feats, objects, size.patch)
             total = loss + args.aux_weight * aux
             extra["aux_loss"] = round(aux.item(), 4)

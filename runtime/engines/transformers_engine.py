@@ -195,10 +195,8 @@ class TransformersEngine:
         probe = (ChatMessage("user", (TextPart("?"),)),)
 
         def count(messages: tuple[ChatMessage, ...]) -> int:
-            text = self.processor.apply_chat_template(
-                self._template_messages(messages), add_generation_prompt=True, tokenize=False
-            )
-            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            # The same template and processor call that `_prompt_ids` re-tokenises a hinted prompt with.
+            return int(self._tokenise(messages, ())["input_ids"].shape[1])
 
         try:
             base = count(probe)
