@@ -8,7 +8,9 @@ k tokens to keep.
 Modules: `validation` (argument checks), `reference` (float64 exact rule), `randomized`
 (bracketed randomized range finder), `selection` (selection methods and merge), `dispatch`
 (impl choice), `triton_spectral` (Triton kernels, CUDA or `TRITON_INTERPRET=1`), `basis_cache`
-(the budget's sketch, reused by `select_tokens` on the same tensor).
+(the budget's sketch, reused by `select_tokens` on the same ordinary tensor). Engines instead
+compute `leverage_basis` once per image while preparing and pass it as `select_tokens(basis=)`
+(their features are inference-mode tensors, which the memo cannot guard against in-place change).
 
 Default tau (measured; `SchedulerConfig.tau` holds the value, owned by the scheduler):
 `python -m benchmarks.kernels --tau-sweep` sweeps tau on the photographs bundled with
@@ -32,11 +34,12 @@ from __future__ import annotations
 import torch
 
 from joulecap.kernels.dispatch import resolve_impl, torch_budget
+from joulecap.kernels.randomized import SketchBasis
 from joulecap.kernels.reference import center_features
-from joulecap.kernels.selection import SELECTORS, merge_dropped, select
+from joulecap.kernels.selection import SELECTORS, exact_basis, merge_dropped, select
 from joulecap.kernels.validation import budget_args
 
-__all__ = ["SELECTORS", "merge_dropped", "select_tokens", "spectral_budget"]
+__all__ = ["SELECTORS", "leverage_basis", "merge_dropped", "select_tokens", "spectral_budget"]
 
 
 def spectral_budget(
@@ -90,6 +93,7 @@ def select_tokens(
     method: str = "leverage",
     impl: str = "auto",
     attention: torch.Tensor | None = None,
+    basis: SketchBasis | None = None,
 ) -> torch.Tensor:
     """Indices of the `k` kept tokens, in their original order.
 
@@ -99,6 +103,8 @@ def select_tokens(
         method: `"leverage"` (default), `"norm"`, `"attention"`, `"diversity"` or `"uniform"`.
         impl: `"auto"`, `"torch"` or `"triton"` (Triton accelerates the leverage scores).
         attention: `[N]` vision-tower attention scores, required by `method="attention"`.
+        basis: `leverage_basis(features)`, computed earlier (an engine does it while preparing
+            the request): `leverage` then reads its scores off it, on the PyTorch path.
 
     Returns:
         int64 indices on `features.device`, ascending.
@@ -108,8 +114,16 @@ def select_tokens(
 
     """
     chosen = resolve_impl(impl, features.device)
-    if chosen == "triton" and method == "leverage":
+    if chosen == "triton" and method == "leverage" and basis is None:
         from joulecap.kernels.triton_spectral import triton_leverage_selector
 
         return select(features, k, method=method, attention=attention, selector=triton_leverage_selector)
-    return select(features, k, method=method, attention=attention)
+    return select(features, k, method=method, attention=attention, basis=basis)
+
+
+def leverage_basis(features: torch.Tensor) -> SketchBasis | None:
+    """The exact basis `select_tokens(..., basis=)` reuses for leverage at any k (None if too big).
+
+    See `joulecap.kernels.selection.exact_basis`.
+    """
+    return exact_basis(features)

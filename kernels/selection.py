@@ -26,12 +26,14 @@ from typing import Protocol
 import torch
 
 from joulecap.kernels import basis_cache
-from joulecap.kernels.randomized import sketch_basis
+from joulecap.kernels.randomized import SketchBasis, sketch_basis
 from joulecap.kernels.validation import check_finite, check_k
 
 OVERSAMPLE = 10
 EXACT_SHORT_SIDE = 128
 EXACT_FRACTION = 0.5
+EXACT_BASIS_MAX = 256
+"""`exact_basis` is computed up to this short side (a 256 x 256 float64 eigh: a few ms on a CPU)."""
 
 
 class Selector(Protocol):
@@ -82,12 +84,41 @@ def randomized_left_subspace(x: torch.Tensor, k: int, *, power_iters: int = 1, s
     return q.double() @ w[:, keep_dirs]
 
 
-def leverage_scores(x: torch.Tensor, k: int) -> torch.Tensor:
+def exact_basis(x: torch.Tensor, max_short_side: int = EXACT_BASIS_MAX) -> SketchBasis | None:
+    """The whole left singular basis of `x` (`[N, D]`) for `leverage_scores` at any k, or None.
+
+    An engine computes it once per image while preparing the request, so that the energy of the
+    eigendecomposition is measured with the image encode, before planning, instead of inside the
+    run, where the predictor does not model it (it cost about one decode step per pruned image on
+    a 2-core CPU). None when the short side exceeds `max_short_side` (the Gram then costs more
+    than the randomized subspace the selection would compute for a small k).
+    """
+    if min(x.shape) > max_short_side:
+        return None
+    check_finite(x)
+    a = x.double()
+    gram = a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
+    evals, evecs = torch.linalg.eigh(gram)
+    s2, vecs = evals.flip(-1), evecs.flip(-1)
+    keep_dirs = s2 > s2[:1].clamp_min(0) * 1e-12
+    s2, vecs = s2[keep_dirs], vecs[:, keep_dirs]
+    # With N > D the eigenvectors are the right singular vectors: X V = U S recovers U.
+    u = vecs if a.shape[0] <= a.shape[1] else (a @ vecs) / s2.sqrt()
+    eye = torch.eye(u.shape[1], dtype=torch.float64, device=u.device)
+    return SketchBasis(q=u, energies=s2, evecs=eye)
+
+
+def leverage_scores(x: torch.Tensor, k: int, basis: SketchBasis | None = None) -> torch.Tensor:
     """Squared row norms of the top-k left singular subspace of `x` (`[N]`, float64).
 
-    Reuses the sketch `spectral_budget` left for this tensor when its rank covers k with the
-    usual oversampling (see `joulecap.kernels.basis_cache`).
+    Uses `basis` (from `exact_basis`) when given, else the sketch `spectral_budget` left for this
+    tensor when its rank covers k with the usual oversampling (see `joulecap.kernels.basis_cache`).
     """
+    if basis is not None and basis.q.shape[0] == x.shape[0]:
+        w = basis.evecs[:, :k]
+        s2 = basis.energies[:k]
+        w = w[:, s2 > s2[:1].clamp_min(0) * 1e-12]
+        return (basis.q.double() @ w).square().sum(-1)
     memo = basis_cache.get(x)
     if memo is not None and memo.q.shape[-1] >= k + OVERSAMPLE:
         w = memo.evecs[:, :k]
@@ -102,8 +133,10 @@ def leverage_scores(x: torch.Tensor, k: int) -> torch.Tensor:
     return u.square().sum(-1)
 
 
-def _leverage(features: torch.Tensor, k: int, attention: torch.Tensor | None) -> torch.Tensor:
-    scores = leverage_scores(features, k)
+def _leverage(
+    features: torch.Tensor, k: int, attention: torch.Tensor | None, basis: SketchBasis | None = None
+) -> torch.Tensor:
+    scores = leverage_scores(features, k, basis)
     # Tokens outside the column space of the top-k directions score 0; break those ties by norm
     # (scaled far below any non-zero leverage) rather than by position.
     norms = torch.linalg.vector_norm(features, dim=-1, dtype=torch.float32).double().square()
@@ -167,6 +200,7 @@ def select(
     method: str = "leverage",
     attention: torch.Tensor | None = None,
     selector: Selector | None = None,
+    basis: SketchBasis | None = None,
 ) -> torch.Tensor:
     """Kept token indices, sorted in original order (PyTorch path).
 
@@ -176,6 +210,7 @@ def select(
         method: A key of `SELECTORS`.
         attention: `[N]` scores for `method="attention"`.
         selector: Overrides `method` (used by the Triton dispatch for `leverage`).
+        basis: `exact_basis(features)`, computed earlier; `leverage` then needs no decomposition.
 
     Returns:
         int64 indices on `features.device`, ascending.
@@ -196,7 +231,10 @@ def select(
             _attention(features, 0, attention)  # still reject missing scores consistently
         return torch.arange(n, device=device)
     pick = selector if selector is not None else SELECTORS[method]
-    idx = pick(features, k, attention)
+    if selector is None and method == "leverage" and basis is not None:
+        idx = _leverage(features, k, attention, basis)
+    else:
+        idx = pick(features, k, attention)
     return idx.to(device=device, dtype=torch.long).sort().values
 
 

@@ -94,7 +94,9 @@ class Runtime:
         meter: Meter | None = None,
     ) -> None:
         self.config = cfg = config or JoulecapConfig()
-        self.engine = engine or create_engine(cfg.engine)
+        # The basis only serves leverage selection: another method would pay for it for nothing.
+        leverage = cfg.engine.leverage_basis and cfg.scheduler.selection == "leverage"
+        self.engine = engine or create_engine(dataclasses.replace(cfg.engine, leverage_basis=leverage))
         self.info = self.engine.info
         if self.info.random_weights:
             log.warning(

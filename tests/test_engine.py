@@ -134,6 +134,38 @@ def test_splice_places_selected_features_in_order(idefics3: TransformersEngine) 
     torch.testing.assert_close(embeds[first + 9 :], text_embeds[first + 64 :])
 
 
+def test_prepare_decomposes_each_image_once_for_leverage_selection(
+    tiny_idefics3: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The basis is computed in prepare (measured with the encode) and the run's leverage selection
+    # reads it: the same tokens and the same answer as decomposing inside the run.
+    from joulecap.kernels import selection
+
+    with_basis = TransformersEngine(EngineConfig(model=str(tiny_idefics3), device="cpu"))
+    without = TransformersEngine(EngineConfig(model=str(tiny_idefics3), device="cpu", leverage_basis=False))
+    try:
+        a, b = with_basis.prepare(_request(2)), without.prepare(_request(2))
+        pa: Any = a.payload
+        pb: Any = b.payload
+        assert len(pa.bases) == 2 and all(basis is not None for basis in pa.bases) and pb.bases == ()
+        plan_a, plan_b = _plan(a, (9, 20), max_new=6), _plan(b, (9, 20), max_new=6)
+        assert with_basis._keep_indices(a, plan_a)[0].tolist() == without._keep_indices(b, plan_b)[0].tolist()
+        rb = without.run(b, plan_b, RunHooks())
+
+        def no_decomposition(*_args: Any, **_kw: Any) -> Any:
+            raise AssertionError("the run decomposed the features again")
+
+        monkeypatch.setattr(selection, "exact_left_subspace", no_decomposition)
+        monkeypatch.setattr(selection, "randomized_left_subspace", no_decomposition)
+        ra = with_basis.run(a, plan_a, RunHooks())
+        assert ra.token_ids == rb.token_ids and ra.prefill_tokens == rb.prefill_tokens
+        with pytest.raises(AssertionError, match="decomposed"):
+            without.run(b, plan_b, RunHooks())
+    finally:
+        with_basis.close()
+        without.close()
+
+
 def test_selection_method_changes_which_tokens_stay(idefics3: TransformersEngine) -> None:
     prepared = idefics3.prepare(_request(1))
     runs = {

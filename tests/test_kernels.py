@@ -85,6 +85,34 @@ def test_leverage_reuses_budget_sketch() -> None:
     assert basis_cache.get(x) is None
 
 
+def test_exact_basis_gives_the_exact_leverage_and_selection_at_any_k() -> None:
+    from joulecap.kernels import leverage_basis
+    from joulecap.kernels.selection import EXACT_BASIS_MAX, exact_left_subspace
+
+    # N <= D (tokens fewer than channels, as TinyVQA's 144 x 160) and N > D, full and deficient rank.
+    cases = [
+        with_spectrum([0.9**i for i in range(60)], 144, 160, seed=1).float(),
+        with_spectrum([0.9**i for i in range(40)], 200, 64, seed=2).float(),
+        with_spectrum([0.9**i for i in range(20)], 100, 120, seed=3).float(),
+    ]
+    for x in cases:
+        with torch.inference_mode():  # engines prepare features in inference mode
+            xi = x.clone()
+            basis = leverage_basis(xi)
+        assert basis is not None
+        for k in (1, 8, 17, min(x.shape) - 1):
+            exact = exact_left_subspace(x, k).square().sum(-1)
+            torch.testing.assert_close(leverage_scores(x, k, basis), exact, rtol=1e-9, atol=1e-9)
+            picked = select_tokens(xi, k, basis=basis)
+            if k + 10 > 0.5 * min(x.shape) or min(x.shape) <= 128:  # where selection is exact too
+                assert torch.equal(picked, select_tokens(xi, k))
+            assert picked.shape == (k,) and torch.equal(picked, picked.sort().values)
+    # Too large a short side: no basis (selection then decomposes as before).
+    assert leverage_basis(torch.randn(EXACT_BASIS_MAX + 1, EXACT_BASIS_MAX + 2)) is None
+    with pytest.raises(ValueError):
+        leverage_basis(torch.tensor([[float("nan"), 1.0], [0.0, 1.0]]))
+
+
 def test_budget_and_selection_on_inference_mode_tensors() -> None:
     # Features made under torch.inference_mode() have no version counter: they are not memoised,
     # and the budget and selection match those of an ordinary tensor.

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from joulecap.runtime.calibrate import SweepPoint, make_request
 from joulecap.runtime.errors import BudgetTooSmall, InvalidRequest, Overloaded
 from joulecap.runtime.runtime import Runtime
 
@@ -117,6 +118,19 @@ def test_oversized_frame_is_refused(config_factory: Any) -> None:
             rt.chat("hi", images=[np.zeros((100, 100, 3), dtype=np.uint8)])
     finally:
         rt.close()
+
+
+def test_the_leverage_basis_is_computed_only_for_leverage_selection(config_factory: Any) -> None:
+    for selection, want in (("leverage", True), ("uniform", False)):
+        rt = Runtime(config_factory(scheduler={"selection": selection}, engine={"warmup": False}))
+        try:
+            engine: Any = rt.engine
+            assert engine.config.leverage_basis is want
+            request = make_request(SweepPoint(64, 1.0, 4, 2, 0))  # one 64 px image
+            payload: Any = rt.engine.prepare(request).payload
+            assert (len(payload.bases) == 1) is want
+        finally:
+            rt.close()
 
 
 def test_encode_energy_is_measured_before_planning_charged_and_not_learned(runtime: Runtime) -> None:

@@ -48,10 +48,38 @@ def _two_request_log() -> WorkLog:
 
 def test_windows_cut_at_events_and_group_one_step() -> None:
     ws = windows(_two_request_log().events())
-    assert [(w.t0_s, w.t1_s) for w in ws] == [(0.0, 1.0), (1.5, 2.0), (2.0, 3.0), (3.0, 4.0)]
-    assert ws[1].work == {"A": TokenWork(0, 1), "B": TokenWork(4, 0)}
-    assert ws[2].work == {"A": TokenWork(0, 1), "B": TokenWork(0, 1)}
-    # The gap 1.0..1.5 (A waiting for B's arrival, nothing finished) is not a busy window.
+    assert [(w.t0_s, w.t1_s) for w in ws] == [(0.0, 1.0), (1.0, 1.5), (1.5, 2.0), (2.0, 3.0), (3.0, 4.0)]
+    # 1.0..1.5: A's decode step was under way when B arrived; B's window starts at its arrival.
+    assert ws[1].work == {"A": TokenWork(0, 1)}
+    assert ws[2].work == {"A": TokenWork(0, 1), "B": TokenWork(4, 0)}
+    assert ws[3].work == {"A": TokenWork(0, 1), "B": TokenWork(0, 1)}
+
+
+def test_the_stretch_before_an_arrival_goes_to_who_was_working_or_to_nobody() -> None:
+    log = WorkLog()
+    log.begin("A", 0.0)
+    log.record("A", prefill_tokens=10, t_s=1.0)
+    log.begin("B", 1.2)
+    log.begin("C", 1.4)
+    log.record("A", decode_tokens=1, t_s=2.0)
+    log.record("B", prefill_tokens=3, t_s=2.0)
+    log.record("C", prefill_tokens=3, t_s=2.0)
+    ws = windows(log.events())
+    assert [(w.t0_s, w.t1_s, set(w.work)) for w in ws] == [
+        (0.0, 1.0, {"A"}),
+        (1.0, 1.2, {"A"}),  # only A was there
+        (1.2, 1.4, {"A", "B"}),
+        (1.4, 2.0, {"A", "B", "C"}),
+    ]
+    # A finished at 1.0 and the engine idled until D arrived: that gap is nobody's.
+    idle = WorkLog()
+    idle.begin("A", 0.0)
+    idle.record("A", prefill_tokens=10, t_s=1.0)
+    idle.begin("D", 5.0)
+    idle.record("D", prefill_tokens=4, t_s=5.5)
+    assert [(w.t0_s, w.t1_s) for w in windows(idle.events())] == [(0.0, 1.0), (5.0, 5.5)]
+    # A reader that starts after A's begin still counts A as arrived.
+    assert windows(log.events(0.5, math.inf)) == ws[1:]
 
 
 def test_shares_follow_token_work_and_sum_to_the_measured_windows() -> None:
@@ -61,13 +89,13 @@ def test_shares_follow_token_work_and_sum_to_the_measured_windows() -> None:
     a = attribute("A", ws, energy, **costs)
     b = attribute("B", ws, energy, **costs)
     # Window 1.5..2.0 (5 J): A did 1 decode (weight 1), B 4 prefill (weight 2) -> 5/3 and 10/3.
-    # Window 2..3 (10 J): one decode each -> 5 and 5. A alone: 0..1 (10 J), 3..4 (10 J).
-    assert a.total_j == pytest.approx(10 + 5 / 3 + 5 + 10)
+    # Window 2..3 (10 J): one decode each -> 5 and 5. A alone: 0..1 (10 J), 1..1.5 (5 J), 3..4 (10 J).
+    assert a.total_j == pytest.approx(10 + 5 + 5 / 3 + 5 + 10)
     assert b.total_j == pytest.approx(10 / 3 + 5)
     assert a.total_j + b.total_j == pytest.approx(sum(10.0 * (w.t1_s - w.t0_s) for w in ws))
     assert a.prefill_j == pytest.approx(10.0)  # only the window that produced A's first token
     assert b.prefill_j == pytest.approx(10 / 3)
-    assert (a.windows, b.windows) == (4, 2)
+    assert (a.windows, b.windows) == (5, 2)
     assert (a.shared_windows, b.shared_windows) == (2, 2)
 
 
@@ -81,7 +109,7 @@ def test_windows_do_not_depend_on_where_reading_starts() -> None:
     log = _two_request_log()
     full = windows(log.events())
     later = windows(log.events(1.5, math.inf))
-    assert later == full[1:]
+    assert later == full[2:]
 
 
 def test_log_is_ordered_thread_safe_and_bounded() -> None:
@@ -180,8 +208,9 @@ def test_batched_report_replaces_the_whole_window_figure_with_the_share() -> Non
     log = _two_request_log()
     a = batched_report(monitor, log, "A", PhaseTimes(0.0, 1.0, 4.0), prefill_cost=0.5, decode_cost=1.0)
     b = batched_report(monitor, log, "B", PhaseTimes(1.5, 2.0, 3.0), prefill_cost=0.5, decode_cost=1.0)
-    assert a.total_j == pytest.approx(10 + 5 / 3 + 5 + 10)
+    assert a.total_j == pytest.approx(10 + 5 + 5 / 3 + 5 + 10)
     assert b.total_j == pytest.approx(10 / 3 + 5)
+    assert a.total_j + b.total_j == pytest.approx(40.0)  # the whole busy 0..4 s, nothing lost
     assert a.prefill_j + a.decode_j == pytest.approx(a.total_j)
     assert "split by token work" in a.note and a.source == "measured"
     # Without the split, B's window (1.5..3.0) would be charged 15 J in full.

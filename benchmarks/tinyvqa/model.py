@@ -103,6 +103,36 @@ def build_model(size: ModelSize, seed: int) -> tuple[Any, Any]:
     return model, processor
 
 
+def sincos_positions(model: Any, norm: float) -> None:
+    """Re-initialise the vision tower's patch position embeddings as 2-D sin/cos waves of `norm`.
+
+    A training choice, not an architecture change (the weights stay CLIP's learned position
+    embeddings). With CLIP's default init (std 0.02) the patch content drowns the position: in
+    session 5's model no linear probe could tell where a visual token lies (R2 below 0 after
+    the encoder, 0.75 before it), so "is the circle left of the square?" stayed at chance.
+    Half the channels follow x and half y, each as sines and cosines of geometrically spaced
+    frequencies (the slow ones are nearly linear in the coordinate); row 0 (CLS) is left alone.
+    """
+    import torch
+
+    emb = model.model.vision_tower.embeddings.position_embedding.weight
+    n_patches, dim = emb.shape[0] - 1, emb.shape[1]
+    grid = round(n_patches**0.5)
+    if grid * grid != n_patches or dim % 4:
+        raise ValueError(f"need a square patch grid and dim % 4 == 0, got {n_patches} patches, dim {dim}")
+    quarter = dim // 4
+    omega = 1.0 / (grid ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    parts = []
+    for coord in (xs.flatten().float(), ys.flatten().float()):
+        angle = coord[:, None] * omega[None, :]
+        parts += [torch.sin(angle), torch.cos(angle)]
+    table = torch.cat(parts, dim=1)
+    table = table / table.norm(dim=1, keepdim=True) * norm
+    with torch.no_grad():
+        emb[1:] = table
+
+
 def messages(question: str) -> list[dict[str, Any]]:
     """The chat the engine renders for one image and one question."""
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]

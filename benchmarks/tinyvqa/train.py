@@ -9,7 +9,11 @@ model degrades gracefully when the runtime prunes visual tokens.
 Two training-only aids (nothing of them ships): a dense per-patch loss on the visual tokens
 (`--aux-weight`, `patch_aux.py`), and weighing every question the same instead of every answer
 token (`--per-question`; by token, the long "describe" answers take over half of the gradient and
-the one-word yes/no answers stay at a constant guess for thousands of steps).
+the one-word yes/no answers stay at a constant guess for thousands of steps). Session 6 added two
+more, not in the shipped recipe: a sin/cos start for the vision tower's position embeddings
+(`--sincos-positions`, without which the visual tokens do not say where they are) and a loss
+grounding the question's object names (`--ref-weight`, `ref_aux.py`); see
+`benchmarks/results/tinyvqa_probes.json` (`session_6`) for what they changed.
 
 The shipped model (one hour on a 2-core CPU, seed 0). The learning-rate schedule follows the wall
 clock, so other machines reproduce it closely, not bit for bit. The shipped stage 1 was stopped by
@@ -39,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.tinyvqa import patch_aux
+from benchmarks.tinyvqa import patch_aux, ref_aux
 from benchmarks.tinyvqa.generate import (
     QTYPE_WEIGHTS,
     QTYPES,
@@ -47,7 +51,7 @@ from benchmarks.tinyvqa.generate import (
     make_example,
     make_scene_examples,
 )
-from benchmarks.tinyvqa.model import ModelSize, build_model, messages
+from benchmarks.tinyvqa.model import ModelSize, build_model, messages, sincos_positions
 
 
 class Batcher:
@@ -134,30 +138,45 @@ def image_features(model: Any, batcher: Batcher, images: list[Any]) -> torch.Ten
     )
 
 
-def packed_loss(
+@dataclasses.dataclass(frozen=True)
+class Packed:
+    """A batch of packed rows (see `pack`), ready for the LM."""
+
+    inputs: torch.Tensor  # (batch, length, hidden) input embeddings
+    allowed: torch.Tensor  # (batch, length, length) bool: which keys each query may attend to
+    positions: torch.Tensor  # (batch, length) position ids
+    labels: torch.Tensor  # (batch, length) answer token ids, -100 elsewhere
+    weights: torch.Tensor  # (batch, length) 1/len(answer) on answer tokens (per-question weighting)
+    ref_rows: list[int]  # row and column of each grounded shape word (ref_aux.py)
+    ref_cols: list[int]
+    ref_xy: torch.Tensor  # (n_refs, 2) centres of the objects those words name
+
+
+def pack(
     model: Any,
     batcher: Batcher,
     batch: list[tuple[Any, list[tuple[str, str]]]],
     keep_frac: list[float],
     gen: torch.Generator,
-    feats: torch.Tensor | None = None,
-    per_question: bool = False,
-) -> torch.Tensor:
-    """Like `forward_loss`, but several questions share one image prefix in one row.
+    feats: torch.Tensor,
+    refs: list[list[list[tuple[float, float]]]] | None = None,
+) -> Packed:
+    """Several questions share one image prefix in one row.
 
     Row layout: `[before][visual tokens][q1 ... a1 EOS][q2 ... a2 EOS]...`. A 4-D attention mask lets
     each question segment see the shared prefix and itself only, and its position ids restart right
     after the prefix, so every segment is computed exactly as a separate single-question prompt
     (checked by `check_packed`): the vision tower and the prefix are paid once per image.
-    `feats` are the batch's projected image features when the caller has computed them already.
-    With `per_question`, every question weighs the same whatever its answer's length (a one-word
-    yes/no counts as much as a listing of five objects); by default every answer token does.
+    `refs[b][j]`, when given, are the centres of the objects question j of row b names, one per
+    shape word (`ref_aux.referents`); their columns in the packed rows are recorded.
     """
-    if feats is None:
-        feats = image_features(model, batcher, [img for img, _ in batch])
     embed = model.get_input_embeddings()
     eos = batcher.tok.eos_token_id
+    shape_ids = ref_aux.shape_token_ids(batcher.tok) if refs is not None else set()
     rows = []
+    ref_rows: list[int] = []
+    ref_cols: list[int] = []
+    ref_xy: list[tuple[float, float]] = []
     for b, (_, qas) in enumerate(batch):
         before = batcher.prompt(qas[0][0])[0]
         n = feats.shape[1]
@@ -169,10 +188,19 @@ def packed_loss(
         weights = [torch.zeros(prefix_len)]
         positions = [torch.arange(prefix_len)]
         segment = [torch.zeros(prefix_len, dtype=torch.long)]
+        offset = prefix_len
         for j, (question, answer) in enumerate(qas, start=1):
             after = batcher.prompt(question)[1]
+            if refs is not None and refs[b][j - 1]:
+                cols = [offset + t for t, tok in enumerate(after) if tok in shape_ids]
+                if len(cols) != len(refs[b][j - 1]):
+                    raise ValueError(f"{question!r}: {len(cols)} shape tokens, {len(refs[b][j - 1])} refs")
+                ref_rows += [b] * len(cols)
+                ref_cols += cols
+                ref_xy += refs[b][j - 1]
             ans = batcher.tok(answer)["input_ids"] + [eos]
             ids = torch.tensor(after + ans)
+            offset += len(ids)
             parts.append(embed(ids))
             lab = torch.full((len(ids),), -100)
             lab[-len(ans) :] = torch.tensor(ans)
@@ -182,8 +210,8 @@ def packed_loss(
             weights.append(w)
             positions.append(torch.arange(prefix_len, prefix_len + len(ids)))
             segment.append(torch.full((len(ids),), j))
-        cols = (parts, labels, positions, segment, weights)
-        rows.append(tuple(torch.cat(c) for c in cols))
+        cols_ = (parts, labels, positions, segment, weights)
+        rows.append(tuple(torch.cat(c) for c in cols_))
     length = max(r[0].shape[0] for r in rows)
     bsz, dim = len(rows), rows[0][0].shape[1]
     inputs = torch.zeros(bsz, length, dim)
@@ -202,17 +230,53 @@ def packed_loss(
     allowed = causal & (k_seg >= 0) & ((k_seg == 0) | (k_seg == q_seg))
     # Padding rows attend to themselves only, so no row of the mask is empty (NaN-free softmax).
     allowed |= torch.eye(length, dtype=torch.bool) & (q_seg < 0)
-    hidden = model.model.language_model(
-        inputs_embeds=inputs, attention_mask=allowed[:, None], position_ids=pos_t
-    ).last_hidden_state
+    xy_t = torch.tensor(ref_xy, dtype=torch.float32).reshape(-1, 2)
+    return Packed(inputs, allowed, pos_t, lab_t, w_t, ref_rows, ref_cols, xy_t)
+
+
+def run_lm(model: Any, packed: Packed, hidden_states: bool = False) -> Any:
+    """The language model's forward over packed rows."""
+    return model.model.language_model(
+        inputs_embeds=packed.inputs,
+        attention_mask=packed.allowed[:, None],
+        position_ids=packed.positions,
+        output_hidden_states=hidden_states,
+    )
+
+
+def answer_loss(model: Any, packed: Packed, hidden: torch.Tensor, per_question: bool) -> torch.Tensor:
+    """Cross-entropy on the answer tokens of packed rows, given the LM's last hidden state.
+
+    With `per_question`, every question weighs the same whatever its answer's length (a one-word
+    yes/no counts as much as a listing of five objects); by default every answer token does.
+    """
     # Within a segment the next token is at t+1; labels at segment starts are -100 (prompt tokens).
     logits = model.lm_head(hidden[:, :-1])
-    flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), lab_t[:, 1:].reshape(-1)
+    flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), packed.labels[:, 1:].reshape(-1)
     if not per_question:
         return F.cross_entropy(flat_logits, flat_labels, ignore_index=-100)
     ce = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="none")
-    w = w_t[:, 1:].reshape(-1)
+    w = packed.weights[:, 1:].reshape(-1)
     return (ce * w).sum() / w.sum()
+
+
+def packed_loss(
+    model: Any,
+    batcher: Batcher,
+    batch: list[tuple[Any, list[tuple[str, str]]]],
+    keep_frac: list[float],
+    gen: torch.Generator,
+    feats: torch.Tensor | None = None,
+    per_question: bool = False,
+) -> torch.Tensor:
+    """Like `forward_loss`, but with the questions of each image packed in one row (`pack`).
+
+    `feats` are the batch's projected image features when the caller has computed them already.
+    """
+    if feats is None:
+        feats = image_features(model, batcher, [img for img, _ in batch])
+    packed = pack(model, batcher, batch, keep_frac, gen, feats)
+    return answer_loss(model, packed, run_lm(model, packed).last_hidden_state, per_question)
 
 
 @torch.no_grad()
@@ -323,6 +387,22 @@ def main() -> None:
     ap.add_argument(
         "--aux-weight", type=float, default=0.0, help="Weight of the dense per-patch loss (patch_aux.py)."
     )
+    ap.add_argument(
+        "--ref-weight",
+        type=float,
+        default=0.0,
+        help="Weight of the loss grounding the question's object names (ref_aux.py).",
+    )
+    ap.add_argument(
+        "--sincos-positions",
+        type=float,
+        default=0.0,
+        help="Start the vision tower's patch position embeddings as 2-D sin/cos of this norm "
+        "(0: CLIP's default init; ignored with --init-from).",
+    )
+    ap.add_argument(
+        "--ref-layer", type=int, default=2, help="LM layer whose output the grounding head reads."
+    )
     defaults = ModelSize()
     for field in dataclasses.fields(ModelSize):
         ap.add_argument(f"--{field.name.replace('_', '-')}", type=int, default=getattr(defaults, field.name))
@@ -336,6 +416,8 @@ def main() -> None:
     model, processor = build_model(size, args.seed)
     if args.init_from is not None:
         model = type(model).from_pretrained(args.init_from)
+    elif args.sincos_positions > 0:
+        sincos_positions(model, args.sincos_positions)
     batcher = Batcher(processor)
     for i in range(3):
         ex, img = make_example("val", i)
@@ -346,7 +428,8 @@ def main() -> None:
     print(f"params {n_params} ({n_params * 4 / 1e6:.1f} MB fp32)", flush=True)
     # The per-patch head exists only when its loss is on (it is trained, then discarded).
     head = patch_aux.make_head(size.text_hidden) if args.aux_weight > 0 else None
-    params = list(model.parameters()) + (list(head.parameters()) if head is not None else [])
+    ref_head = ref_aux.make_head(size.text_hidden) if args.ref_weight > 0 else None
+    params = list(model.parameters()) + [p for h in (head, ref_head) if h is not None for p in h.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     model.train()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -362,7 +445,7 @@ def main() -> None:
         if args.stop_after_steps and step >= args.stop_after_steps:
             print(f"stopped after {step} steps (--stop-after-steps)", flush=True)
             break
-        batch, objects = [], []
+        batch, objects, refs = [], [], []
         for _ in range(args.batch):
             exs, img = make_scene_examples(
                 "train", index, args.questions, seed=args.seed, weights=tuple(args.qtype_weights)
@@ -370,17 +453,27 @@ def main() -> None:
             index += 1
             batch.append((img, [(e.question, e.answer) for e in exs]))
             objects.append(exs[0].objects)
+            refs.append([ref_aux.referents(e) for e in exs])
         keep = [rnd.uniform(0.15, 1.0) if rnd.random() < args.drop_prob else 1.0 for _ in batch]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup, time_frac)
         feats = image_features(model, batcher, [img for img, _ in batch])
-        loss = packed_loss(model, batcher, batch, keep, gen, feats, per_question=args.per_question)
+        packed = pack(model, batcher, batch, keep, gen, feats, refs if ref_head is not None else None)
+        out = run_lm(model, packed, hidden_states=ref_head is not None)
+        loss = answer_loss(model, packed, out.last_hidden_state, args.per_question)
         extra: dict[str, float] = {}
         total = loss
         if head is not None:
             aux, extra = patch_aux.aux_loss(head, feats, objects, size.patch)
-            total = loss + args.aux_weight * aux
+            total = total + args.aux_weight * aux
             extra["aux_loss"] = round(aux.item(), 4)
+        if ref_head is not None:
+            hidden = out.hidden_states[args.ref_layer]
+            ref, ref_extra = ref_aux.ref_loss(
+                ref_head, hidden, packed.ref_rows, packed.ref_cols, packed.ref_xy
+            )
+            total = total + args.ref_weight * ref
+            extra |= {"ref_loss": round(ref.item(), 4), **ref_extra}
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -420,6 +513,9 @@ def main() -> None:
         "drop_prob": args.drop_prob,
         "aux_weight": args.aux_weight,
         "per_question": args.per_question,
+        "ref_weight": args.ref_weight,
+        "ref_layer": args.ref_layer,
+        "sincos_positions": args.sincos_positions,
         "qtype_weights": dict(zip(QTYPES, args.qtype_weights, strict=True)),
         "batch": args.batch,
         "lr": args.lr,

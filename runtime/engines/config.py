@@ -41,6 +41,12 @@ class EngineConfig:
     torch_threads: int | None = None
     """CPU threads for PyTorch's intra-op pool (process-wide); unset keeps PyTorch's default. On a
     shared CPU, 1 makes per-request energy far more repeatable (see benchmarks/results/scheduler_cpu.json)."""
+    leverage_basis: bool = True
+    """Decompose each image's visual features while preparing the request (an exact eigh when
+    the short side is at most 256), so leverage token selection during the run is a top-k. The
+    decomposition's energy is then measured with the image encode, before planning, instead of
+    inside the run, where the predictor does not model it (about one decode step per pruned image
+    on a 2-core CPU). The runtime turns it off when the scheduler selects tokens another way."""
     warmup: bool = True
     """Run one short generation at start-up (not recorded, not learned from): the first, cold request
     otherwise costs several times a normal one and can overshoot its budget."""

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import torch
 
-from joulecap.kernels import select_tokens
+from joulecap.kernels import leverage_basis, select_tokens
 from joulecap.runtime.brevity import RESERVE_SIZES, brevity_hint
 from joulecap.runtime.engines.adapters import FamilyAdapter, get_adapter
 from joulecap.runtime.engines.base import EngineInfo, RunHooks
@@ -138,6 +138,7 @@ class _Payload:
     input_ids: torch.Tensor
     positions: tuple[torch.Tensor, ...]
     images: tuple[Any, ...]
+    bases: tuple[Any, ...] = ()  # per image: kernels.leverage_basis of its features, or None
 
 
 class TransformersEngine:
@@ -281,6 +282,7 @@ class TransformersEngine:
                     if k not in ("input_ids", "attention_mask")
                 }
                 features = self.adapter.encode_images(pixel_inputs, positions)
+            bases = tuple(leverage_basis(f) for f in features) if self.config.leverage_basis else ()
         visual = tuple(int(p.numel()) for p in positions)
         return PreparedRequest(
             request=request,
@@ -288,7 +290,7 @@ class TransformersEngine:
             visual_tokens=visual,
             features=features,
             context_length=self.info.context_length,
-            payload=_Payload(input_ids=input_ids, positions=tuple(positions), images=images),
+            payload=_Payload(input_ids=input_ids, positions=tuple(positions), images=images, bases=bases),
             hint_tokens=self.hint_tokens,
         )
 
@@ -300,7 +302,11 @@ class TransformersEngine:
                 f"{len(prepared.visual_tokens)}."
             )
         keep = []
-        for feats, n, k in zip(prepared.features, prepared.visual_tokens, plan.visual_keep, strict=True):
+        payload = prepared.payload
+        bases = payload.bases if isinstance(payload, _Payload) else ()
+        for i, (feats, n, k) in enumerate(
+            zip(prepared.features, prepared.visual_tokens, plan.visual_keep, strict=True)
+        ):
             if not 0 <= k <= n:
                 raise ValueError(f"Plan keeps {k} of {n} visual tokens of an image.")
             if k == n:
@@ -308,7 +314,9 @@ class TransformersEngine:
             elif k == 0:
                 keep.append(torch.zeros(0, dtype=torch.long, device=feats.device))
             else:
-                keep.append(select_tokens(feats, int(k), method=plan.selection).to(feats.device))
+                basis = bases[i] if i < len(bases) else None
+                kept = select_tokens(feats, int(k), method=plan.selection, basis=basis)
+                keep.append(kept.to(feats.device))
         return keep
 
     def _prompt_ids(

@@ -12,7 +12,8 @@ decode tokens x decode cost; ../shared/DESIGN.md, "Energy semantics"). Consequen
   attributed to anyone.
 - A token event at time `t` stands for the work done since the previous event of any request (the
   engine step that produced it); a request's `begin` is a boundary too, so the window holding its
-  prefill starts no earlier than its arrival.
+  prefill starts no earlier than its arrival, and the stretch before the `begin` goes to the
+  requests already there that finish work next (see `windows`).
 - Windows are not merged: a merge would depend on where a reader starts, and the shares of one
   request would no longer be cut from the same windows as the others'. Windows shorter than the
   meter's update period are interpolated by `EnergyMonitor.energy_between` (and flagged).
@@ -201,10 +202,17 @@ def windows(events: Sequence[WorkEvent]) -> list[Window]:
     """Cut the timeline at every event and keep the busy windows with their work.
 
     Window `i` spans from the previous event (of any request) to event time `t_i` and holds the
-    work of the events at `t_i`. The cut depends only on the events, not on where a reader starts,
-    so every request sees the same windows and the shares of a window add up to it.
+    work of the events at `t_i`. A `begin` (an arrival, no work) cuts too, so a new request's
+    window never reaches back before its arrival; the stretch just before a `begin` goes to the
+    requests that had arrived by then and finish work at the next working event (the engine step
+    they were in when the new request came). With none (the engine was idle, waiting for that
+    arrival), it is nobody's. The cut depends only on the events, not on where a reader starts,
+    so every request sees the same windows and the shares of a window add up to it. A request
+    whose `begin` precedes the events read counts as arrived.
     """
     out: list[Window] = []
+    begun: dict[str, float] = {}
+    pending: list[tuple[float, float]] = []  # stretches ending at a begin, not yet owned
     prev_t: float | None = None
     i = 0
     while i < len(events):
@@ -217,9 +225,18 @@ def windows(events: Sequence[WorkEvent]) -> list[Window]:
                 work[e.request_id] = TokenWork(
                     w.prefill_tokens + e.prefill_tokens, w.decode_tokens + e.decode_tokens
                 )
+            else:
+                begun[e.request_id] = t
             i += 1
         if prev_t is not None and work:
+            for t0, t1 in pending:
+                owners = {r: w for r, w in work.items() if begun.get(r, -math.inf) < t1}
+                if owners:
+                    out.append(Window(t0, t1, owners))
+            pending = []
             out.append(Window(prev_t, t, work))
+        elif prev_t is not None:
+            pending.append((prev_t, t))
         prev_t = t
     return out
 
