@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 import torch
 
 from joulecap.kernels import leverage_basis, select_tokens
+from joulecap.kernels.randomized import SketchBasis
 from joulecap.runtime.brevity import RESERVE_SIZES, brevity_hint
 from joulecap.runtime.engines.adapters import FamilyAdapter, get_adapter
 from joulecap.runtime.engines.base import EngineInfo, RunHooks
@@ -138,7 +139,7 @@ class _Payload:
     input_ids: torch.Tensor
     positions: tuple[torch.Tensor, ...]
     images: tuple[Any, ...]
-    bases: tuple[Any, ...] = ()  # per image: kernels.leverage_basis of its features, or None
+    bases: tuple[SketchBasis | None, ...] = ()  # per image: kernels.leverage_basis of its features
 
 
 class TransformersEngine:
