@@ -20,6 +20,7 @@ Ties are broken by token order (stable sort), so selections are deterministic.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Protocol
 
@@ -50,24 +51,24 @@ def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return order[:k]
 
 
-def exact_left_subspace(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-k left singular vectors `[N, k']` of `x` from float64 eigh (k' <= numerical rank)."""
+def _exact_left(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k left singular vectors `[N, k']` of `x` and their energies `[k']` (float64 eigh).
+
+    Decomposes the smaller Gram; k' <= numerical rank (directions with no energy are dropped).
+    """
     a = x.double()
     n, d = a.shape
-    if n <= d:
-        evals, evecs = torch.linalg.eigh(a @ a.T)
-        u = evecs.flip(-1)[:, :k]
-        s2 = evals.flip(-1)[:k]
-    else:
-        evals, evecs = torch.linalg.eigh(a.T @ a)
-        v = evecs.flip(-1)[:, :k]
-        s2 = evals.flip(-1)[:k]
-        # X V = U S: recover U by scaling, skipping directions with no energy.
-        keep_dirs = s2 > s2[:1].clamp_min(0) * 1e-12
-        u = (a @ v[:, keep_dirs]) / s2[keep_dirs].sqrt()
-        return u
+    evals, evecs = torch.linalg.eigh(a @ a.T if n <= d else a.T @ a)
+    vecs, s2 = evecs.flip(-1)[:, :k], evals.flip(-1)[:k]
     keep_dirs = s2 > s2[:1].clamp_min(0) * 1e-12
-    return u[:, keep_dirs]
+    vecs, s2 = vecs[:, keep_dirs], s2[keep_dirs]
+    # With N > D the eigenvectors are the right singular vectors: X V = U S recovers U.
+    return (vecs if n <= d else (a @ vecs) / s2.sqrt()), s2
+
+
+def exact_left_subspace(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k left singular vectors `[N, k']` of `x` from float64 eigh (k' <= numerical rank)."""
+    return _exact_left(x, k)[0]
 
 
 def randomized_left_subspace(x: torch.Tensor, k: int, *, power_iters: int = 1, seed: int = 0) -> torch.Tensor:
@@ -96,14 +97,7 @@ def exact_basis(x: torch.Tensor, max_short_side: int = EXACT_BASIS_MAX) -> Sketc
     if min(x.shape) > max_short_side:
         return None
     check_finite(x)
-    a = x.double()
-    gram = a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
-    evals, evecs = torch.linalg.eigh(gram)
-    s2, vecs = evals.flip(-1), evecs.flip(-1)
-    keep_dirs = s2 > s2[:1].clamp_min(0) * 1e-12
-    s2, vecs = s2[keep_dirs], vecs[:, keep_dirs]
-    # With N > D the eigenvectors are the right singular vectors: X V = U S recovers U.
-    u = vecs if a.shape[0] <= a.shape[1] else (a @ vecs) / s2.sqrt()
+    u, s2 = _exact_left(x, min(x.shape))
     eye = torch.eye(u.shape[1], dtype=torch.float64, device=u.device)
     return SketchBasis(q=u, energies=s2, evecs=eye)
 
@@ -114,13 +108,9 @@ def leverage_scores(x: torch.Tensor, k: int, basis: SketchBasis | None = None) -
     Uses `basis` (from `exact_basis`) when given, else the sketch `spectral_budget` left for this
     tensor when its rank covers k with the usual oversampling (see `joulecap.kernels.basis_cache`).
     """
-    if basis is not None and basis.q.shape[0] == x.shape[0]:
-        w = basis.evecs[:, :k]
-        s2 = basis.energies[:k]
-        w = w[:, s2 > s2[:1].clamp_min(0) * 1e-12]
-        return (basis.q.double() @ w).square().sum(-1)
-    memo = basis_cache.get(x)
-    if memo is not None and memo.q.shape[-1] >= k + OVERSAMPLE:
+    memo = basis if basis is not None and basis.q.shape[0] == x.shape[0] else basis_cache.get(x)
+    # An exact basis serves any k; a sketch only a k its rank covers with the usual oversampling.
+    if memo is not None and (memo is basis or memo.q.shape[-1] >= k + OVERSAMPLE):
         w = memo.evecs[:, :k]
         s2 = memo.energies[:k]
         w = w[:, s2 > s2[:1].clamp_min(0) * 1e-12]
@@ -230,11 +220,13 @@ def select(
         if method == "attention" and selector is None:
             _attention(features, 0, attention)  # still reject missing scores consistently
         return torch.arange(n, device=device)
-    pick = selector if selector is not None else SELECTORS[method]
-    if selector is None and method == "leverage" and basis is not None:
-        idx = _leverage(features, k, attention, basis)
+    if selector is not None:
+        pick: Callable[[torch.Tensor, int, torch.Tensor | None], torch.Tensor] = selector
+    elif method == "leverage" and basis is not None:
+        pick = functools.partial(_leverage, basis=basis)
     else:
-        idx = pick(features, k, attention)
+        pick = SELECTORS[method]
+    idx = pick(features, k, attention)
     return idx.to(device=device, dtype=torch.long).sort().values
 
 

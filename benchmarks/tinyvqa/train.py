@@ -192,11 +192,13 @@ def pack(
         for j, (question, answer) in enumerate(qas, start=1):
             after = batcher.prompt(question)[1]
             if refs is not None and refs[b][j - 1]:
-                cols = [offset + t for t, tok in enumerate(after) if tok in shape_ids]
-                if len(cols) != len(refs[b][j - 1]):
-                    raise ValueError(f"{question!r}: {len(cols)} shape tokens, {len(refs[b][j - 1])} refs")
-                ref_rows += [b] * len(cols)
-                ref_cols += cols
+                shape_cols = [offset + t for t, tok in enumerate(after) if tok in shape_ids]
+                if len(shape_cols) != len(refs[b][j - 1]):
+                    raise ValueError(
+                        f"{question!r}: {len(shape_cols)} shape tokens, {len(refs[b][j - 1])} refs"
+                    )
+                ref_rows += [b] * len(shape_cols)
+                ref_cols += shape_cols
                 ref_xy += refs[b][j - 1]
             ans = batcher.tok(answer)["input_ids"] + [eos]
             ids = torch.tensor(after + ans)
@@ -210,8 +212,8 @@ def pack(
             weights.append(w)
             positions.append(torch.arange(prefix_len, prefix_len + len(ids)))
             segment.append(torch.full((len(ids),), j))
-        cols_ = (parts, labels, positions, segment, weights)
-        rows.append(tuple(torch.cat(c) for c in cols_))
+        cols = (parts, labels, positions, segment, weights)
+        rows.append(tuple(torch.cat(c) for c in cols))
     length = max(r[0].shape[0] for r in rows)
     bsz, dim = len(rows), rows[0][0].shape[1]
     inputs = torch.zeros(bsz, length, dim)
