@@ -10,7 +10,8 @@ Modules: `validation` (argument checks), `reference` (float64 exact rule), `rand
 (impl choice), `triton_spectral` (Triton kernels, CUDA or `TRITON_INTERPRET=1`), `basis_cache`
 (the budget's sketch, reused by `select_tokens` on the same ordinary tensor). Engines instead
 compute `leverage_basis` once per image while preparing and pass it as `select_tokens(basis=)`
-(their features are inference-mode tensors, which the memo cannot guard against in-place change).
+(their features are inference-mode tensors, which the memo cannot guard against in-place change);
+`spectral_budget(basis=)` reads the budget off the same basis' exact energies.
 
 Default tau (measured; `SchedulerConfig.tau` holds the value, owned by the scheduler):
 `python -m benchmarks.kernels --tau-sweep` sweeps tau on the photographs bundled with
@@ -35,7 +36,7 @@ import torch
 
 from joulecap.kernels.dispatch import resolve_impl, torch_budget
 from joulecap.kernels.randomized import SketchBasis
-from joulecap.kernels.reference import center_features
+from joulecap.kernels.reference import FLOAT64_SLACK, budget_from_energies, center_features
 from joulecap.kernels.selection import SELECTORS, exact_basis, merge_dropped, select
 from joulecap.kernels.validation import budget_args
 
@@ -50,6 +51,7 @@ def spectral_budget(
     k_max: int | None = None,
     center: bool = False,
     impl: str = "auto",
+    basis: SketchBasis | None = None,
 ) -> torch.Tensor:
     """Smallest k whose top-k squared singular values reach `tau` of the total, per image.
 
@@ -61,6 +63,10 @@ def spectral_budget(
         k_max: Most tokens kept, or None for N.
         center: Subtract the per-image token mean first.
         impl: `"auto"` (Triton on CUDA, PyTorch otherwise), `"torch"` or `"triton"`.
+        basis: `leverage_basis(features)` of an unbatched, uncentered call, computed earlier (an
+            engine does it while preparing): its float64 energies are the exact spectrum, so the
+            budget is read off them and no `impl` runs (unless the basis dropped null directions
+            and `tau` needs them: then the usual path decides).
 
     Returns:
         int64 tensor of shape `[]` (for `[N, D]`) or `[B]`, on the CPU. N = 0 gives 0; an all-zero
@@ -71,6 +77,10 @@ def spectral_budget(
 
     """
     args = budget_args(features, tau, k_min=k_min, k_max=k_max)
+    if basis is not None and not (args.batched or center):
+        k_basis = basis_budget(basis, args.features, args.tau, args.lo, args.hi)
+        if k_basis is not None:
+            return k_basis
     x = center_features(args.features) if center else args.features
     chosen = resolve_impl(impl, x.device)
     if chosen == "triton":
@@ -119,6 +129,24 @@ def select_tokens(
 
         return select(features, k, method=method, attention=attention, selector=triton_leverage_selector)
     return select(features, k, method=method, attention=attention, basis=basis)
+
+
+def basis_budget(basis: SketchBasis, x: torch.Tensor, tau: float, lo: int, hi: int) -> torch.Tensor | None:
+    """The budget of validated `[1, N, D]` features from their exact basis (None: not decidable).
+
+    The basis keeps every direction with energy, in float64, so the rule is exact against the
+    float64 total; only when it dropped null directions and the threshold is not reached without
+    them (tau at 1 on a rank-deficient image) does it leave the answer to the usual path.
+    """
+    a = x[0].double()
+    if basis.q.shape[0] != a.shape[0]:
+        raise ValueError(f"basis is for {basis.q.shape[0]} tokens, features have {a.shape[0]}")
+    total = a.square().sum().reshape(1)
+    energies = basis.energies.double().reshape(1, -1)
+    full = energies.shape[1] == min(a.shape)
+    if not full and float(energies.sum()) < (tau - FLOAT64_SLACK) * float(total):
+        return None
+    return budget_from_energies(energies, total, tau, lo, hi, slack=FLOAT64_SLACK)[0].cpu()
 
 
 def leverage_basis(features: torch.Tensor) -> SketchBasis | None:

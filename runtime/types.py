@@ -14,6 +14,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
     from PIL import Image
 
+    from joulecap.kernels.randomized import SketchBasis
+
 EnergySource = Literal["measured", "estimated", "replayed"]
 StopReason = Literal["stop", "length", "energy_budget", "aborted"]
 
@@ -103,6 +105,10 @@ class PreparedRequest:
         payload: Engine-private state (tokenised inputs, embeddings) reused by `Engine.run`.
         hint_tokens: The most prompt tokens a brevity hint adds to this request (the longest of
             its wordings); 0 when the engine does not add hints, so plans carry none.
+        bases: Per image, the exact left singular basis of `features`
+            (`joulecap.kernels.leverage_basis`, None for an image too large for it), when the
+            engine computed it while preparing (so its cost is measured with the encode); empty
+            otherwise. Policies read the spectral budget off it and engines the leverage scores.
         prepare_energy: Measured energy of `Engine.prepare` (image preprocessing and the vision
             encoder), set by the runtime before planning. It is already spent, so policies plan
             the rest of the budget around it, and it is charged to the request's prefill. None
@@ -118,6 +124,7 @@ class PreparedRequest:
     context_length: int
     payload: object = None
     hint_tokens: int = 0
+    bases: tuple[SketchBasis | None, ...] = ()
     prepare_energy: EnergyReport | None = None
 
     @property

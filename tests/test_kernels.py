@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from typing import Any
 
 import numpy as np
 import pytest
@@ -111,6 +113,56 @@ def test_exact_basis_gives_the_exact_leverage_and_selection_at_any_k() -> None:
     assert leverage_basis(torch.randn(EXACT_BASIS_MAX + 1, EXACT_BASIS_MAX + 2)) is None
     with pytest.raises(ValueError):
         leverage_basis(torch.tensor([[float("nan"), 1.0], [0.0, 1.0]]))
+
+
+def test_budget_read_off_the_exact_basis_is_the_reference_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    from joulecap.kernels import dispatch, leverage_basis
+
+    # Full and deficient rank, N <= D and N > D, a short side over the Gram path's 128, and an
+    # all-zero image; every tau of the rule's range including 1.
+    cases = [
+        with_spectrum([0.9**i for i in range(60)], 144, 160, seed=1).float(),
+        with_spectrum([0.9**i for i in range(40)], 200, 64, seed=2).float(),
+        with_spectrum([0.97**i for i in range(150)], 200, 240, seed=4).float(),
+        with_spectrum([0.8**i for i in range(20)], 100, 120, seed=3).float(),
+        torch.zeros(30, 40),
+    ]
+    bases = [leverage_basis(x) for x in cases]
+    want = {
+        (i, tau, k_min): int(reference_budget(x.unsqueeze(0), tau, min(k_min, x.shape[0]), x.shape[0])[0])
+        for i, x in enumerate(cases)
+        for tau in (0.5, 0.9, 0.99, 1.0)
+        for k_min in (1, 16)
+    }
+
+    calls: list[str] = []
+
+    def counted(name: str) -> Any:
+        real = getattr(dispatch, name)
+
+        def wrapper(*args: Any, **kw: Any) -> Any:
+            calls.append("decomposed")
+            return real(*args, **kw)
+
+        return wrapper
+
+    for name in ("exact_budget", "randomized_budget"):
+        monkeypatch.setattr(dispatch, name, counted(name))
+    for (i, tau, k_min), k in want.items():
+        basis = bases[i]
+        assert basis is not None
+        assert int(spectral_budget(cases[i], tau, k_min=k_min, basis=basis)) == k, (i, tau, k_min)
+        # Below tau = 1 the basis decides alone (at 1, null directions it dropped may matter).
+        assert not calls or tau == 1.0
+    # A basis missing directions that carry energy cannot decide: the usual path does.
+    x = cases[2]
+    full = bases[2]
+    assert full is not None
+    short = dataclasses.replace(full, q=full.q[:, :5], energies=full.energies[:5], evecs=full.evecs[:5, :5])
+    calls.clear()
+    assert int(spectral_budget(x, 0.9, basis=short)) == want[(2, 0.9, 1)] and calls == ["decomposed"]
+    with pytest.raises(ValueError, match="basis is for 144 tokens"):
+        spectral_budget(cases[1], 0.9, basis=bases[0])
 
 
 def test_budget_and_selection_on_inference_mode_tensors() -> None:

@@ -94,6 +94,25 @@ def test_eadaprune_uses_the_spectral_budget_per_image() -> None:
     assert sum(hi.visual_keep) >= sum(out.visual_keep)
 
 
+def test_spectral_budget_reads_the_basis_prepare_made(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Engines compute each image's exact basis in prepare (measured with the encode); the budget
+    # is then read off its energies: the same keep, and no second decomposition while planning.
+    from joulecap.kernels import dispatch, leverage_basis
+
+    p = prepared(visual=(64, 48), rank=6)
+    want = plan("eadaprune", p, ctx(k_min=2)).visual_keep
+    with_bases = replace(p, bases=tuple(leverage_basis(f) for f in p.features))
+
+    def no_decomposition(*_args: object, **_kw: object) -> object:
+        raise AssertionError("planning decomposed the features again")
+
+    monkeypatch.setattr(dispatch, "exact_budget", no_decomposition)
+    assert plan("eadaprune", with_bases, ctx(k_min=2)).visual_keep == want
+    assert plan("joint", with_bases, ctx(budget=50.0, k_min=2)).visual_keep == want
+    with pytest.raises(AssertionError, match="decomposed"):
+        plan("eadaprune", p, ctx(k_min=2))
+
+
 @pytest.mark.parametrize("budget", [3.0, 5.0, 10.0, 20.0])
 def test_output_budget_fits_the_budget_with_headroom(budget: float) -> None:
     p = prepared(visual=(64,))

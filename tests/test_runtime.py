@@ -127,8 +127,7 @@ def test_the_leverage_basis_is_computed_only_for_leverage_selection(config_facto
             engine: Any = rt.engine
             assert engine.config.leverage_basis is want
             request = make_request(SweepPoint(64, 1.0, 4, 2, 0))  # one 64 px image
-            payload: Any = rt.engine.prepare(request).payload
-            assert (len(payload.bases) == 1) is want
+            assert (len(rt.engine.prepare(request).bases) == 1) is want
         finally:
             rt.close()
 

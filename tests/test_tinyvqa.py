@@ -34,6 +34,8 @@ from benchmarks.tinyvqa.generate import (
 from joulecap.runtime.tiny_models import PACKAGED_DEMO, demo_model_path
 
 N_SHORT = 40
+TARGET = 0.90
+"""The issue's goal: exact match on held-out short questions with every visual token kept."""
 MARGIN = 0.15
 """The fixed 40-question sample may score this much under the accuracy that eval.py measured on 240
 held-out questions and recorded in the model's joulecap.json (about 2 standard errors at 40)."""
@@ -182,7 +184,7 @@ def test_sincos_positions_make_a_patch_position_linear_in_its_embedding() -> Non
     assert (design0 @ fit0 - xy).abs().max() > 0.5
 
 
-def test_grounding_targets_name_the_asked_objects_at_their_shape_words() -> None:
+def test_grounding_targets_name_the_asked_objects_at_their_shape_words_and_answer_steps() -> None:
     import dataclasses
 
     import torch
@@ -221,12 +223,25 @@ def test_grounding_targets_name_the_asked_objects_at_their_shape_words() -> None
     head = ref_aux.make_head(embed.shape[1])
     loss, stats = ref_aux.ref_loss(head, packed.inputs, packed.ref_rows, packed.ref_cols, packed.ref_xy)
     assert loss.item() > 0 and stats["ref_mae"] > 0
+    # Position questions also carry the offset of their two named objects, at the step whose
+    # next-token prediction is the answer; other question types carry none.
+    assert ref_aux.relation_target(ex) == pytest.approx((xy[0][0] - xy[1][0], xy[0][1] - xy[1][1]))
+    assert ref_aux.relation_target(colour_q) is None
+    rels = [[ref_aux.relation_target(e) for e in exs]]
+    packed = train.pack(model, batcher, [(img, qas)], [1.0], torch.Generator(), feats, refs, rels)
+    asked = [(e, r) for e, r in zip(exs, rels[0], strict=True) if r is not None]
+    assert asked and len(packed.rel_cols) == len(asked) and set(packed.rel_rows) == {0}
+    assert torch.allclose(packed.rel_xy, torch.tensor([r for _, r in asked]))
+    for col, (e, _) in zip(packed.rel_cols, asked, strict=True):
+        assert packed.labels[0, col] == -100
+        assert packed.labels[0, col + 1] == batcher.tok(e.answer)["input_ids"][0]
 
 
 # ------------------------------------------------------------------------------- the shipped model
-# The packaged model is below the issue's 90% target (see README and tinyvqa_accuracy.json); these
-# tests hold it to the accuracy it was measured at, so a broken model, processor, tokenizer or chat
-# template fails them. Without a packaged model they are skipped, visibly, with the reason.
+# The packaged model meets the issue's 90% target (97.8% on 500 held-out questions; README and
+# tinyvqa_accuracy.json); these tests hold it to the target and to the accuracy it was measured at,
+# so a broken model, processor, tokenizer or chat template fails them. Without a packaged model
+# they are skipped, visibly, with the reason.
 pytestmark_model = pytest.mark.skipif(
     not (PACKAGED_DEMO / "config.json").is_file(), reason="trained TinyVQA model not packaged yet"
 )
@@ -295,7 +310,8 @@ def test_shipped_model_answers_held_out_questions(shipped: tuple[Any, Any]) -> N
             out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
         pred = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         hits += pred.strip() == ex.answer
-    floor = _recorded()["accuracy"] - MARGIN
+    assert _recorded()["accuracy"] >= TARGET
+    floor = max(TARGET, _recorded()["accuracy"] - MARGIN)
     assert hits / N_SHORT >= floor, f"{hits}/{N_SHORT} < {floor:.2f}"
 
 
@@ -337,11 +353,27 @@ def test_runtime_serves_the_trained_model(tmp_path: Path, monkeypatch_module: An
         assert rt.engine.info.random_weights is False
         hits = 0
         examples = _short_examples(12)
+        kept = set()
         for ex, img in examples:
             res = rt.chat(ex.question, images=[img], max_tokens=8)
             hits += res.text.strip() == ex.answer
-        # The default `joint` policy prunes to k_min = 16 of 100 visual tokens (measured 0.56 with
-        # the same weights); 12 questions are noisy, so the floor is wide but far above gibberish.
-        assert hits / len(examples) >= 0.3, f"{hits}/{len(examples)}"
+            kept.add(res.plan.visual_keep)
+        # The default `joint` policy prunes to k_min = 16 of 144 visual tokens: 89.8% over 500
+        # questions, 11 of these 12 (one count wrong); the floor leaves room for a second miss.
+        assert kept == {(16,)}
+        assert hits / len(examples) >= 0.8, f"{hits}/{len(examples)}"
     finally:
         rt.close()
+
+
+@pytestmark_model
+def test_shipped_model_carries_the_named_objects_offset_to_the_answer_step(monkeypatch_module: Any) -> None:
+    # What made position answerable (session 7): the step that emits a position answer holds the
+    # offset between the two named objects, which a linear probe reads back; with the offset loss
+    # left out of training it held nothing (R^2 below 0 at every layer, session 6's model).
+    from benchmarks.tinyvqa.probe import probe
+
+    layers = probe(PACKAGED_DEMO, 90)["layers"]
+    assert max(layers[0]["answer_step_offset_r2"]) < 0.2  # the input embedding cannot know it
+    assert min(layers[3]["answer_step_offset_r2"]) > 0.6, layers[3]
+    assert min(layers[3]["shape_word_centre_r2"]) > 0.6, layers[3]

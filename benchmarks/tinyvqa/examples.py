@@ -3,7 +3,8 @@
     python -m benchmarks.tinyvqa.examples
 
 writes `benchmarks/tinyvqa/examples/shapes.png` and `shapes.json` (questions, the model's answers
-through the joulecap runtime with greedy decoding and the default policy, and the reference answers).
+through the joulecap runtime with greedy decoding, under the default policy and with every visual
+token kept (`baseline`), and the reference answers).
 The image is the first held-out `describe` example with at least three objects: nothing is picked by
 how well the model does on it.
 """
@@ -70,16 +71,18 @@ def main() -> None:
         try:
             rows = []
             for question, reference in questions(ex):
-                res = rt.chat(question, images=[img], max_tokens=48, temperature=0.0)
-                rows.append(
-                    {
-                        "question": question,
-                        "answer": res.text,
-                        "reference": reference,
-                        "visual_tokens_kept": list(res.plan.visual_keep),
-                        "policy": res.plan.policy,
-                    }
-                )
+                # The default policy (what the README's curl gets), then every visual token kept.
+                for policy in (None, "baseline"):
+                    res = rt.chat(question, images=[img], max_tokens=48, temperature=0.0, policy=policy)
+                    rows.append(
+                        {
+                            "question": question,
+                            "answer": res.text,
+                            "reference": reference,
+                            "visual_tokens_kept": list(res.plan.visual_keep),
+                            "policy": res.plan.policy,
+                        }
+                    )
         finally:
             rt.close()
     doc = {"image": "shapes.png", "split": "test", "index": ex.index, "model": rt.info.model, "qa": rows}

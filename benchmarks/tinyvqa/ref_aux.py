@@ -8,6 +8,13 @@ hidden state after layer `--ref-layer` and must predict the named object's centr
 [-1, 1]); the answer loss then only has to learn the comparison. Presence and count questions name
 no single object and get no target. Nothing of it ships.
 
+Session 6 found the first half learned (the shape words' layer-2 states give the named centre with
+probe R^2 0.88 / 0.78) and the second not: at the step that emits the answer no layer says anything
+about the two objects' offset (probe R^2 below 0). So a second target (`--rel-weight`) asks for
+the routing: at that step of a position question, a head on layer `--rel-layer` must predict the
+offset between the two named centres, first minus second, from which the last layer only has to
+read the sign the relation word picks.
+
 It cannot work unless the visual tokens say where they are: with CLIP's default position
 embeddings they did not (see `model.sincos_positions`), and this loss alone moved from 0.21 to 0.13
 in 30 minutes while position answers stayed at chance.
@@ -50,6 +57,14 @@ def referents(example: Example) -> list[tuple[float, float]]:
     return out
 
 
+def relation_target(example: Example) -> tuple[float, float] | None:
+    """First minus second named centre of a position question (None for other question types)."""
+    if example.qtype != "position":
+        return None
+    (xa, ya), (xb, yb) = referents(example)
+    return (xa - xb, ya - yb)
+
+
 def shape_token_ids(tokenizer: object) -> set[int]:
     """Token ids of the shape words (the tokenizer is word-level: one id per word)."""
     ids = {int(tokenizer.convert_tokens_to_ids(s)) for s in SHAPES}  # type: ignore[attr-defined]
@@ -71,11 +86,20 @@ def make_head(text_hidden: int) -> torch.nn.Module:
 
 
 def ref_loss(
-    head: torch.nn.Module, hidden: torch.Tensor, rows: list[int], cols: list[int], xy: torch.Tensor
+    head: torch.nn.Module,
+    hidden: torch.Tensor,
+    rows: list[int],
+    cols: list[int],
+    xy: torch.Tensor,
+    name: str = "ref",
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """MSE between the head's reading at (row, col) of `hidden` and the named objects' centres."""
+    """MSE between the head's reading at (row, col) of `hidden` and its targets `xy`.
+
+    Serves both losses: shape words with the named objects' centres, and answer steps with the
+    named objects' offset.
+    """
     if not rows:
         return hidden.sum() * 0.0, {}
     pred = head(hidden[torch.tensor(rows), torch.tensor(cols)])
     loss = F.mse_loss(pred, xy)
-    return loss, {"ref_mae": float((pred - xy).detach().abs().mean())}
+    return loss, {f"{name}_mae": float((pred - xy).detach().abs().mean())}

@@ -46,7 +46,9 @@ class EngineConfig:
     the short side is at most 256), so leverage token selection during the run is a top-k. The
     decomposition's energy is then measured with the image encode, before planning, instead of
     inside the run, where the predictor does not model it (about one decode step per pruned image
-    on a 2-core CPU). The runtime turns it off when the scheduler selects tokens another way."""
+    on a 2-core CPU). Planning reads the E-AdaPrune budget off the same exact spectrum
+    (`PreparedRequest.bases`) instead of decomposing again. The runtime turns it off when the
+    scheduler selects tokens another way."""
     warmup: bool = True
     """Run one short generation at start-up (not recorded, not learned from): the first, cold request
     otherwise costs several times a normal one and can overshoot its budget."""

@@ -28,7 +28,6 @@ from urllib.parse import urlsplit
 import torch
 
 from joulecap.kernels import leverage_basis, select_tokens
-from joulecap.kernels.randomized import SketchBasis
 from joulecap.runtime.brevity import RESERVE_SIZES, brevity_hint
 from joulecap.runtime.engines.adapters import FamilyAdapter, get_adapter
 from joulecap.runtime.engines.base import EngineInfo, RunHooks
@@ -139,7 +138,6 @@ class _Payload:
     input_ids: torch.Tensor
     positions: tuple[torch.Tensor, ...]
     images: tuple[Any, ...]
-    bases: tuple[SketchBasis | None, ...] = ()  # per image: kernels.leverage_basis of its features
 
 
 class TransformersEngine:
@@ -291,8 +289,9 @@ class TransformersEngine:
             visual_tokens=visual,
             features=features,
             context_length=self.info.context_length,
-            payload=_Payload(input_ids=input_ids, positions=tuple(positions), images=images, bases=bases),
+            payload=_Payload(input_ids=input_ids, positions=tuple(positions), images=images),
             hint_tokens=self.hint_tokens,
+            bases=bases,
         )
 
     # ------------------------------------------------------------------ run
@@ -303,8 +302,7 @@ class TransformersEngine:
                 f"{len(prepared.visual_tokens)}."
             )
         keep = []
-        payload = prepared.payload
-        bases = payload.bases if isinstance(payload, _Payload) else ()
+        bases = prepared.bases
         for i, (feats, n, k) in enumerate(
             zip(prepared.features, prepared.visual_tokens, plan.visual_keep, strict=True)
         ):
