@@ -189,7 +189,7 @@ def test_grounding_targets_name_the_asked_objects_at_their_shape_words_and_answe
 
     import torch
 
-    from benchmarks.tinyvqa import ref_aux, train
+    from benchmarks.tinyvqa import batching, ref_aux
     from benchmarks.tinyvqa.generate import Example, Obj, make_scene_examples
     from benchmarks.tinyvqa.model import ModelSize, build_model
 
@@ -207,12 +207,12 @@ def test_grounding_targets_name_the_asked_objects_at_their_shape_words_and_answe
     # Packed rows carry one target per shape word of a grounded question, at that word's column:
     # the token there is the shape of the object whose centre is the target.
     model, processor = build_model(ModelSize(vision_layers=1, text_layers=1), seed=0)
-    batcher = train.Batcher(processor)
+    batcher = batching.Batcher(processor)
     exs, img = make_scene_examples("train", 0, 6, weights=(0.5, 0.0, 0.5, 0.0, 0.0))
     refs = [[ref_aux.referents(e) for e in exs]]
-    feats = train.image_features(model, batcher, [img])
+    feats = batching.image_features(model, batcher, [img])
     qas = [(e.question, e.answer) for e in exs]
-    packed = train.pack(model, batcher, [(img, qas)], [1.0], torch.Generator(), feats, refs)
+    packed = batching.pack(model, batcher, [(img, qas)], [1.0], torch.Generator(), feats, refs)
     n_refs = sum(len(r) for r in refs[0])
     assert n_refs >= 6 and packed.ref_xy.shape == (n_refs, 2) and set(packed.ref_rows) == {0}
     embed = model.get_input_embeddings().weight
@@ -228,13 +228,39 @@ def test_grounding_targets_name_the_asked_objects_at_their_shape_words_and_answe
     assert ref_aux.relation_target(ex) == pytest.approx((xy[0][0] - xy[1][0], xy[0][1] - xy[1][1]))
     assert ref_aux.relation_target(colour_q) is None
     rels = [[ref_aux.relation_target(e) for e in exs]]
-    packed = train.pack(model, batcher, [(img, qas)], [1.0], torch.Generator(), feats, refs, rels)
+    packed = batching.pack(model, batcher, [(img, qas)], [1.0], torch.Generator(), feats, refs, rels)
     asked = [(e, r) for e, r in zip(exs, rels[0], strict=True) if r is not None]
     assert asked and len(packed.rel_cols) == len(asked) and set(packed.rel_rows) == {0}
     assert torch.allclose(packed.rel_xy, torch.tensor([r for _, r in asked]))
     for col, (e, _) in zip(packed.rel_cols, asked, strict=True):
         assert packed.labels[0, col] == -100
         assert packed.labels[0, col + 1] == batcher.tok(e.answer)["input_ids"][0]
+
+
+def test_a_scene_that_cannot_be_asked_the_weighted_types_is_refused_not_looped() -> None:
+    from benchmarks.tinyvqa.generate import SceneError, make_scene_examples
+
+    # Training scene 1 has fewer than two nameable objects: no position question fits it.
+    with pytest.raises(SceneError, match="train scene 1"):
+        make_scene_examples("train", 1, 3, weights=(0.0, 0.0, 1.0, 0.0, 0.0))
+    exs, _ = make_scene_examples("train", 0, 3, weights=(0.0, 0.0, 1.0, 0.0, 0.0))
+    assert [e.qtype for e in exs] == ["position"] * 3
+
+
+def test_training_runs_every_loss_on_a_tiny_model(tmp_path: Path) -> None:
+    # Two steps of the real training script with every training-only loss on and a question mix
+    # that skips unaskable scenes; its start-up checks assert that the batches reproduce the
+    # processor's inputs and the packed loss the per-question one.
+    import subprocess
+
+    cmd = [sys.executable, "-m", "benchmarks.tinyvqa.train", "--bench", "2", "--batch", "3"]
+    cmd += ["--questions", "2", "--vision-layers", "1", "--aux-weight", "1", "--ref-weight", "1"]
+    cmd += ["--rel-weight", "1", "--qtype-weights", "0.5", "0", "0.5", "0", "0", "--out", str(tmp_path)]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    first = next(line for line in out.stdout.splitlines() if line.startswith('{"step": 0'))
+    assert all(f'"{k}"' in first for k in ("aux_loss", "ref_loss", "rel_loss", "rel_mae")), first
+    assert "s/step" in out.stdout
 
 
 # ------------------------------------------------------------------------------- the shipped model

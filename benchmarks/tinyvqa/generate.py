@@ -239,6 +239,14 @@ def make_example(
     return Example(split, index, qa[0], qa[1], kind, objs, background), img
 
 
+MAX_DRAWS_PER_QUESTION = 50
+"""`make_scene_examples` gives up on a scene after this many draws per question asked."""
+
+
+class SceneError(ValueError):
+    """A scene cannot be asked any question of the requested types."""
+
+
 def make_scene_examples(
     split: str, index: int, k: int, *, seed: int = 0, weights: tuple[float, ...] = QTYPE_WEIGHTS
 ) -> tuple[list[Example], Image.Image]:
@@ -247,11 +255,20 @@ def make_scene_examples(
     Uses a separate stream of seeds from `make_example` (the index is offset by 2**40), so its scenes
     never coincide with the single-question examples. `weights` are the question types' sampling
     weights (in `QTYPES` order; training may ask some types more often than the test splits do).
+
+    Raises:
+        SceneError: Only types this scene cannot be asked about have weight (e.g. position alone
+            about a scene with fewer than two nameable objects); callers skip the scene.
+
     """
     rng = _rng(split, index + 2**40, seed)
     objs, background = _scene(rng)
     examples: list[Example] = []
+    draws = 0
     while len(examples) < k:
+        if draws >= MAX_DRAWS_PER_QUESTION * k:
+            raise SceneError(f"{split} scene {index}: no question of the weighted types fits it")
+        draws += 1
         kind = str(rng.choice(QTYPES, p=np.asarray(weights) / sum(weights)))
         qa = _question(kind, objs, rng)
         if qa is not None:
