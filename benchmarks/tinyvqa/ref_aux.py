@@ -1,23 +1,23 @@
-"""Training-only grounding of the question's object names (the head is discarded after training).
+"""Training-only grounding of the question's objects and of their offset (the heads are discarded).
 
 Session 5's model answered position questions ("is the circle left of the red square?") at 51%, a
 constant "no". The LM has to carry each named object's coordinates from its visual tokens to the
-question, then compare two of them. This loss asks for the first half directly: at every shape
-word of a colour or position question ("circle" in "the red circle"), a linear head reads the LM's
-hidden state after layer `--ref-layer` and must predict the named object's centre (x, y in
-[-1, 1]); the answer loss then only has to learn the comparison. Presence and count questions name
-no single object and get no target. Nothing of it ships.
+question, then compare two of them. Two losses ask for the two halves directly:
 
-Session 6 found the first half learned (the shape words' layer-2 states give the named centre with
-probe R^2 0.88 / 0.78) and the second not: at the step that emits the answer no layer says anything
-about the two objects' offset (probe R^2 below 0). So a second target (`--rel-weight`) asks for
-the routing: at that step of a position question, a head on layer `--rel-layer` must predict the
-offset between the two named centres, first minus second, from which the last layer only has to
-read the sign the relation word picks.
+* `--ref-weight` (`referents`): at every shape word of a colour or position question ("circle" in
+  "the red circle"), a linear head reads the LM's hidden state after layer `--ref-layer` and must
+  predict the named object's centre (x, y in [-1, 1]). Presence and count questions name no single
+  object and get no target. It cannot work unless the visual tokens say where they are: with
+  CLIP's default position embeddings they did not (see `model.sincos_positions`), and this loss
+  alone moved from 0.21 to 0.13 in 30 minutes while position answers stayed at chance.
+* `--rel-weight` (`relation_target`): with the first loss alone (session 6), the shape words held
+  their object's centre (probe R^2 0.88 / 0.78) but the step that emits the answer held nothing of
+  the two objects' offset (R^2 below 0 at every layer). So at that step of a position question a
+  head on layer `--rel-layer` must predict the first named centre minus the second; the last layer
+  then only has to read the sign the relation word picks. With it, position went from chance to
+  98.6% (session 7; `python -m benchmarks.tinyvqa.probe` measures both R^2).
 
-It cannot work unless the visual tokens say where they are: with CLIP's default position
-embeddings they did not (see `model.sincos_positions`), and this loss alone moved from 0.21 to 0.13
-in 30 minutes while position answers stayed at chance.
+Nothing of it ships.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def shape_token_ids(tokenizer: object) -> set[int]:
 
 
 def make_head(text_hidden: int) -> torch.nn.Module:
-    """The linear probe from an LM hidden state to an (x, y) centre.
+    """The linear probe from an LM hidden state to an (x, y) pair (a centre, or an offset).
 
     Mid-stack hidden states are unnormalised (norms in the tens), so the probe normalises first, and
     starts at zero: its first gradients then do not swamp the answer loss under gradient clipping.
