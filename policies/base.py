@@ -135,13 +135,12 @@ def all_visual(prepared: PreparedRequest) -> tuple[int, ...]:
 def spectral_keep(prepared: PreparedRequest, ctx: PlanContext) -> tuple[int, ...]:
     """E-AdaPrune: per image, the fewest tokens covering `tau` of the spectral energy (>= k_min)."""
     keep = []
-    bases = prepared.bases or (None,) * len(prepared.features)
-    for n, feats, basis in zip(prepared.visual_tokens, prepared.features, bases, strict=True):
+    for i, (n, feats) in enumerate(zip(prepared.visual_tokens, prepared.features, strict=True)):
         if n == 0:
             keep.append(0)
             continue
         # The engine's basis (computed and measured in prepare) already holds the exact spectrum.
-        k = int(spectral_budget(feats, ctx.tau, k_min=ctx.config.k_min, basis=basis))
+        k = int(spectral_budget(feats, ctx.tau, k_min=ctx.config.k_min, basis=prepared.basis(i)))
         keep.append(max(0, min(n, k)))
     return tuple(keep)
 

@@ -94,7 +94,8 @@ class Runtime:
         meter: Meter | None = None,
     ) -> None:
         self.config = cfg = config or JoulecapConfig()
-        # The basis only serves leverage selection: another method would pay for it for nothing.
+        # Without leverage selection the basis would only spare the E-AdaPrune budget's cheaper
+        # Gram solve (0.7 vs 1.8 ms for 144 x 160 on one core): not worth computing.
         leverage = cfg.engine.leverage_basis and cfg.scheduler.selection == "leverage"
         self.engine = engine or create_engine(dataclasses.replace(cfg.engine, leverage_basis=leverage))
         self.info = self.engine.info

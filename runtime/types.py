@@ -132,6 +132,10 @@ class PreparedRequest:
         """All prompt tokens with every visual token kept."""
         return self.text_tokens + sum(self.visual_tokens)
 
+    def basis(self, image: int) -> SketchBasis | None:
+        """The exact basis of image `image`'s features, or None where `prepare` made none."""
+        return self.bases[image] if image < len(self.bases) else None
+
     @property
     def spent_j(self) -> float:
         """Energy already spent on the request when it is planned (`prepare_energy`, else 0)."""

@@ -214,14 +214,14 @@ def test_grounding_targets_name_the_asked_objects_at_their_shape_words_and_answe
     qas = [(e.question, e.answer) for e in exs]
     packed = batching.pack(model, batcher, [(img, qas)], [1.0], torch.Generator(), feats, refs)
     n_refs = sum(len(r) for r in refs[0])
-    assert n_refs >= 6 and packed.ref_xy.shape == (n_refs, 2) and set(packed.ref_rows) == {0}
+    assert n_refs >= 6 and packed.ref.xy.shape == (n_refs, 2) and set(packed.ref.rows) == {0}
     embed = model.get_input_embeddings().weight
     centres = {(2 * o.x / IMAGE_SIZE - 1, 2 * o.y / IMAGE_SIZE - 1): o.shape for o in exs[0].objects}
-    for col, target in zip(packed.ref_cols, packed.ref_xy.tolist(), strict=True):
+    for col, target in zip(packed.ref.cols, packed.ref.xy.tolist(), strict=True):
         shape = next(s for c, s in centres.items() if torch.allclose(torch.tensor(c), torch.tensor(target)))
         assert torch.equal(packed.inputs[0, col], embed[batcher.tok.convert_tokens_to_ids(shape)])
     head = ref_aux.make_head(embed.shape[1])
-    loss, stats = ref_aux.ref_loss(head, packed.inputs, packed.ref_rows, packed.ref_cols, packed.ref_xy)
+    loss, stats = ref_aux.ref_loss(head, packed.inputs, packed.ref)
     assert loss.item() > 0 and stats["ref_mae"] > 0
     # Position questions also carry the offset of their two named objects, at the step whose
     # next-token prediction is the answer; other question types carry none.
@@ -230,9 +230,9 @@ def test_grounding_targets_name_the_asked_objects_at_their_shape_words_and_answe
     rels = [[ref_aux.relation_target(e) for e in exs]]
     packed = batching.pack(model, batcher, [(img, qas)], [1.0], torch.Generator(), feats, refs, rels)
     asked = [(e, r) for e, r in zip(exs, rels[0], strict=True) if r is not None]
-    assert asked and len(packed.rel_cols) == len(asked) and set(packed.rel_rows) == {0}
-    assert torch.allclose(packed.rel_xy, torch.tensor([r for _, r in asked]))
-    for col, (e, _) in zip(packed.rel_cols, asked, strict=True):
+    assert asked and len(packed.rel.cols) == len(asked) and set(packed.rel.rows) == {0}
+    assert torch.allclose(packed.rel.xy, torch.tensor([r for _, r in asked]))
+    for col, (e, _) in zip(packed.rel.cols, asked, strict=True):
         assert packed.labels[0, col] == -100
         assert packed.labels[0, col + 1] == batcher.tok(e.answer)["input_ids"][0]
 
@@ -261,6 +261,22 @@ def test_training_runs_every_loss_on_a_tiny_model(tmp_path: Path) -> None:
     first = next(line for line in out.stdout.splitlines() if line.startswith('{"step": 0'))
     assert all(f'"{k}"' in first for k in ("aux_loss", "ref_loss", "rel_loss", "rel_mae")), first
     assert "s/step" in out.stdout
+
+
+def test_packaging_records_every_training_stage(tmp_path: Path) -> None:
+    import json
+
+    from benchmarks.tinyvqa.package import train_stages
+
+    one, two, three = (tmp_path / n for n in ("one", "two", "three"))
+    for d, init in ((one, None), (two, one), (three, two)):
+        d.mkdir()
+        (d / "train_meta.json").write_text(json.dumps({"init_from": init and str(init), "name": d.name}))
+    assert [m["name"] for m in train_stages(three)] == ["one", "two", "three"]
+    # A start whose record is gone ends the chain there.
+    (one / "train_meta.json").unlink()
+    assert [m["name"] for m in train_stages(three)] == ["two", "three"]
+    assert train_stages(tmp_path) == []
 
 
 # ------------------------------------------------------------------------------- the shipped model
@@ -314,6 +330,9 @@ def test_shipped_model_is_marked_trained_and_small() -> None:
     results = json.loads((REPO / "benchmarks/results/tinyvqa_accuracy.json").read_text())
     full = next(r for r in results["results"] if r["condition"] == "full")
     assert marker["accuracy"] == pytest.approx(full["exact_short"], abs=1e-4)
+    # Both training stages are recorded, the last one as `train`, with the whole training time.
+    assert len(marker["stages"]) == 2 and marker["stages"][-1] == marker["train"]
+    assert marker["total_train_s"] == pytest.approx(sum(m["train_s"] for m in marker["stages"]))
     weights = sum(p.stat().st_size for p in PACKAGED_DEMO.glob("*.safetensors"))
     assert 0 < weights <= 20 * 1024 * 1024
     assert demo_model_path(Path(os.devnull).parent / "unused-cache") == PACKAGED_DEMO

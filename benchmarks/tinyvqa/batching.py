@@ -114,12 +114,8 @@ class Packed:
     positions: torch.Tensor  # (batch, length) position ids
     labels: torch.Tensor  # (batch, length) answer token ids, -100 elsewhere
     weights: torch.Tensor  # (batch, length) 1/len(answer) on answer tokens (per-question weighting)
-    ref_rows: list[int]  # row and column of each grounded shape word (ref_aux.py)
-    ref_cols: list[int]
-    ref_xy: torch.Tensor  # (n_refs, 2) centres of the objects those words name
-    rel_rows: list[int]  # row and column of each position question's answer step (ref_aux.py)
-    rel_cols: list[int]
-    rel_xy: torch.Tensor  # (n_rels, 2) first minus second named centre
+    ref: ref_aux.Targets  # at each grounded shape word: the centre of the object it names
+    rel: ref_aux.Targets  # at each position question's answer step: first minus second centre
 
 
 def pack(
@@ -147,12 +143,8 @@ def pack(
     eos = batcher.tok.eos_token_id
     shape_ids = ref_aux.shape_token_ids(batcher.tok) if refs is not None else set()
     rows = []
-    ref_rows: list[int] = []
-    ref_cols: list[int] = []
-    ref_xy: list[tuple[float, float]] = []
-    rel_rows: list[int] = []
-    rel_cols: list[int] = []
-    rel_xy: list[tuple[float, float]] = []
+    ref_cells: list[tuple[int, int, tuple[float, float]]] = []  # (row, col, target) of each
+    rel_cells: list[tuple[int, int, tuple[float, float]]] = []
     for b, (_, qas) in enumerate(batch):
         before = batcher.prompt(qas[0][0])[0]
         n = feats.shape[1]
@@ -173,13 +165,9 @@ def pack(
                     raise ValueError(
                         f"{question!r}: {len(shape_cols)} shape tokens, {len(refs[b][j - 1])} refs"
                     )
-                ref_rows += [b] * len(shape_cols)
-                ref_cols += shape_cols
-                ref_xy += refs[b][j - 1]
+                ref_cells += [(b, c, xy) for c, xy in zip(shape_cols, refs[b][j - 1], strict=True)]
             if rels is not None and (rel := rels[b][j - 1]) is not None:
-                rel_rows.append(b)
-                rel_cols.append(offset + len(after) - 1)
-                rel_xy.append(rel)
+                rel_cells.append((b, offset + len(after) - 1, rel))
             ans = batcher.tok(answer)["input_ids"] + [eos]
             ids = torch.tensor(after + ans)
             offset += len(ids)
@@ -212,9 +200,8 @@ def pack(
     allowed = causal & (k_seg >= 0) & ((k_seg == 0) | (k_seg == q_seg))
     # Padding rows attend to themselves only, so no row of the mask is empty (NaN-free softmax).
     allowed |= torch.eye(length, dtype=torch.bool) & (q_seg < 0)
-    xy_t = torch.tensor(ref_xy, dtype=torch.float32).reshape(-1, 2)
-    rel_t = torch.tensor(rel_xy, dtype=torch.float32).reshape(-1, 2)
-    return Packed(inputs, allowed, pos_t, lab_t, w_t, ref_rows, ref_cols, xy_t, rel_rows, rel_cols, rel_t)
+    targets = (ref_aux.Targets.collect(ref_cells), ref_aux.Targets.collect(rel_cells))
+    return Packed(inputs, allowed, pos_t, lab_t, w_t, *targets)
 
 
 def run_lm(model: Any, packed: Packed, hidden_states: bool = False) -> Any:

@@ -13,11 +13,30 @@ import argparse
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 from benchmarks.tinyvqa.eval import DEFAULT_MODEL
 
 _KEEP = (".json", ".safetensors", ".jinja", ".txt")
 MAX_WEIGHTS_BYTES = 20 * 1024 * 1024
+MAX_STAGES = 8
+"""`train_stages` stops following `init_from` after this many records (a cycle guard)."""
+
+
+def train_stages(src: Path) -> list[dict[str, Any]]:
+    """The `train_meta.json` of `src` and of each checkpoint it was started from, oldest first.
+
+    Follows `init_from` while the earlier checkpoint's record is still on disk, so a two-stage
+    model records both stages (the last one alone would not say how its start was trained).
+    """
+    stages: list[dict[str, Any]] = []
+    meta_path: Path | None = src / "train_meta.json"
+    while meta_path is not None and meta_path.is_file() and len(stages) < MAX_STAGES:
+        meta = json.loads(meta_path.read_text())
+        stages.insert(0, meta)
+        init = meta.get("init_from")
+        meta_path = Path(init) / "train_meta.json" if isinstance(init, str) else None
+    return stages
 
 
 def package(src: Path, dst: Path, accuracy_json: Path) -> dict[str, object]:
@@ -28,7 +47,7 @@ def package(src: Path, dst: Path, accuracy_json: Path) -> dict[str, object]:
         raise SystemExit(f"{src}: weights {size} bytes (need 1 B .. {MAX_WEIGHTS_BYTES} B of safetensors)")
     doc = json.loads(accuracy_json.read_text())
     full = next(r for r in doc["results"] if r["condition"] == "full")
-    train = src / "train_meta.json"
+    stages = train_stages(src)
     marker: dict[str, object] = {
         "random_weights": False,
         "arch": "llava",
@@ -42,7 +61,9 @@ def package(src: Path, dst: Path, accuracy_json: Path) -> dict[str, object]:
         "describe_recall": round(full["describe_recall"], 4),
         "describe_precision": round(full["describe_precision"], 4),
         "eval": {"split": doc["split"], "n_examples": doc["n_examples"], "seed": doc["seed"]},
-        "train": json.loads(train.read_text()) if train.is_file() else None,
+        "train": stages[-1] if stages else None,
+        "stages": stages,
+        "total_train_s": sum(float(m.get("train_s", 0.0)) for m in stages),
         "trained_by": "python -m benchmarks.tinyvqa.train",
     }
     if dst.exists():

@@ -22,6 +22,8 @@ Nothing of it ships.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -73,6 +75,24 @@ def shape_token_ids(tokenizer: object) -> set[int]:
     return ids
 
 
+@dataclass(frozen=True)
+class Targets:
+    """Training-only (x, y) targets at chosen cells of packed rows (see `batching.pack`)."""
+
+    rows: list[int]
+    cols: list[int]
+    xy: torch.Tensor  # (n, 2)
+
+    @classmethod
+    def collect(cls, cells: list[tuple[int, int, tuple[float, float]]]) -> Targets:
+        """From `(row, col, (x, y))` triples."""
+        return cls(
+            [r for r, _, _ in cells],
+            [c for _, c, _ in cells],
+            torch.tensor([xy for _, _, xy in cells], dtype=torch.float32).reshape(-1, 2),
+        )
+
+
 def make_head(text_hidden: int) -> torch.nn.Module:
     """The linear probe from an LM hidden state to an (x, y) pair (a centre, or an offset).
 
@@ -86,20 +106,15 @@ def make_head(text_hidden: int) -> torch.nn.Module:
 
 
 def ref_loss(
-    head: torch.nn.Module,
-    hidden: torch.Tensor,
-    rows: list[int],
-    cols: list[int],
-    xy: torch.Tensor,
-    name: str = "ref",
+    head: torch.nn.Module, hidden: torch.Tensor, targets: Targets, name: str = "ref"
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """MSE between the head's reading at (row, col) of `hidden` and its targets `xy`.
+    """MSE between the head's reading of `hidden` at the targets' cells and their (x, y).
 
     Serves both losses: shape words with the named objects' centres, and answer steps with the
     named objects' offset.
     """
-    if not rows:
+    if not targets.rows:
         return hidden.sum() * 0.0, {}
-    pred = head(hidden[torch.tensor(rows), torch.tensor(cols)])
-    loss = F.mse_loss(pred, xy)
-    return loss, {f"{name}_mae": float((pred - xy).detach().abs().mean())}
+    pred = head(hidden[torch.tensor(targets.rows), torch.tensor(targets.cols)])
+    loss = F.mse_loss(pred, targets.xy)
+    return loss, {f"{name}_mae": float((pred - targets.xy).detach().abs().mean())}

@@ -188,6 +188,15 @@ def main() -> None:
     ref_head = ref_aux.make_head(size.text_hidden) if args.ref_weight > 0 else None
     rel_head = ref_aux.make_head(size.text_hidden) if args.rel_weight > 0 else None
     heads = [h for h in (head, ref_head, rel_head) if h is not None]
+    # (Packed field, head, LM layer it reads, weight) of each grounding loss that is on.
+    grounding = [
+        (name, h, layer, weight)
+        for name, h, layer, weight in (
+            ("ref", ref_head, args.ref_layer, args.ref_weight),
+            ("rel", rel_head, args.rel_layer, args.rel_weight),
+        )
+        if h is not None
+    ]
     params = list(model.parameters()) + [p for h in heads for p in h.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     model.train()
@@ -232,7 +241,7 @@ def main() -> None:
             refs if ref_head is not None else None,
             rels if rel_head is not None else None,
         )
-        out = run_lm(model, packed, hidden_states=ref_head is not None or rel_head is not None)
+        out = run_lm(model, packed, hidden_states=bool(grounding))
         loss = answer_loss(model, packed, out.last_hidden_state, args.per_question)
         extra: dict[str, float] = {}
         total = loss
@@ -240,20 +249,12 @@ def main() -> None:
             aux, extra = patch_aux.aux_loss(head, feats, objects, size.patch)
             total = total + args.aux_weight * aux
             extra["aux_loss"] = round(aux.item(), 4)
-        if ref_head is not None:
-            hidden = out.hidden_states[args.ref_layer]
+        for name, ref_head_, layer, weight in grounding:
             ref, ref_extra = ref_aux.ref_loss(
-                ref_head, hidden, packed.ref_rows, packed.ref_cols, packed.ref_xy
+                ref_head_, out.hidden_states[layer], getattr(packed, name), name
             )
-            total = total + args.ref_weight * ref
-            extra |= {"ref_loss": round(ref.item(), 4), **ref_extra}
-        if rel_head is not None:
-            hidden = out.hidden_states[args.rel_layer]
-            rel, rel_extra = ref_aux.ref_loss(
-                rel_head, hidden, packed.rel_rows, packed.rel_cols, packed.rel_xy, name="rel"
-            )
-            total = total + args.rel_weight * rel
-            extra |= {"rel_loss": round(rel.item(), 4), **rel_extra}
+            total = total + weight * ref
+            extra |= {f"{name}_loss": round(ref.item(), 4), **ref_extra}
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -302,7 +302,6 @@ class TransformersEngine:
                 f"{len(prepared.visual_tokens)}."
             )
         keep = []
-        bases = prepared.bases
         for i, (feats, n, k) in enumerate(
             zip(prepared.features, prepared.visual_tokens, plan.visual_keep, strict=True)
         ):
@@ -313,8 +312,7 @@ class TransformersEngine:
             elif k == 0:
                 keep.append(torch.zeros(0, dtype=torch.long, device=feats.device))
             else:
-                basis = bases[i] if i < len(bases) else None
-                kept = select_tokens(feats, int(k), method=plan.selection, basis=basis)
+                kept = select_tokens(feats, int(k), method=plan.selection, basis=prepared.basis(i))
                 keep.append(kept.to(feats.device))
         return keep
 
