@@ -51,6 +51,15 @@ def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return order[:k]
 
 
+def _with_energy(energies: torch.Tensor) -> torch.Tensor:
+    """Mask of the directions (energies sorted descending) that carry energy.
+
+    Directions below 1e-12 of the largest are numerical null space: their vectors are arbitrary,
+    and dividing by their singular values would amplify rounding.
+    """
+    return energies > energies[:1].clamp_min(0) * 1e-12
+
+
 def _exact_left(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k left singular vectors `[N, k']` of `x` and their energies `[k']` (float64 eigh).
 
@@ -60,7 +69,7 @@ def _exact_left(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     n, d = a.shape
     evals, evecs = torch.linalg.eigh(a @ a.T if n <= d else a.T @ a)
     vecs, s2 = evecs.flip(-1)[:, :k], evals.flip(-1)[:k]
-    keep_dirs = s2 > s2[:1].clamp_min(0) * 1e-12
+    keep_dirs = _with_energy(s2)
     vecs, s2 = vecs[:, keep_dirs], s2[keep_dirs]
     # With N > D the eigenvectors are the right singular vectors: X V = U S recovers U.
     return (vecs if n <= d else (a @ vecs) / s2.sqrt()), s2
@@ -81,8 +90,7 @@ def randomized_left_subspace(x: torch.Tensor, k: int, *, power_iters: int = 1, s
     evals, evecs = torch.linalg.eigh(b @ b.T)
     w = evecs.flip(-1)[:, :k]
     s2 = evals.flip(-1)[:k]
-    keep_dirs = s2 > s2[:1].clamp_min(0) * 1e-12
-    return q.double() @ w[:, keep_dirs]
+    return q.double() @ w[:, _with_energy(s2)]
 
 
 def exact_basis(x: torch.Tensor, max_short_side: int = EXACT_BASIS_MAX) -> SketchBasis | None:
@@ -113,7 +121,7 @@ def leverage_scores(x: torch.Tensor, k: int, basis: SketchBasis | None = None) -
     if memo is not None and (memo is basis or memo.q.shape[-1] >= k + OVERSAMPLE):
         w = memo.evecs[:, :k]
         s2 = memo.energies[:k]
-        w = w[:, s2 > s2[:1].clamp_min(0) * 1e-12]
+        w = w[:, _with_energy(s2)]
         return (memo.q.double() @ w).square().sum(-1)
     short = min(x.shape)
     if short <= EXACT_SHORT_SIDE or k + OVERSAMPLE > EXACT_FRACTION * short:

@@ -33,14 +33,8 @@ import numpy as np
 from PIL import Image
 
 from joulecap.runtime.engines.base import Engine, RunHooks
-from joulecap.runtime.predictor import (
-    FitResult,
-    Predictor,
-    fit_per_model,
-    fit_universal,
-    profile_path,
-    save_profile,
-)
+from joulecap.runtime.predictor import FitResult, Predictor, fit_per_model, fit_universal
+from joulecap.runtime.profiles import profile_path, save_profile
 from joulecap.runtime.types import (
     ChatMessage,
     ImagePart,

@@ -4,6 +4,9 @@ Meters update coarsely (NVML about every 100 ms, RAPL/estimates by sampling), so
 "measured so far" lags. Between readings the governor trusts the predictor: the spend is taken
 as the larger of the measurement and the predicted prefill plus `n` decode tokens, and a token
 is only generated if that spend plus the predicted cost of one more token stays within budget.
+When the measurement is current at every check (`measurement_is_current`: a meter read afresh
+on each poll, and the run not sharing the device with a batch), the spend is the measurement
+alone: a run cheaper than predicted may then use what it saved.
 
 The next token's predicted cost is scaled by how much the run so far exceeded its prediction: a
 device that is slower or busier than when the predictor learned (clocks, heat, contention) makes
@@ -44,6 +47,8 @@ class Governor:
             `predicted_j` and `energy_so_far_j`; left out when comparing the run with its prediction.
         first_step_premium: Relative extra cost of the first decode step over the next-token
             estimate (0: none).
+        measurement_is_current: `energy_so_far_j` is exact at each call (no lag to cover with
+            the prediction).
 
     """
 
@@ -54,6 +59,7 @@ class Governor:
         energy_so_far_j: Callable[[], float],
         spent_j: float = 0.0,
         first_step_premium: float = 0.0,
+        measurement_is_current: bool = False,
     ) -> None:
         self.budget_j = plan.budget_j if self._holds(plan.policy) else None
         self._energy_so_far_j = energy_so_far_j
@@ -69,6 +75,7 @@ class Governor:
         self._last: tuple[int, float] | None = None
         self._recent: deque[float] = deque(maxlen=_RECENT_TOKENS)
         self.first_step_premium = max(0.0, first_step_premium)
+        self.measurement_is_current = measurement_is_current
         self.first_step_priced_j: float | None = None
         """The first decode step's estimate without the premium (set when it was priced)."""
         self.first_step_j: float | None = None
@@ -122,7 +129,7 @@ class Governor:
         if n_generated >= 1 and run_predicted > 0:
             ratio = (measured - self.spent_j) / run_predicted
             self.slowdown = min(_MAX_SLOWDOWN, max(1.0, ratio))
-        self.last_spent_j = spent = max(measured, predicted)
+        self.last_spent_j = spent = measured if self.measurement_is_current else max(measured, predicted)
         if n_generated == 1:
             self.first_step_priced_j = self.token_j * self.slowdown
         if spent + self.next_token_j() > self.budget_j * (1 + 1e-9):  # float slack, not policy

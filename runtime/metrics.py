@@ -9,6 +9,8 @@ Exposed series (all names prefixed `joulecap_`):
 - `tokens_total{model,kind}`: prompt, completion, visual_in and visual_kept tokens.
 - `errors_total{status}`: error responses by HTTP status.
 - `predictor_mape{model}`: the energy predictor's running MAPE (fraction, as reported).
+- `predictor_speed_factor{model}`: recent measured over predicted joules (1 = as calibrated;
+  above 1 the device is running slower or hungrier, e.g. throttled or contended).
 - `envelope_level_joules`: joules left in the shared power envelope.
 """
 
@@ -69,6 +71,12 @@ class Metrics:
         self.predictor_mape = Gauge(
             "joulecap_predictor_mape", "Energy predictor's running MAPE (fraction).", ["model"], registry=r
         )
+        self.predictor_speed = Gauge(
+            "joulecap_predictor_speed_factor",
+            "Energy predictor's speed factor: recent measured over predicted joules.",
+            ["model"],
+            registry=r,
+        )
         self.envelope_level_j = Gauge(
             "joulecap_envelope_level_joules", "Joules left in the shared power envelope.", registry=r
         )
@@ -98,6 +106,10 @@ class Metrics:
     def set_predictor_mape(self, model: str, value: float) -> None:
         """Publish the predictor's current MAPE for `model`."""
         self.predictor_mape.labels(model).set(value)
+
+    def set_predictor_speed_factor(self, model: str, value: float) -> None:
+        """Publish the predictor's current speed factor for `model`."""
+        self.predictor_speed.labels(model).set(value)
 
     def set_envelope_level_j(self, value: float) -> None:
         """Publish the power envelope's current level."""

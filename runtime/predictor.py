@@ -11,31 +11,30 @@ The runtime plans with the per-model joule coefficients (`Predictor`), refines t
 measured request by recursive least squares with forgetting, and keeps a rolling MAPE of the
 predictions it made *before* seeing each measurement. `N_in` counts text tokens plus the
 visual tokens actually kept.
+
+Two time scales: RLS moves the coefficients slowly (it weighs the last ~50 requests), while a
+*speed factor* multiplies every prediction by a running average of how far the last few
+measurements were above or below the model. It follows what changes within seconds and touches
+every cost alike: a shared CPU running slower while a neighbour thrashes the cache, a GPU
+stepping its clocks down when hot. On the 2-core benchmark VM, the same request repeated for
+30 s varies by 10-19% (coefficient of variation) in phases of about a second; see
+`benchmarks/scheduler.py`'s held-out pass, which scores the predictor with and without it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import tempfile
 import threading
-import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
-PROFILE_FORMAT = "joulecap-profile"
-PROFILE_VERSION = 1
-DEFAULT_FORMAT = "joulecap-default-profile"
 UNIVERSAL_TERMS = ("intercept", "s", "n_in", "n_out", "s_n_in", "s_n_out")
 """Names of the universal model's coefficients, in feature order."""
 
@@ -210,6 +209,8 @@ class Predictor:
             uncalibrated and moderate when calibrated.
         fit: Calibration fit quality (`r2`, `mape`, `n`) to report in `stats()`.
         power_w: Average power of the device for this model (reported; not used to predict).
+        speed_alpha: Weight of the newest measurement in the speed factor, in [0, 1]; 0 keeps
+            the factor at 1 (the scheduler sets this from its config).
 
     """
 
@@ -225,9 +226,12 @@ class Predictor:
         covariance: Sequence[Sequence[float]] | None = None,
         fit: dict[str, Any] | None = None,
         power_w: float | None = None,
+        speed_alpha: float = 0.0,
     ) -> None:
         if not 0.0 < forgetting <= 1.0:
             raise ValueError(f"forgetting must be in (0, 1], got {forgetting}")
+        if not 0.0 <= speed_alpha <= 1.0:
+            raise ValueError(f"speed_alpha must be in [0, 1], got {speed_alpha}")
         self._lock = threading.Lock()
         self._theta = np.array([b_j, in_j * _IN_SCALE, out_j * _OUT_SCALE], dtype=np.float64)
         if covariance is not None:
@@ -241,6 +245,9 @@ class Predictor:
         self.forgetting = forgetting
         self.fit = dict(fit or {})
         self.power_w = power_w
+        self.speed_alpha = speed_alpha
+        self._log_speed = 0.0
+        self._speed = 1.0
         self.n_updates = 0
         self._errors: deque[float] = deque(maxlen=_MAPE_WINDOW)
 
@@ -256,19 +263,28 @@ class Predictor:
     # ------------------------------------------------------------------ prediction
     @property
     def coefficients(self) -> tuple[float, float, float]:
-        """Current `(b_j, in_j, out_j)`."""
+        """Current `(b_j, in_j, out_j)` of the linear model (before the speed factor)."""
         return self._coef
 
-    def predict(self, text_tokens: int, visual_tokens: int, output_tokens: int) -> Prediction:
-        """Predicted joules for a request that keeps `visual_tokens` and generates `output_tokens`."""
+    @property
+    def speed_factor(self) -> float:
+        """Multiplier on every prediction: recent measurements over the linear model (1 = none)."""
+        return self._speed
+
+    def _linear(self, text_tokens: int, visual_tokens: int, output_tokens: int) -> Prediction:
         b_j, in_j, out_j = self._coef
         prefill = max(0.0, b_j + in_j * (text_tokens + visual_tokens))
         decode = max(0.0, out_j) * output_tokens
         return Prediction(prefill, decode, prefill + decode)
 
+    def predict(self, text_tokens: int, visual_tokens: int, output_tokens: int) -> Prediction:
+        """Predicted joules for a request that keeps `visual_tokens` and generates `output_tokens`."""
+        base, speed = self._linear(text_tokens, visual_tokens, output_tokens), self._speed
+        return Prediction(base.prefill_j * speed, base.decode_j * speed, base.total_j * speed)
+
     def decode_j_per_token(self) -> float:
         """Predicted joules of one generated token (always > 0)."""
-        return max(self._coef[2], _MIN_OUT_J)
+        return max(self._coef[2] * self._speed, _MIN_OUT_J)
 
     def max_output_tokens(self, budget_j: float, text_tokens: int, visual_tokens: int) -> int:
         """Largest output length whose predicted total fits `budget_j` (0 when none does)."""
@@ -279,7 +295,7 @@ class Predictor:
 
     def max_visual_tokens(self, budget_j: float, text_tokens: int, output_tokens: int) -> int:
         """Largest total of kept visual tokens whose prediction fits `budget_j` (-1 when none)."""
-        in_j = self._coef[1]
+        in_j = self._coef[1] * self._speed
         left = budget_j - self.predict(text_tokens, 0, output_tokens).total_j
         if left < 0:
             return -1
@@ -292,15 +308,19 @@ class Predictor:
         """Learn from one measured request (recursive least squares with forgetting).
 
         The regression is on relative errors (each row divided by the prediction), because
-        measurement noise grows with the energy and budgets care about relative error.
+        measurement noise grows with the energy and budgets care about relative error. RLS
+        fits the linear model to the measurement as it is; the speed factor then follows the
+        linear model's residual ratio (a log-space running average), so a persistent change ends
+        up in the coefficients and the factor returns to 1.
         """
         if not (math.isfinite(energy_j) and energy_j > 0):
             return
         n_in = text_tokens + visual_tokens
         x_raw = np.array([1.0, n_in / _IN_SCALE, output_tokens / _OUT_SCALE])
         with self._lock:
-            predicted = self.predict(text_tokens, visual_tokens, output_tokens).total_j
-            self._errors.append(abs(predicted - energy_j) / energy_j)
+            predicted = self._linear(text_tokens, visual_tokens, output_tokens).total_j
+            self._errors.append(abs(predicted * self._speed - energy_j) / energy_j)
+            self._follow_speed(predicted, energy_j)
             scale = predicted if predicted > 0 else energy_j
             # One outlier (a cold first request, a burst of contention) must not wreck the model:
             # the target is clipped to within a factor of the prediction. A badly wrong default
@@ -328,6 +348,14 @@ class Predictor:
             self._cov = cov
             self._commit()
 
+    def _follow_speed(self, linear_j: float, energy_j: float) -> None:
+        if self.speed_alpha <= 0 or linear_j <= 0:
+            return
+        # Clipped like the RLS target: one cold start or stall moves the factor a bounded step.
+        ratio = min(max(energy_j / linear_j, 1.0 / _UPDATE_CLIP), _UPDATE_CLIP)
+        self._log_speed += self.speed_alpha * (math.log(ratio) - self._log_speed)
+        self._speed = math.exp(self._log_speed)
+
     def _commit(self) -> None:
         th = self._theta
         self._coef = (float(th[0]), float(th[1]) / _IN_SCALE, float(th[2]) / _OUT_SCALE)
@@ -353,151 +381,11 @@ class Predictor:
             "a_d_over_a_p": _ratio(out_j, in_j) if in_j > 0 else None,
             "power_w": self.power_w,
             "coefficients": {"b_j": b_j, "in_j": in_j, "out_j": out_j},
+            "speed_factor": self._speed,
+            "speed_alpha": self.speed_alpha,
         }
 
     def covariance(self) -> list[list[float]]:
         """The RLS covariance (scaled features), for saving with a profile."""
         with self._lock:
             return [[float(v) for v in row] for row in self._cov]
-
-
-# ---------------------------------------------------------------------- profiles
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text).strip("._") or "x"
-
-
-def profile_path(profile_dir: str | Path, model: str, device: str, dtype: str) -> Path:
-    """Where the profile of (model, device, dtype) lives."""
-    return Path(profile_dir) / f"{_slug(model)}__{_slug(device)}__{_slug(dtype)}.json"
-
-
-def load_default(params_b: float, *, forgetting: float = 0.98) -> Predictor:
-    """The shipped universal default at size `params_b` (calibrated False).
-
-    `E = P(S)*(a_p(S)*N_in + a_d(S)*N_out + b(S))` with `P(S) = 12.1*S + 42.2` W and times
-    linear in S (see `runtime/data/default_profile.json`).
-    """
-    raw = resources.files("joulecap.runtime").joinpath("data/default_profile.json").read_text()
-    data = json.loads(raw)
-    s = max(0.0, float(params_b))
-    power = universal_power_w(s, data["power_w"]["base_w"], data["power_w"]["per_b_w"])
-    sec = {name: t["base"] + t["per_b"] * s for name, t in data["seconds"].items()}
-    return Predictor(
-        power * sec["b_s"],
-        power * sec["a_p_s"],
-        power * sec["a_d_s"],
-        calibrated=False,
-        source="default",
-        forgetting=forgetting,
-        power_w=power,
-    )
-
-
-class ProfileError(ValueError):
-    """A profile file that cannot be used (corrupt, foreign, wrong model)."""
-
-
-def _read_profile(path: Path, model: str, device: str, dtype: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProfileError(f"unreadable JSON ({exc})") from exc
-    if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
-        raise ProfileError(f"not a {PROFILE_FORMAT} file")
-    if data.get("version") != PROFILE_VERSION:
-        raise ProfileError(f"unsupported version {data.get('version')!r}")
-    for key, want in (("model", model), ("device", device), ("dtype", dtype)):
-        if data.get(key) != want:
-            raise ProfileError(f"{key} is {data.get(key)!r}, expected {want!r}")
-    coef = data.get("coefficients")
-    if not isinstance(coef, dict):
-        raise ProfileError("missing coefficients")
-    for key in ("b_j", "in_j", "out_j"):
-        value = coef.get(key)
-        if not isinstance(value, int | float) or not math.isfinite(value):
-            raise ProfileError(f"coefficient {key} is {value!r}, not a finite number")
-    if not coef["out_j"] > 0:
-        raise ProfileError(f"out_j must be > 0, got {coef['out_j']}")
-    return data
-
-
-def load_profile(
-    profile_dir: str | Path,
-    model: str,
-    device: str,
-    dtype: str,
-    params_b: float,
-    *,
-    forgetting: float = 0.98,
-) -> Predictor:
-    """The predictor for (model, device, dtype): its calibrated profile, else the shipped default.
-
-    A corrupt or foreign profile is refused with a warning naming the file and the reason; the
-    default is used and the caller keeps running.
-    """
-    path = profile_path(profile_dir, model, device, dtype)
-    if not path.exists():
-        log.info("no energy profile at %s; using the uncalibrated universal default", path)
-        return load_default(params_b, forgetting=forgetting)
-    try:
-        data = _read_profile(path, model, device, dtype)
-    except ProfileError as exc:
-        log.warning("ignoring energy profile %s: %s; using the uncalibrated universal default", path, exc)
-        return load_default(params_b, forgetting=forgetting)
-    coef = data["coefficients"]
-    cov = data.get("rls_covariance")
-    if not (isinstance(cov, list) and np.asarray(cov, dtype=object).size == 9):
-        cov = None
-    return Predictor(
-        float(coef["b_j"]),
-        float(coef["in_j"]),
-        float(coef["out_j"]),
-        calibrated=True,
-        source=str(data.get("source", "calibration")),
-        forgetting=forgetting,
-        covariance=cov,
-        fit=data.get("fit") if isinstance(data.get("fit"), dict) else None,
-        power_w=data.get("power_w"),
-    )
-
-
-def save_profile(
-    profile_dir: str | Path,
-    model: str,
-    device: str,
-    dtype: str,
-    predictor: Predictor,
-    *,
-    params_b: float,
-    extra: dict[str, Any] | None = None,
-) -> Path:
-    """Write the profile atomically (temp file in the same directory, then `os.replace`)."""
-    path = profile_path(profile_dir, model, device, dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    b_j, in_j, out_j = predictor.coefficients
-    data: dict[str, Any] = {
-        "format": PROFILE_FORMAT,
-        "version": PROFILE_VERSION,
-        "model": model,
-        "device": device,
-        "dtype": dtype,
-        "params_b": params_b,
-        "created_s": time.time(),
-        "source": predictor.source,
-        "power_w": predictor.power_w,
-        "coefficients": {"b_j": b_j, "in_j": in_j, "out_j": out_j},
-        "fit": predictor.fit,
-        "rls_covariance": predictor.covariance(),
-        **(extra or {}),
-    }
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

@@ -36,7 +36,7 @@ from joulecap.runtime.governor import Governor
 from joulecap.runtime.images import ImagePolicy, decode_image_bytes
 from joulecap.runtime.ledger import Ledger
 from joulecap.runtime.metrics import Metrics
-from joulecap.runtime.predictor import load_profile
+from joulecap.runtime.profiles import load_profile
 from joulecap.runtime.scheduler import Scheduler
 from joulecap.runtime.types import (
     ChatMessage,
@@ -296,6 +296,7 @@ class Runtime:
             energy_so_far_j,
             spent_j=encode_j,
             first_step_premium=self.scheduler.first_step.value(),
+            measurement_is_current=work_log is None and self.monitor.reads_fresh,
         )
         hooks = RunHooks(
             on_token=on_token,
@@ -391,6 +392,7 @@ class Runtime:
         mape = self.predictor.stats().get("mape")
         if mape is not None:
             self.metrics.set_predictor_mape(self.info.model, float(mape))
+        self.metrics.set_predictor_speed_factor(self.info.model, self.predictor.speed_factor)
 
     def execute(
         self,

@@ -28,9 +28,10 @@ class Scheduler:
         get_policy(config.policy)  # fail at start-up, not on the first request
         self.config = config
         self.predictor = predictor
-        # The runtime loads the profile without knowing the scheduler's config; the forgetting
-        # factor of the online update is a scheduler setting.
+        # The runtime loads the profile without knowing the scheduler's config; how the online
+        # update learns (RLS forgetting, speed factor) is a scheduler setting.
         predictor.forgetting = config.rls_forgetting
+        predictor.speed_alpha = config.speed_alpha
         self.margin = FeasibilityMargin(config.feasibility_margin, config.feasibility_quantile)
         # The same running quantile, of how far the first decode step exceeded its estimate:
         # the governor's premium on that step (no floor: it starts at 0 and follows the device).

@@ -17,7 +17,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
 from _factories import REPO
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -275,3 +277,37 @@ def test_paper_quick_smoke(tmp_path: Path) -> None:
     assert 0.0 <= result["decode_share"]["min_pct"] <= result["decode_share"]["max_pct"] <= 100.0
     assert result["token_times"]["time_per_output_token_s"] > 0
     assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_stability_spread_tells_phases_from_noise(bench: Any) -> None:
+    from benchmarks.stability import spread
+
+    rng = np.random.default_rng(0)
+    phases = np.repeat(rng.uniform(0.8, 1.2, 20), 50) * rng.lognormal(0, 0.02, 1000)
+    s = spread(list(phases))
+    assert s["n"] == 1000 and s["block_cv_pct"] > 5
+    assert s["adjacent_pct"] < 0.5 * s["random_pair_pct"]  # neighbours share their phase
+    white = spread(list(rng.lognormal(0, 0.1, 1000)))
+    assert white["adjacent_pct"] == pytest.approx(white["random_pair_pct"], rel=0.15)
+    assert white["block_cv_pct"] < 3
+    flat = spread([2.0] * 100)
+    assert flat["cv_pct"] == 0 and flat["p99_over_median"] == 1.0
+
+
+@pytest.mark.slow
+def test_stability_benchmark_writes_its_table(
+    tmp_path: Path, bench: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from benchmarks import stability
+
+    monkeypatch.setenv("JOULECAP_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "stability.json"
+    threads = torch.get_num_threads()
+    try:
+        assert stability.main(["--reps", "100", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads(out.read_text())
+    assert set(data["workloads"]) >= {"model request (energy)", "loop: python (CPU s)"}
+    assert data["workloads"]["model request (energy)"]["n"] == 100
+    assert data["model"]["meter"]["source"] == "estimated" and data["model"]["major_faults"] >= 0

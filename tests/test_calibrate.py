@@ -27,7 +27,7 @@ from joulecap.runtime.config import JoulecapConfig
 from joulecap.runtime.energy.factory import create_meter
 from joulecap.runtime.energy.monitor import EnergyMonitor
 from joulecap.runtime.engines.factory import create_engine
-from joulecap.runtime.predictor import load_profile, save_profile
+from joulecap.runtime.profiles import load_profile, save_profile
 
 SPEC = SweepSpec((64,), (0.0, 1.0), (4, 40), (1, 6), reps=1, warmup=1)
 

@@ -237,6 +237,10 @@ def test_short_window_uses_power_readings(nvml: Any) -> None:
     report = monitor.report(PhaseTimes(a.t_s, a.t_s + (b.t_s - a.t_s) / 2, b.t_s))
     assert report.interpolated and "update period" in report.note
     assert report.source == "measured" and report.meter == "nvml:0"
+    # A counter that moves every ~100 ms lags the governor's checks: the governor must not trust it
+    # alone (the estimate meter, read afresh on each check, can be).
+    assert not monitor.reads_fresh
+    assert EnergyMonitor(EstimateMeter(EnergyConfig()), EnergyConfig(idle_baseline_s=0)).reads_fresh
 
 
 def test_short_window_without_power_uses_predictor_split(nvml: Any) -> None:

@@ -477,7 +477,8 @@ def test_ledger_write_killed_midway_keeps_previous_rows_and_acknowledged_ones(tm
 
 
 def _save(profile_dir: Path, b_j: float, *, extra: dict[str, Any] | None = None) -> Path:
-    from joulecap.runtime.predictor import Predictor, save_profile
+    from joulecap.runtime.predictor import Predictor
+    from joulecap.runtime.profiles import save_profile
 
     predictor = Predictor(b_j, 0.01, 0.1, calibrated=True, source="test")
     return save_profile(profile_dir, "m", "cpu", "float32", predictor, params_b=0.5, extra=extra)
@@ -486,7 +487,7 @@ def _save(profile_dir: Path, b_j: float, *, extra: dict[str, Any] | None = None)
 def test_profile_write_failing_midway_keeps_previous_profile(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from joulecap.runtime import predictor as predictor_mod
+    from joulecap.runtime import profiles as profiles_mod
 
     path = _save(tmp_path, 1.25)
     before = path.read_bytes()
@@ -496,13 +497,13 @@ def test_profile_write_failing_midway_keeps_previous_profile(
         fh.write(text[: len(text) // 2])  # half the new profile reaches the disk ...
         raise OSError(28, "No space left on device")  # ... then the write fails
 
-    monkeypatch.setattr(predictor_mod.json, "dump", dump_then_fail)
+    monkeypatch.setattr(profiles_mod.json, "dump", dump_then_fail)
     with pytest.raises(OSError):
         _save(tmp_path, 9.0)
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert list(tmp_path.iterdir()) == [path]  # no temp file left behind
-    loaded = predictor_mod.load_profile(tmp_path, "m", "cpu", "float32", 0.5)
+    loaded = profiles_mod.load_profile(tmp_path, "m", "cpu", "float32", 0.5)
     assert loaded.calibrated and loaded.coefficients[0] == pytest.approx(1.25)
 
 
@@ -510,7 +511,8 @@ _PROFILE_WRITER = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from joulecap.runtime.predictor import Predictor, save_profile
+    from joulecap.runtime.predictor import Predictor
+    from joulecap.runtime.profiles import save_profile
     i = 0
     while True:
         i += 1
@@ -523,7 +525,7 @@ _PROFILE_WRITER = textwrap.dedent(
 
 
 def test_profile_writer_killed_midway_leaves_a_whole_profile(tmp_path: Path) -> None:
-    from joulecap.runtime.predictor import load_profile, profile_path
+    from joulecap.runtime.profiles import load_profile, profile_path
 
     _save(tmp_path, 0.5)
     proc = subprocess.Popen(

@@ -1,4 +1,5 @@
-"""Governor: stops before the budget, trusts the larger of measured and predicted spend."""
+"""Governor: stops before the budget; trusts the larger of measured and predicted spend unless the
+measurement is current."""
 
 from __future__ import annotations
 
@@ -36,6 +37,30 @@ def test_stops_on_measurement_when_it_runs_ahead() -> None:
     measured["j"] = 2.95  # the device is costlier than predicted
     assert g.should_stop(3)
     assert g.stopped_at == 3 and g.last_spent_j == pytest.approx(2.95)
+
+
+def test_a_current_measurement_lets_a_cheap_run_use_what_it_saved() -> None:
+    # Predicted: 1.5 J prefill + 0.1 J per token, 15 tokens fit 3 J. The run really costs 1.0 J
+    # of prefill and 0.1 J per token: 20 tokens fit.
+    def run(current: bool) -> int:
+        clock = {"n": 0}
+        g = Governor(make_plan(3.0), PRED, lambda: 1.0 + 0.1 * clock["n"], measurement_is_current=current)
+        for n in range(100):
+            clock["n"] = n
+            if g.should_stop(n):
+                return n
+        raise AssertionError("never stopped")
+
+    assert run(False) == 15  # a lagging meter: the larger prediction stands for the spend
+    assert run(True) == 20
+
+
+def test_a_current_measurement_still_stops_a_dear_run() -> None:
+    measured = {"j": 0.0}
+    g = Governor(make_plan(3.0), PRED, lambda: measured["j"], measurement_is_current=True)
+    assert not g.should_stop(2)
+    measured["j"] = 2.95
+    assert g.should_stop(3) and g.last_spent_j == pytest.approx(2.95)
 
 
 def test_baseline_plans_record_but_do_not_hold_the_budget() -> None:

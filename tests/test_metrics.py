@@ -65,10 +65,12 @@ def test_gauges_errors_and_separate_registries() -> None:
     a.observe_error(503)
     a.observe_error(503)
     a.set_predictor_mape("m1", 0.12)
+    a.set_predictor_speed_factor("m1", 1.25)
     a.set_envelope_level_j(42.0)
     sa, sb = samples(a), samples(b)
     assert sa[("joulecap_errors_total", (("status", "503"),))] == 2.0
     assert sa[("joulecap_predictor_mape", (("model", "m1"),))] == 0.12
+    assert sa[("joulecap_predictor_speed_factor", (("model", "m1"),))] == 1.25
     assert sa[("joulecap_envelope_level_joules", ())] == 42.0
     assert ("joulecap_errors_total", (("status", "503"),)) not in sb
     assert sb[("joulecap_envelope_level_joules", ())] == 0.0

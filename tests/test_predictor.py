@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from joulecap.runtime.predictor import (
-    Predictor,
-    fit_per_model,
-    fit_universal,
-    load_default,
-    load_profile,
-    profile_path,
-    save_profile,
-)
+from joulecap.runtime.predictor import Predictor, fit_per_model, fit_universal
+from joulecap.runtime.profiles import load_default, load_profile, profile_path, save_profile
 
 
 def test_predict_is_linear_and_split() -> None:
@@ -238,7 +232,7 @@ def test_corrupt_or_foreign_profile_is_refused_with_path_and_reason(
 ) -> None:
     path = profile_path(tmp_path, "m", "cpu", "float32")
     path.write_text(content)
-    with caplog.at_level(logging.WARNING, logger="joulecap.runtime.predictor"):
+    with caplog.at_level(logging.WARNING, logger="joulecap.runtime.profiles"):
         p = load_profile(tmp_path, "m", "cpu", "float32", 1.0)
     assert p.calibrated is False
     assert str(path) in caplog.text
@@ -293,3 +287,95 @@ def test_relative_fit_favours_small_requests() -> None:
     absolute = fit_per_model(n_in, n_out, energy, 1.0)
     relative = fit_per_model(n_in, n_out, energy, 1.0, relative=True)
     assert relative.mape < 0.75 * absolute.mape
+
+
+# ------------------------------------------------------------------ speed factor
+def _requests(rng: np.random.Generator, n: int) -> list[tuple[int, int, int]]:
+    return [
+        (int(rng.integers(5, 100)), int(rng.integers(0, 300)), int(rng.integers(1, 64))) for _ in range(n)
+    ]
+
+
+def test_speed_factor_follows_a_slowdown_within_a_few_requests() -> None:
+    truth = Predictor(0.05, 1e-4, 2e-3)
+    fast = Predictor(*truth.coefficients, calibrated=True, speed_alpha=0.2)
+    rls_only = Predictor(*truth.coefficients, calibrated=True)
+    for t, v, o in _requests(np.random.default_rng(2), 5):  # the device now runs 30% slower
+        for p in (fast, rls_only):
+            p.update(t, v, o, 1.3 * truth.predict(t, v, o).total_j)
+    want = 1.3 * truth.predict(50, 100, 10).total_j
+    assert fast.predict(50, 100, 10).total_j == pytest.approx(want, rel=0.03)
+    assert abs(rls_only.predict(50, 100, 10).total_j / want - 1) > 0.05  # RLS alone lags
+    assert fast.speed_factor > 1.1 and rls_only.speed_factor == 1.0
+
+
+def test_speed_factor_returns_to_one_when_rls_has_absorbed_a_lasting_change() -> None:
+    p = Predictor(0.05, 1e-4, 2e-3, calibrated=True, forgetting=0.9, speed_alpha=0.2)
+    changed = Predictor(0.05 * 1.5, 1e-4 * 1.5, 2e-3 * 1.5)
+    for t, v, o in _requests(np.random.default_rng(3), 300):
+        p.update(t, v, o, changed.predict(t, v, o).total_j)
+    assert p.speed_factor == pytest.approx(1.0, abs=0.01)
+    for got, want in zip(p.coefficients, changed.coefficients, strict=True):
+        assert got == pytest.approx(want, rel=0.02)
+
+
+def test_rls_learns_the_same_coefficients_with_or_without_the_speed_factor() -> None:
+    rng = np.random.default_rng(4)
+    a = Predictor(0.05, 1e-4, 2e-3, calibrated=True)
+    b = Predictor(0.05, 1e-4, 2e-3, calibrated=True, speed_alpha=0.5)
+    for i, (t, v, o) in enumerate(_requests(rng, 60)):
+        e = (1.0 + 0.3 * math.sin(i / 3)) * 0.9 * (0.05 + 1e-4 * (t + v) + 2e-3 * o)
+        a.update(t, v, o, e)
+        b.update(t, v, o, e)
+    assert b.coefficients == pytest.approx(a.coefficients, rel=1e-12)
+    assert b.speed_factor != 1.0
+
+
+def test_speed_factor_scales_every_figure_the_planner_uses() -> None:
+    p = Predictor(0.2, 1e-3, 0.01, calibrated=True, speed_alpha=1.0)
+    base = p.predict(10, 20, 5)
+    p.update(10, 20, 5, 1.5 * base.total_j)
+    assert p.speed_factor == pytest.approx(1.5)
+    b_j, in_j, out_j = p.coefficients  # RLS moved them a little too: compare with the product
+    lin = Predictor(b_j, in_j, out_j).predict(10, 20, 5)
+    got = p.predict(10, 20, 5)
+    assert got.prefill_j == pytest.approx(1.5 * lin.prefill_j)
+    assert got.decode_j == pytest.approx(1.5 * lin.decode_j)
+    assert p.decode_j_per_token() == pytest.approx(1.5 * out_j)
+    n = p.max_output_tokens(1.0, 10, 20)
+    assert p.predict(10, 20, n).total_j <= 1.0 < p.predict(10, 20, n + 1).total_j
+    v = p.max_visual_tokens(1.0, 10, 5)
+    assert p.predict(10, v, 5).total_j <= 1.0 < p.predict(10, v + 1, 5).total_j
+    assert p.stats()["speed_factor"] == pytest.approx(1.5)
+
+
+def test_one_outlier_moves_the_speed_factor_a_bounded_step() -> None:
+    p = Predictor(1.0, 0.01, 0.1, calibrated=True, speed_alpha=0.2)
+    p.update(10, 10, 10, p.predict(10, 10, 10).total_j * 50)
+    assert p.speed_factor == pytest.approx(2.0**0.2)
+
+
+def test_speed_factor_lowers_the_error_on_a_device_that_drifts_in_phases() -> None:
+    # What the 2-core benchmark VM does: identical work runs up to ~20% faster or slower for a
+    # second at a time, with per-request noise on top. Each prediction is scored before its update.
+    rng = np.random.default_rng(5)
+    truth = Predictor(0.02, 1e-3, 0.03)
+    preds = {
+        alpha: Predictor(*truth.coefficients, calibrated=True, speed_alpha=alpha) for alpha in (0.0, 0.2)
+    }
+    speed = 1.0
+    errors: dict[float, list[float]] = {alpha: [] for alpha in preds}
+    for i, (t, v, o) in enumerate(_requests(rng, 400)):
+        if i % 25 == 0:
+            speed = float(rng.uniform(0.8, 1.25))
+        e = speed * truth.predict(t, v, o).total_j * float(rng.lognormal(0.0, 0.04))
+        for alpha, p in preds.items():
+            errors[alpha].append(abs(p.predict(t, v, o).total_j / e - 1))
+            p.update(t, v, o, e)
+    assert np.mean(errors[0.2]) < 0.6 * np.mean(errors[0.0])
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.5, float("nan")])
+def test_speed_alpha_out_of_range_is_refused(alpha: float) -> None:
+    with pytest.raises(ValueError, match="speed_alpha"):
+        Predictor(1.0, 0.01, 0.1, speed_alpha=alpha)

@@ -155,3 +155,20 @@ def test_encode_energy_is_measured_before_planning_charged_and_not_learned(runti
     assert result.energy.prefill_j >= prepared.spent_j
     assert result.energy.total_j >= prepared.spent_j
     assert seen == [pytest.approx(result.energy.total_j - prepared.spent_j)]
+
+
+def test_the_governor_trusts_a_meter_read_afresh_on_each_check(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import joulecap.runtime.runtime as runtime_module
+
+    seen: list[bool] = []
+    real = runtime_module.Governor
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs["measurement_is_current"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runtime_module, "Governor", spy)
+    runtime.chat("hi", energy_budget_j=5.0, max_tokens=2)
+    assert runtime.monitor.reads_fresh and seen == [True]  # the estimate meter: read on each check

@@ -67,8 +67,14 @@ def test_budget_in_range_plans_and_too_small_is_422() -> None:
 
 def test_scheduler_sets_the_predictor_forgetting() -> None:
     pred = Predictor(1.0, 0.01, 0.1)
-    Scheduler(replace(SchedulerConfig(), rls_forgetting=0.9), pred)
-    assert pred.forgetting == 0.9
+    Scheduler(replace(SchedulerConfig(), rls_forgetting=0.9, speed_alpha=0.3), pred)
+    assert pred.forgetting == 0.9 and pred.speed_alpha == 0.3
+
+
+@pytest.mark.parametrize("alpha", [-0.01, 1.01])
+def test_speed_alpha_out_of_range_is_a_config_error(alpha: float) -> None:
+    with pytest.raises(ValueError, match="speed_alpha"):
+        SchedulerConfig(speed_alpha=alpha)
 
 
 def test_planning_without_spectral_work_is_fast() -> None:
@@ -166,6 +172,9 @@ def test_scheduler_benchmark_smoke(tmp_path: Any, monkeypatch: pytest.MonkeyPatc
     assert data["machine"]["label"] and data["planning"]["joint"]["p50_ms"] > 0
     held = data["heldout"]
     assert all(r["repeat_j"] > 0 for r in held["rows"]) and 0 <= held["repeat_ape_pct"] < 100
+    assert len(held["reference_j"]) == 2 and held["reference_ape_pct"] >= 0
+    assert set(held["online"]) == {"server", "rls_only"}
+    assert held["online"]["server"]["speed_alpha"] > 0 == held["online"]["rls_only"]["speed_alpha"]
     assert set(data["targets"]) == {
         "joint_within_budget_pct>=99",
         "joint_mean_use_binding_pct>=85",

@@ -277,6 +277,11 @@ def test_every_served_request_is_in_ledger_and_metrics(served: Any) -> None:
     assert set(ids) <= ledger_ids
     metrics = httpx.get(server.base_url + "/metrics").text
     assert "joulecap" in metrics and runtime.info.model in metrics
+    # The predictor learnt from those requests; its speed factor is published as measured.
+    profile = httpx.get(server.base_url + "/v1/energy/profile").json()
+    assert profile["speed_alpha"] == runtime.config.scheduler.speed_alpha > 0
+    line = next(x for x in metrics.splitlines() if x.startswith("joulecap_predictor_speed_factor{"))
+    assert float(line.rsplit(" ", 1)[1]) == pytest.approx(profile["speed_factor"])
 
 
 def test_chat_alias_route(served: Any) -> None:

@@ -142,12 +142,17 @@ class EnergyMonitor:
             wide.energy_j * duration / period, inside, True, f"{why}: scaled from one update period", "scaled"
         )
 
+    @property
+    def reads_fresh(self) -> bool:
+        """Whether `live_energy_j` reads the meter afresh (it updates at least every `FRESH_READ_S`)."""
+        return float(getattr(self.meter, "update_period_s", 0.0) or 0.0) <= FRESH_READ_S
+
     def fresh_sample(self) -> None:
         """Read the meter now if it updates fast (`FRESH_READ_S`) and the newest sample is stale.
 
         Never raises: a failed read is recorded by the sampler and the report falls back.
         """
-        if float(getattr(self.meter, "update_period_s", 0.0) or 0.0) > FRESH_READ_S:
+        if not self.reads_fresh:
             return
         latest = self.sampler.latest()
         if latest is not None and time.monotonic() - latest[0] <= FRESH_READ_S:
