@@ -311,3 +311,119 @@ def test_stability_benchmark_writes_its_table(
     assert set(data["workloads"]) >= {"model request (energy)", "loop: python (CPU s)"}
     assert data["workloads"]["model request (energy)"]["n"] == 100
     assert data["model"]["meter"]["source"] == "estimated" and data["model"]["major_faults"] >= 0
+
+
+def _scheduler_result(
+    used_j: list[float], budget_j: float, use_pct: float, binding: int, server_mape: float | None
+) -> dict[str, Any]:
+    """The part of a scheduler benchmark JSON that benchmarks/pool.py reads (older runs: no server)."""
+    held: dict[str, Any] = {"mape_pct": 12.0, "repeat_ape_pct": 3.0, "refit_loo_mape_pct": 6.0}
+    if server_mape is not None:
+        held["online"] = {"server": {"mape_pct": server_mape}, "rls_only": {"mape_pct": 11.0}}
+        held["reference_ape_pct"] = 9.0
+    rows = [{"refused": False, "used_j": u, "budget_j": budget_j} for u in used_j]
+    rows.append({"refused": True, "used_j": 0.0, "budget_j": 0.1})  # a 422 is not a request run
+    return {
+        "machine": {"label": "test machine"},
+        "requests": {"joint": rows},
+        "policies": {
+            "joint": {"max_overshoot_pct": 0.0, "binding": binding, "mean_use_binding_pct": use_pct}
+        },
+        "heldout": held,
+        "planning": {
+            "joint": {"besides_spectral_p50_ms": 0.03},
+            "baseline": {"besides_spectral_p50_ms": 0.5},
+            "n": 3,
+        },
+    }
+
+
+def test_wilson_interval_brackets_the_proportion_and_narrows_with_n(bench: Any) -> None:
+    from benchmarks.pool import wilson
+
+    lo, hi = wilson(99, 100)
+    assert lo < 99.0 < hi <= 100.0
+    assert wilson(0, 10)[0] == pytest.approx(0.0, abs=1e-9) and wilson(10, 10)[1] == pytest.approx(100.0)
+    lo_big, hi_big = wilson(990, 1000)
+    assert hi_big - lo_big < hi - lo
+    assert all(math.isnan(v) for v in wilson(0, 0))
+    # The textbook value for 8 of 10 (Wilson 1927): 49.0-94.3%.
+    assert wilson(8, 10) == pytest.approx((49.016, 94.332), abs=1e-2)
+
+
+def test_pool_weights_runs_by_their_requests_and_skips_missing_figures(bench: Any) -> None:
+    from benchmarks.pool import pool, run_figures
+
+    a = run_figures(_scheduler_result([1.0] * 9 + [1.2], 1.1, use_pct=80.0, binding=1, server_mape=4.0))
+    b = run_figures(_scheduler_result([1.0] * 30, 1.1, use_pct=90.0, binding=3, server_mape=None))
+    assert a["ran"] == 10 and a["within"] == 9 and b["within"] == 30
+    assert a["planning_besides_spectral_p50_ms"] == 0.5  # the slowest policy, as the benchmark judges
+    assert b["heldout_mape_pct"]["server"] is None and b["heldout_mape_pct"]["frozen"] == 12.0
+    p = pool({"a": a, "b": b})
+    assert p["ran"] == 40 and p["within"] == 39 and p["within_budget_pct"] == pytest.approx(97.5)
+    assert p["mean_use_binding_pct"] == pytest.approx((80.0 * 1 + 90.0 * 3) / 4)
+    assert p["heldout_mape_pct"]["server"] == 4.0  # the mean over the runs that have it
+    assert p["heldout_mape_pct"]["floor_reference"] == 9.0 and p["mape_judged_on"] == "server"
+    # A run without the server figure cannot meet the MAPE target on it; the other run does.
+    assert p["runs_meeting_target"]["calibrated_heldout_mape_pct<=5"] == 1
+    assert p["runs_meeting_target"]["joint_within_budget_pct>=99"] == 1  # b alone (100%); a is 90%
+    assert p["pooled_targets"] == {
+        "joint_within_budget_pct>=99": False,
+        "joint_mean_use_binding_pct>=85": True,
+        "calibrated_heldout_mape_pct<=5": True,
+        "planning_besides_spectral_p50_ms<=1": True,
+    }
+    with pytest.raises(ValueError):
+        pool({})
+
+
+def test_pool_cli_writes_json_and_refuses_a_foreign_file(bench: Any, tmp_path: Path) -> None:
+    from benchmarks import pool
+
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps(_scheduler_result([1.0, 1.0], 1.1, use_pct=86.0, binding=2, server_mape=7.0)))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "run.json").write_text(
+        json.dumps(_scheduler_result([1.0, 1.2], 1.1, use_pct=84.0, binding=2, server_mape=9.0))
+    )
+    out = tmp_path / "pooled.json"
+    assert pool.main([str(run), str(other / "run.json"), "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert set(data["runs"]) == {str(run), str(other / "run.json")}  # same name, two runs
+    assert data["pooled"]["runs"] == 2 and data["pooled"]["within"] == 3
+    assert data["pooled"]["heldout_mape_pct"]["server"] == 8.0
+    with pytest.raises(SystemExit, match="named twice"):
+        pool.main([str(run), str(run)])
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text(json.dumps({"benchmark": "kernels"}))
+    with pytest.raises(SystemExit, match=r"foreign\.json: not a scheduler benchmark result"):
+        pool.main([str(foreign)])
+
+
+def test_pool_takes_a_run_where_nothing_bound_or_nothing_ran(bench: Any) -> None:
+    from benchmarks.pool import pool, run_figures
+
+    bound = run_figures(_scheduler_result([1.0], 1.1, use_pct=88.0, binding=1, server_mape=6.0))
+    idle = _scheduler_result([], 1.1, use_pct=0.0, binding=0, server_mape=6.0)
+    idle["policies"]["joint"]["mean_use_binding_pct"] = None  # as the benchmark writes NaN
+    figs = run_figures(idle)
+    assert figs["ran"] == 0 and math.isnan(figs["mean_use_binding_pct"])
+    p = pool({"bound": bound, "idle": figs})
+    assert p["mean_use_binding_pct"] == 88.0 and p["ran"] == 1
+    assert p["runs_meeting_target"]["joint_within_budget_pct>=99"] == 1  # a run with none ran meets nothing
+
+
+def test_pool_correlates_the_judged_mape_with_the_floors_run_by_run(bench: Any) -> None:
+    from benchmarks.pool import pool, run_figures
+
+    runs = {}
+    for i, (server, reference) in enumerate([(5.0, 4.0), (10.0, 9.0), (15.0, 13.0), (8.0, 7.0)]):
+        data = _scheduler_result([1.0], 1.1, use_pct=85.0, binding=1, server_mape=server)
+        data["heldout"]["reference_ape_pct"] = reference
+        data["heldout"]["repeat_ape_pct"] = 20.0 - server  # falls as the MAPE rises
+        runs[f"run{i}"] = run_figures(data)
+    corr = pool(runs)["mape_floor_correlation"]
+    assert corr["floor_reference"] > 0.99 and corr["floor_repeat"] == pytest.approx(-1.0)
+    assert corr["floor_refit"] is None  # the same in every run: no correlation to speak of
+    assert pool(dict(list(runs.items())[:2]))["mape_floor_correlation"]["floor_reference"] is None

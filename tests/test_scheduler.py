@@ -161,6 +161,7 @@ def test_scheduler_benchmark_smoke(tmp_path: Any, monkeypatch: pytest.MonkeyPatc
 
     out = tmp_path / "scheduler.json"
     args = ["--requests", "2", "--heldout", "2", "--quick-calibration", "--out", str(out)]
+    args += ["--session-note", "smoke"]
     threads = torch.get_num_threads()
     try:
         assert bench.main(args) == 0
@@ -181,3 +182,11 @@ def test_scheduler_benchmark_smoke(tmp_path: Any, monkeypatch: pytest.MonkeyPatc
         "calibrated_heldout_mape_pct<=5",
         "planning_besides_spectral_p50_ms<=1",
     }
+    assert data["session_note"] == "smoke"
+    # benchmarks/pool.py reads what the benchmark wrote, and judges it as the benchmark did.
+    from benchmarks import pool
+
+    pooled_out = tmp_path / "pooled.json"
+    assert pool.main([str(out), "--out", str(pooled_out)]) == 0
+    pooled = json.loads(pooled_out.read_text())["pooled"]
+    assert pooled["runs"] == 1 and pooled["pooled_targets"] == data["targets"]
