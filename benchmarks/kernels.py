@@ -28,10 +28,14 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+if __package__ in (None, ""):  # run as a script, benchmarks/ is sys.path[0] and its kernels.py
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # shadows HF `kernels`: use the root
 
 import numpy as np
 import torch

@@ -36,12 +36,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):
-    # Run as a script, benchmarks/ is sys.path[0] and its kernels.py would shadow Hugging Face's
-    # `kernels` package inside transformers; put the repository root there instead.
-    _here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-    sys.path.insert(0, str(REPO))
+if __package__ in (None, ""):  # run as a script, benchmarks/ is sys.path[0] and its kernels.py
+    sys.path[0] = str(REPO)  # shadows HF `kernels`: use the root
 
 import httpx  # noqa: E402
 import psutil  # noqa: E402

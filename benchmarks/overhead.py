@@ -26,6 +26,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+if __package__ in (None, ""):  # run as a script, benchmarks/ is sys.path[0] and its kernels.py
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # shadows HF `kernels`: use the root
+
 import httpx
 import torch
 from PIL import Image

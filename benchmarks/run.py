@@ -28,8 +28,8 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a script, benchmarks/ is sys.path[0] and its kernels.py
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # shadows HF `kernels`: use the root
 
 from tqdm import tqdm
 

@@ -29,12 +29,16 @@ import argparse
 import asyncio
 import json
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+if __package__ in (None, ""):  # run as a script, benchmarks/ is sys.path[0] and its kernels.py
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # shadows HF `kernels`: use the root
 
 import numpy as np
 from PIL import Image

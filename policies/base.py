@@ -60,11 +60,16 @@ class Policy(ABC):
         holds_budget: Whether the governor stops decoding at the request's budget for plans of
             this policy. Policies that ignore budgets (baselines) leave it False: the budget is
             still recorded in the plan and the ledger, so adherence can be measured.
+        prunes_visual: Whether plans of this policy may keep fewer visual tokens than an image
+            has. Only then does the engine decompose each image's features while preparing the
+            request (the basis serves the spectral budget and leverage selection); a policy that
+            keeps every token is spared that work (1.8 ms per 144-token image on one CPU core).
 
     """
 
     name: ClassVar[str] = ""
     holds_budget: ClassVar[bool] = False
+    prunes_visual: ClassVar[bool] = False
 
     @abstractmethod
     def plan(self, prepared: PreparedRequest, ctx: PlanContext) -> Plan:

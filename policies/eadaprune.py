@@ -11,6 +11,8 @@ from joulecap.runtime.types import Plan, PreparedRequest
 class EAdaPrune(Policy):
     """Keep the fewest visual tokens covering tau of each image's spectral energy; budgets are not held."""
 
+    prunes_visual = True
+
     def plan(self, prepared: PreparedRequest, ctx: PlanContext) -> Plan:
         """Per-image spectral budget; output capped by client, default and context only."""
         keep = spectral_keep(prepared, ctx)

@@ -13,6 +13,8 @@ from joulecap.runtime.types import Plan, PreparedRequest
 class FixedPrune(Policy):
     """Keep ratio r of each image's visual tokens (`--fixed-prune-ratio`); budgets are not held."""
 
+    prunes_visual = True
+
     def plan(self, prepared: PreparedRequest, ctx: PlanContext) -> Plan:
         """Keep ceil(r * N_i) tokens of image i (at least one); output capped as usual."""
         r = ctx.config.fixed_prune_ratio

@@ -25,6 +25,7 @@ class Joint(Policy):
     """Spectral visual budget, then output from the joules left; lowers visual tokens when tight."""
 
     holds_budget = True
+    prunes_visual = True
 
     def plan(self, prepared: PreparedRequest, ctx: PlanContext) -> Plan:
         """Plan under the budget; see the module docstring."""

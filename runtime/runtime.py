@@ -151,7 +151,7 @@ class Runtime:
             images=(frame,),
             max_tokens=2,
         )
-        prepared = self.engine.prepare(request)
+        prepared = self.engine.prepare(request)  # with bases: their first decomposition warms up too
         plan = Plan(
             visual_keep=prepared.visual_tokens,
             max_new_tokens=2,
@@ -230,9 +230,12 @@ class Runtime:
         # Prepares are serialised (engines encode one at a time anyway), so that two measured
         # encode windows never overlap and count the same joules twice.
         work_log: WorkLog | None = getattr(self.engine, "work_log", None)
+        # Images are decomposed only for a policy that may prune them (an unknown policy fails
+        # here, before the encode is spent).
+        bases = self.scheduler.prunes_visual(request)
         with self._prepare_lock:
             t0_s = time.monotonic()
-            prepared, encode = self.monitor.measure(lambda: self.engine.prepare(request))
+            prepared, encode = self.monitor.measure(lambda: self.engine.prepare(request, bases=bases))
             if work_log is None or work_log.idle_throughout(t0_s):
                 prepared = dataclasses.replace(prepared, prepare_energy=encode)
         return prepared, self.scheduler.plan(prepared)

@@ -9,7 +9,7 @@ from joulecap.policies.config import SchedulerConfig
 from joulecap.runtime.errors import InvalidRequest
 from joulecap.runtime.margin import FeasibilityMargin
 from joulecap.runtime.predictor import Predictor
-from joulecap.runtime.types import Plan, PreparedRequest
+from joulecap.runtime.types import Plan, PreparedRequest, Request
 
 
 class Scheduler:
@@ -59,6 +59,15 @@ class Scheduler:
         if request.max_tokens is not None and request.max_tokens < 1:
             raise InvalidRequest(f"max_tokens must be >= 1, got {request.max_tokens}.", param="max_tokens")
         return float(tau), None if budget is None else float(budget)
+
+    def prunes_visual(self, request: Request) -> bool:
+        """Whether the request's policy may prune visual tokens (then `prepare` decomposes images).
+
+        Raises:
+            InvalidRequest: Unknown policy: the error `plan` would raise, before the images are encoded.
+
+        """
+        return get_policy(request.policy or self.config.policy).prunes_visual
 
     def plan(self, prepared: PreparedRequest) -> Plan:
         """The plan for `prepared`.

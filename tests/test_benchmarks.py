@@ -427,3 +427,18 @@ def test_pool_correlates_the_judged_mape_with_the_floors_run_by_run(bench: Any) 
     assert corr["floor_reference"] > 0.99 and corr["floor_repeat"] == pytest.approx(-1.0)
     assert corr["floor_refit"] is None  # the same in every run: no correlation to speak of
     assert pool(dict(list(runs.items())[:2]))["mape_floor_correlation"]["floor_reference"] is None
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "benchmarks").glob("[!_]*.py")))
+def test_every_benchmark_runs_as_a_script(script: str) -> None:
+    # Run as `python benchmarks/X.py` (as the docstrings say), benchmarks/ is sys.path[0]: its
+    # kernels.py must not shadow Hugging Face's `kernels` when transformers is imported.
+    proc = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage:" in proc.stdout

@@ -97,8 +97,8 @@ class FaultyEngine:
         self.on_token_n = on_token_n
         self.runs = 0
 
-    def prepare(self, request: Request) -> PreparedRequest:
-        return self.inner.prepare(request)
+    def prepare(self, request: Request, *, bases: bool = True) -> PreparedRequest:
+        return self.inner.prepare(request, bases=bases)
 
     def run(self, prepared: PreparedRequest, plan: Plan, hooks: RunHooks) -> GenerationResult:
         self.runs += 1

@@ -256,3 +256,19 @@ def test_brevity_hint_is_paid_for_and_only_where_the_engine_adds_it() -> None:
 def test_images_without_tokens_and_no_images() -> None:
     assert plan("joint", prepared(visual=()), ctx(budget=5.0)).visual_keep == ()
     assert plan("joint", prepared(visual=(0, 16)), ctx(budget=5.0)).visual_keep[0] == 0
+
+
+def test_prunes_visual_says_which_policies_may_keep_fewer_visual_tokens() -> None:
+    # The runtime skips decomposing images for a policy that does not prune; a policy that prunes
+    # without saying so would lose its leverage basis (and pay for it inside the run).
+    p = prepared(visual=(64, 32))
+    for name in available_policies():
+        policy = get_policy(name)
+        pruned = False
+        for budget in (None, 1000.0, 12.0, 8.0):
+            try:
+                keep = plan(name, p, ctx(budget=budget, max_tokens=40)).visual_keep
+            except BudgetTooSmall:
+                continue
+            pruned |= keep != p.visual_tokens
+        assert pruned == policy.prunes_visual, name

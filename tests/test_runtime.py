@@ -132,6 +132,33 @@ def test_the_leverage_basis_is_computed_only_for_leverage_selection(config_facto
             rt.close()
 
 
+def test_images_are_decomposed_only_for_a_policy_that_may_prune_them(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = [Image.new("RGB", (96, 96), "red")]
+    for policy, prunes in (
+        ("baseline", False),
+        ("output_budget", False),
+        ("joint", True),
+        ("fixed_prune", True),
+    ):
+        request = runtime.build_request(
+            "What is it?", image, max_tokens=2, policy=policy, energy_budget_j=50.0
+        )
+        prepared, plan = runtime.plan(request)
+        assert (len(prepared.bases) == 1) is prunes, policy
+        if not prunes:
+            assert plan.visual_keep == prepared.visual_tokens
+    unknown = runtime.build_request("What is it?", image, policy="nope")
+
+    def encode(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an unknown policy's images were encoded")
+
+    monkeypatch.setattr(runtime.engine, "prepare", encode)
+    with pytest.raises(InvalidRequest, match="nope"):  # refused before the encode is spent
+        runtime.plan(unknown)
+
+
 def test_encode_energy_is_measured_before_planning_charged_and_not_learned(runtime: Runtime) -> None:
     # Image preprocessing and the vision encoder run in `plan`: their energy is measured there,
     # counted in the plan's figure and the request's prefill, and kept out of the predictor's

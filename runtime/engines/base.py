@@ -64,8 +64,13 @@ class Engine(Protocol):
 
     info: EngineInfo
 
-    def prepare(self, request: Request) -> PreparedRequest:
+    def prepare(self, request: Request, *, bases: bool = True) -> PreparedRequest:
         """Tokenise the prompt and encode the images into LM-ready visual features.
+
+        Args:
+            request: The request.
+            bases: Also decompose each image's features (`PreparedRequest.bases`) when the
+                engine is configured to; False when the plan will keep every visual token.
 
         Raises:
             InvalidRequest: prompt longer than the context, unusable image.

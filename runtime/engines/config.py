@@ -48,7 +48,8 @@ class EngineConfig:
     inside the run, where the predictor does not model it (about one decode step per pruned image
     on a 2-core CPU). Planning reads the E-AdaPrune budget off the same exact spectrum
     (`PreparedRequest.bases`) instead of decomposing again. The runtime turns it off when the
-    scheduler selects tokens another way."""
+    scheduler selects tokens another way, and skips it for requests whose policy keeps every
+    visual token (`Policy.prunes_visual`)."""
     warmup: bool = True
     """Run one short generation at start-up (not recorded, not learned from): the first, cold request
     otherwise costs several times a normal one and can overshoot its budget."""

@@ -252,8 +252,12 @@ class TransformersEngine:
                 code="context_length_exceeded",
             )
 
-    def prepare(self, request: Request) -> PreparedRequest:
+    def prepare(self, request: Request, *, bases: bool = True) -> PreparedRequest:
         """Tokenise the prompt with images in place and encode each image once.
+
+        Args:
+            request: The request.
+            bases: Decompose each image's features too (with `EngineConfig.leverage_basis`).
 
         Raises:
             InvalidRequest: Prompt plus one output token longer than the context; reserved tokens
@@ -281,7 +285,8 @@ class TransformersEngine:
                     if k not in ("input_ids", "attention_mask")
                 }
                 features = self.adapter.encode_images(pixel_inputs, positions)
-            bases = tuple(leverage_basis(f) for f in features) if self.config.leverage_basis else ()
+            decompose = bases and self.config.leverage_basis
+            image_bases = tuple(leverage_basis(f) for f in features) if decompose else ()
         visual = tuple(int(p.numel()) for p in positions)
         return PreparedRequest(
             request=request,
@@ -291,7 +296,7 @@ class TransformersEngine:
             context_length=self.info.context_length,
             payload=_Payload(input_ids=input_ids, positions=tuple(positions), images=images),
             hint_tokens=self.hint_tokens,
-            bases=bases,
+            bases=image_bases,
         )
 
     # ------------------------------------------------------------------ run

@@ -246,9 +246,9 @@ class VLLMEngine:
         self._hf.close()
 
     # ------------------------------------------------------------------ prepare
-    def prepare(self, request: Request) -> PreparedRequest:
+    def prepare(self, request: Request, *, bases: bool = True) -> PreparedRequest:
         """Tokenise and encode images (the transformers engine's `prepare`)."""
-        return self._hf.prepare(request)
+        return self._hf.prepare(request, bases=bases)
 
     # ------------------------------------------------------------------ run
     def _prompt(self, prepared: PreparedRequest, plan: Plan) -> tuple[dict[str, Any], int, int]:
