@@ -37,7 +37,7 @@ if __package__ in (None, ""):  # run as a script, benchmarks/ is sys.path[0] and
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # shadows HF `kernels`: use the root
 
 from benchmarks._common import write_json
-from benchmarks.scheduler import judge_targets
+from benchmarks.scheduler import judge_targets, planning_p50_ms, within_budget
 
 _MAPES = {
     "frozen": lambda h: h["mape_pct"],
@@ -81,15 +81,12 @@ def run_figures(data: dict[str, Any], policy: str = "joint") -> dict[str, Any]:
             mapes[name] = None
     return {
         "ran": len(rows),
-        "within": sum(r["used_j"] <= r["budget_j"] for r in rows),
+        "within": sum(within_budget(r) for r in rows),
         "max_overshoot_pct": summary["max_overshoot_pct"],
         "binding": summary["binding"],
         # Written as null when nothing bound (NaN is not JSON).
         "mean_use_binding_pct": _number(summary["mean_use_binding_pct"]),
-        # As the scheduler benchmark judges it: the slowest policy's p50 besides the spectral part.
-        "planning_besides_spectral_p50_ms": max(
-            v["besides_spectral_p50_ms"] for v in data["planning"].values() if isinstance(v, dict)
-        ),
+        "planning_besides_spectral_p50_ms": planning_p50_ms(data["planning"]),
         "heldout_mape_pct": mapes,
         "session_note": data.get("session_note"),
         "machine": data["machine"]["label"],

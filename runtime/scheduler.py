@@ -67,7 +67,11 @@ class Scheduler:
             InvalidRequest: Unknown policy: the error `plan` would raise, before the images are encoded.
 
         """
-        return get_policy(request.policy or self.config.policy).prunes_visual
+        return get_policy(self._policy_name(request)).prunes_visual
+
+    def _policy_name(self, request: Request) -> str:
+        """The request's own policy, or the configured default."""
+        return request.policy or self.config.policy
 
     def plan(self, prepared: PreparedRequest) -> Plan:
         """The plan for `prepared`.
@@ -78,7 +82,7 @@ class Scheduler:
 
         """
         tau, budget = self.validate(prepared)
-        policy = policy_instance(prepared.request.policy or self.config.policy)
+        policy = policy_instance(self._policy_name(prepared.request))
         ctx = PlanContext(
             config=self.config,
             predictor=self.predictor,
