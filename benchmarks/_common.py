@@ -88,7 +88,7 @@ def bench_config(
         engine: `transformers` or `vllm`.
         meter: Meter backend (`auto`, `estimate`, `rapl`, `nvml`, ...).
         work_dir: Scratch directory (profiles unless `profile_dir`). The demo model stays in the
-            runtime's usual cache (`$JOULECAP_CACHE`) so it is built once, not per run.
+            runtime's usual cache directory so it is built once, not per run.
         profile_dir: Where energy profiles are read and written (calibration results).
         sample_hz: Meter sampling rate; None keeps the runtime's default.
 
@@ -98,8 +98,11 @@ def bench_config(
         base,
         engine=replace(base.engine, engine=engine, model=model),
         energy=replace(base.energy, meter=meter, sample_hz=sample_hz or base.energy.sample_hz),
-        scheduler=replace(base.scheduler, profile_dir=profile_dir or str(work_dir / "profiles")),
-        ledger=replace(base.ledger, ledger_path=":memory:"),
+        paths=replace(
+            base.paths, profile_dir=profile_dir or str(work_dir / "profiles"), ledger_path=":memory:"
+        ),
+        # Benchmarks calibrate explicitly (or not, to measure the uncalibrated default).
+        calibration=replace(base.calibration, auto_calibrate=False),
     )
 
 

@@ -92,10 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     base = JoulecapConfig()
     config = replace(
         base,
-        engine=replace(base.engine, model=str(model_dir), cache_dir=str(tmp / "cache")),
+        engine=replace(base.engine, model=str(model_dir)),
         energy=replace(base.energy, meter="estimate"),
-        scheduler=replace(base.scheduler, policy="baseline", profile_dir=str(tmp / "profiles")),
-        ledger=replace(base.ledger, ledger_path=str(tmp / "ledger.sqlite3")),
+        scheduler=replace(base.scheduler, policy="baseline"),
+        paths=replace(
+            base.paths,
+            cache_dir=str(tmp / "cache"),
+            profile_dir=str(tmp / "profiles"),
+            ledger_path=str(tmp / "ledger.sqlite3"),
+        ),
+        calibration=replace(base.calibration, auto_calibrate=False),
     )
     runtime = Runtime(config)
     server, port, thread = _serve(runtime)

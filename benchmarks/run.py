@@ -135,7 +135,7 @@ def run_one(
     plan_s = time.perf_counter() - t0
     # Image preprocessing and the vision encoder run while planning; the runtime measures that
     # window (charged to the request's prefill, taken off the budget before planning the run).
-    encode_j = prepared.spent_j
+    encode_j = prepared.encode_j
     # The predictor learns from each request after it runs; predict now, before that update, for
     # every output length the plan allows, so the error below is a true out-of-sample error (of
     # the whole request: the measured encode plus the predicted run).
@@ -319,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         # Without a profile of this device the predictor starts from the universal default, which
         # can be orders of magnitude off for a small model: plans and the governor would be judged
         # on a guess. Calibrating first is what a user is told to do; the benchmark does the same.
-        code = calibrate_command(config, quick=args.quick, resume=False)
+        code = calibrate_command(
+            replace(config, calibration=replace(config.calibration, quick=args.quick, resume=False))
+        )
         if code != 0:
             raise SystemExit(f"calibration failed with exit code {code}")
     with Runtime(config) as rt:

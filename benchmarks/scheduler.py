@@ -319,8 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         # Beside the frozen predictor, the online one as the server runs it (RLS and speed factor,
         # from the scheduler config) and RLS alone, each a copy learning from every measurement.
         online = {
-            "server": Scheduler(rt.config.scheduler, _fresh(cal)).predictor,
-            "rls_only": Scheduler(replace(rt.config.scheduler, speed_alpha=0.0), _fresh(cal)).predictor,
+            "server": _fresh(cal, rt.config.learning.speed_alpha),
+            "rls_only": _fresh(cal, 0.0),
         }
         heldout = held_out_mape(
             rt,
@@ -464,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _fresh(cal: Any) -> Any:
+def _fresh(cal: Any, speed_alpha: float) -> Any:
     """A copy of the calibrated predictor (each run learns on its own copy)."""
     from joulecap.runtime.predictor import Predictor
 
@@ -477,6 +477,7 @@ def _fresh(cal: Any) -> Any:
         covariance=p.covariance(),
         fit=p.fit,
         power_w=p.power_w,
+        speed_alpha=speed_alpha,
     )
 
 

@@ -190,14 +190,15 @@ def build_runtime(args: argparse.Namespace, model: str, work: Path) -> Any:
         max_concurrency=args.concurrency,
         enforce_eager=on_cpu,  # torch.compile would add minutes to a CPU start
         kv_cache_gib=0.5 if on_cpu else None,
-        cache_dir=str(work),
     )
     cfg = replace(
         base,
         engine=engine_cfg,
         energy=replace(base.energy, meter=args.meter),
-        ledger=replace(base.ledger, ledger_path=":memory:"),
-        scheduler=replace(base.scheduler, profile_dir=str(work / "profiles")),
+        paths=replace(
+            base.paths, cache_dir=str(work), ledger_path=":memory:", profile_dir=str(work / "profiles")
+        ),
+        calibration=replace(base.calibration, auto_calibrate=False),
         server=replace(base.server, queue_limit=max(args.requests, base.server.queue_limit)),
     )
     return Runtime(cfg, engine=VLLMEngine(engine_cfg))

@@ -128,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     config = replace(
         base,
         engine=replace(base.engine, model=args.model),
-        scheduler=replace(base.scheduler, power_envelope_w=args.envelope_w, power_envelope_j=args.envelope_j),
-        ledger=replace(base.ledger, ledger_path=args.ledger),
+        envelope=replace(base.envelope, power_envelope_w=args.envelope_w, power_envelope_j=args.envelope_j),
+        paths=replace(base.paths, ledger_path=args.ledger),
     )
     battery = Battery(capacity_j=args.battery_j, level_j=args.battery_j)
     with Runtime(config) as runtime:

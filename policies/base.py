@@ -1,4 +1,8 @@
-"""What every policy shares: the planning context, the `Policy` base class and plan arithmetic."""
+"""What every policy shares: the planning context, the `Policy` base class and plan arithmetic.
+
+Policies sit on the core only (`joulecap.runtime.types`, `errors`, `brevity`, and `joulecap.kernels`):
+they plan with any `CostModel`, and the runtime hands them its predictor.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +16,11 @@ from joulecap.kernels import spectral_budget
 from joulecap.policies.config import SchedulerConfig
 from joulecap.runtime.brevity import brevity_hint
 from joulecap.runtime.errors import BudgetTooSmall, InvalidRequest
-from joulecap.runtime.predictor import Predictor
-from joulecap.runtime.types import Plan, PreparedRequest
+from joulecap.runtime.types import CostModel, Plan, PreparedRequest
+
+MIN_J_RESOLUTION = 1e-6
+"""Stated minimums are rounded up to a microjoule, so the number a client reads back (header,
+body, estimate) is itself accepted."""
 
 
 @dataclass(frozen=True)
@@ -26,30 +33,30 @@ class PlanContext:
         tau: E-AdaPrune spectral-energy fraction for this request, in (0, 1].
         max_tokens: The client's own output cap, if any.
         budget_j: The request's joule budget, if any (already validated).
-        spent_j: Energy the request has already spent when it is planned (the measured image
+        encode_j: Energy the request has already spent when it is planned (the measured image
             preprocessing and vision encoder). Policies plan the run within `left_j`.
-        feasibility_margin: The margin to accept budgets with now (the scheduler's learned
-            `FeasibilityMargin`); None means the configured floor.
+        encode_estimate_j: The encode's expected energy on this server (learned from earlier
+            requests; this request's own measurement until there are any). The feasibility rule
+            uses it instead of `encode_j`, so that the stated minimum does not move with one
+            encode's noise: a retry at the stated minimum is accepted.
+        margin: The feasibility margin: the relative error the unstoppable part of a run (encode
+            and prefill to the first token) is allowed (the learned margin, `runtime/margin.py`).
 
     """
 
     config: SchedulerConfig
-    predictor: Predictor
+    predictor: CostModel
     tau: float
     max_tokens: int | None = None
     budget_j: float | None = None
-    spent_j: float = 0.0
-    feasibility_margin: float | None = None
-
-    @property
-    def margin(self) -> float:
-        """Relative margin the minimum answer's predicted run must leave within the budget."""
-        return self.config.feasibility_margin if self.feasibility_margin is None else self.feasibility_margin
+    encode_j: float = 0.0
+    encode_estimate_j: float = 0.0
+    margin: float = 0.0
 
     @property
     def left_j(self) -> float | None:
         """The budget less what is already spent (None without a budget; may be <= 0)."""
-        return None if self.budget_j is None else self.budget_j - self.spent_j
+        return None if self.budget_j is None else self.budget_j - self.encode_j
 
 
 class Policy(ABC):
@@ -83,20 +90,26 @@ class Policy(ABC):
         keep: Sequence[int],
         max_new_tokens: int,
         reason: str,
+        *,
+        min_j: float | None = None,
     ) -> Plan:
-        """Assemble the plan with its prediction (spent so far plus the run) and brevity hint."""
+        """Assemble the plan with its prediction (encode spent plus the run) and brevity hint."""
         keep = tuple(int(k) for k in keep)
-        run_j = ctx.predictor.predict(text_tokens(prepared, ctx), sum(keep), max_new_tokens).total_j
-        predicted = ctx.spent_j + run_j
+        run = ctx.predictor.predict(text_tokens(prepared, ctx), sum(keep), max_new_tokens)
         return Plan(
             visual_keep=keep,
             max_new_tokens=max_new_tokens,
-            predicted_j=predicted,
+            predicted_j=ctx.encode_j + run.total_j,
             policy=self.name,
             reason=reason,
             selection=ctx.config.selection,
             brevity_hint=brevity_hint(max_new_tokens) if hinted(prepared, ctx) else None,
             budget_j=ctx.budget_j,
+            holds_budget=self.holds_budget,
+            encode_j=ctx.encode_j,
+            predicted_prefill_j=run.prefill_j,
+            min_j=min_j,
+            margin=ctx.margin,
         )
 
 
@@ -169,22 +182,53 @@ def lower_visual(keep: Sequence[int], floors: Sequence[int], total: int) -> tupl
     return tuple(out)
 
 
-def too_small(ctx: PlanContext, run_min_j: float, what: str) -> BudgetTooSmall:
-    """The 422 error; its minimum joules are the encode plus the smallest run, with the margin.
+def minimum_j(prepared: PreparedRequest, ctx: PlanContext, visual_kept: int) -> float:
+    """The feasibility rule: the smallest budget accepted for a minimum answer with `visual_kept`.
 
-    A retry encodes the images again, and that measured energy varies from run to run like a
-    prediction's error, so the stated minimum carries the feasibility margin on the encode too.
+    The part of a run the governor cannot stop (the encode and the LM prefill up to the first
+    `min_output_tokens`) must fit with the feasibility margin:
+    `(encode_estimate_j + predicted run of the minimum answer) * (1 + margin)`, rounded up to
+    `MIN_J_RESOLUTION`. Admission (`fits`), the 422's message and `X-Energy-Min-J`, and
+    `/v1/energy/estimate` all read this one number.
+    """
+    run = ctx.predictor.predict(text_tokens(prepared, ctx), visual_kept, ctx.config.min_output_tokens)
+    raw = (ctx.encode_estimate_j + run.total_j) * (1.0 + ctx.margin)
+    return math.ceil(raw / MIN_J_RESOLUTION - 1e-6) * MIN_J_RESOLUTION
+
+
+def fits(ctx: PlanContext, min_j: float) -> bool:
+    """Whether the request's budget is accepted against `min_j` (True without a budget)."""
+    return ctx.budget_j is None or ctx.budget_j >= min_j
+
+
+def visual_for(prepared: PreparedRequest, ctx: PlanContext) -> int:
+    """The most visual tokens (in total) a minimum answer may keep and still be accepted (-1: none).
+
+    The inverse of `minimum_j` in the visual tokens, also leaving the configured headroom of the
+    budget unplanned when that is tighter.
+    """
+    if ctx.budget_j is None or ctx.left_j is None:
+        raise ValueError("visual_for needs a budget")
+    run_j = ctx.budget_j / (1.0 + ctx.margin) - ctx.encode_estimate_j
+    run_j = min(run_j, ctx.left_j - ctx.budget_j * ctx.config.budget_headroom)
+    if run_j <= 0:
+        return -1
+    return ctx.predictor.max_visual_tokens(run_j, text_tokens(prepared, ctx), ctx.config.min_output_tokens)
+
+
+def too_small(ctx: PlanContext, min_j: float, what: str) -> BudgetTooSmall:
+    """The 422 error, stating `min_j` (from `minimum_j`: the same number admission compared).
 
     Args:
         ctx: The planning context (budget and energy already spent).
-        run_min_j: Cost of the smallest run, feasibility margin included.
+        min_j: The smallest accepted budget.
         what: What the smallest run is, for the message.
 
     """
     budget_j = ctx.budget_j if ctx.budget_j is not None else 0.0
-    min_j = ctx.spent_j * (1.0 + ctx.margin) + run_min_j
-    spent = f" ({ctx.spent_j:.4g} J already spent on encoding the images)" if ctx.spent_j > 0 else ""
+    spent = f" ({ctx.encode_j:.6f} J already spent on encoding the images)" if ctx.encode_j > 0 else ""
     return BudgetTooSmall(
-        f"Energy budget {budget_j:.4g} J is too small: {what} needs at least {min_j:.4g} J{spent}.",
+        f"Energy budget {budget_j:.6f} J is too small: {what} needs at least {min_j:.6f} J "
+        f"(margin {ctx.margin:.3f}){spent}.",
         min_j=min_j,
     )

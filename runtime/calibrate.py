@@ -429,22 +429,85 @@ def calibrate(
     return fit_samples(samples, engine.info.params_b, forgetting=forgetting)
 
 
-def calibrate_command(config: JoulecapConfig, *, quick: bool, resume: bool = True) -> int:
+def encode_rate(samples: Sequence[Sample]) -> float | None:
+    """Median measured encode joules per visual token over the sweep's runs with images."""
+    rates = [s.encode_j / s.visual_tokens for s in samples if s.visual_tokens > 0 and s.encode_j > 0]
+    return float(np.median(rates)) if rates else None
+
+
+def calibrate_and_save(
+    engine: Engine,
+    monitor: EnergyMonitor,
+    profile_dir: Path,
+    *,
+    quick: bool,
+    resume: bool = True,
+    forgetting: float = 0.98,
+    progress: Callable[[int], Any] | None = None,
+) -> tuple[Calibration, Path]:
+    """Run (or resume) the sweep on a started monitor, fit it and write the profile.
+
+    Returns:
+        The calibration and the profile's path.
+
+    """
+    info = engine.info
+    target = profile_path(profile_dir, info.model, info.device, info.dtype)
+    checkpoint = target.with_suffix(".sweep.jsonl")
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    spec = QUICK if quick else FULL
+    header = {"model": info.model, "device": info.device, "dtype": info.dtype, "meter": monitor.meter.name}
+    cal = calibrate(
+        engine,
+        monitor,
+        spec,
+        checkpoint,
+        resume=resume,
+        header=header,
+        progress=progress,
+        forgetting=forgetting,
+    )
+    ratio = cal.per_model.a_d_over_a_p
+    path = save_profile(
+        profile_dir,
+        info.model,
+        info.device,
+        info.dtype,
+        cal.predictor,
+        params_b=info.params_b,
+        extra={
+            "energy_source": sorted({s.source for s in cal.samples}),
+            "meter": monitor.meter.name,
+            "sweep": "quick" if quick else "full",
+            "encode": {"j_per_visual_token": encode_rate(cal.samples)},
+            "per_model": {
+                **cal.per_model.coefficients,
+                "r2": cal.per_model.r2,
+                "mape": cal.per_model.mape,
+                "a_d_over_a_p": ratio if math.isfinite(ratio) else None,
+            },
+            "universal": {**cal.universal.coefficients, "r2": cal.universal.r2, "mape": cal.universal.mape},
+        },
+    )
+    checkpoint.unlink(missing_ok=True)
+    return cal, path
+
+
+def calibrate_command(config: JoulecapConfig) -> int:
     """CLI entry: sweep, print the table and fit quality, write the profile. Returns the exit code."""
     from tqdm import tqdm
 
     from joulecap.runtime.energy.factory import create_meter
     from joulecap.runtime.energy.monitor import EnergyMonitor
-    from joulecap.runtime.engines.factory import create_engine, resolve_cache_dir
+    from joulecap.runtime.engines.factory import create_engine
+    from joulecap.runtime.paths import Paths
 
-    engine = create_engine(config.engine)
+    paths = Paths.resolve(config.paths)
+    quick = config.calibration.quick
+    engine = create_engine(config.engine, paths.cache_dir)
     meter = create_meter(config.energy)
     monitor = EnergyMonitor(meter, config.energy)
     info = engine.info
-    profile_dir = Path(config.scheduler.profile_dir or resolve_cache_dir(config.engine) / "profiles")
-    target = profile_path(profile_dir, info.model, info.device, info.dtype)
-    checkpoint = target.with_suffix(".sweep.jsonl")
-    spec = QUICK if quick else FULL
     if meter.source != "measured":
         banner = "!" * 78
         print(
@@ -455,52 +518,26 @@ def calibrate_command(config: JoulecapConfig, *, quick: bool, resume: bool = Tru
             file=sys.stderr,
         )
     print(f"calibrating {info.model} on {info.device}/{info.dtype} with {meter.name} ({meter.source})")
-    header = {"model": info.model, "device": info.device, "dtype": info.dtype, "meter": meter.name}
     try:
         monitor.start()
-        points = spec.points()
-        already = len(read_checkpoint(checkpoint, sweep_header(header, spec))) if resume else 0
-        if already:
-            print(f"resuming from {checkpoint}: {already} of {len(points)} points done")
-        with tqdm(total=len(points), initial=already, unit="run", desc="calibrate") as bar:
-            cal = calibrate(
+        total = len((QUICK if quick else FULL).points())
+        with tqdm(total=total, unit="run", desc="calibrate") as bar:
+            cal, path = calibrate_and_save(
                 engine,
                 monitor,
-                spec,
-                checkpoint,
-                resume=resume,
-                header=header,
+                paths.profile_dir,
+                quick=quick,
+                resume=config.calibration.resume,
+                forgetting=config.learning.rls_forgetting,
                 progress=bar.update,
-                forgetting=config.scheduler.rls_forgetting,
             )
     except KeyboardInterrupt:
-        print(f"\ninterrupted; progress kept in {checkpoint} (run again to resume)", file=sys.stderr)
+        print("\ninterrupted; progress kept beside the profile (run again to resume)", file=sys.stderr)
         return 130
     finally:
         monitor.stop()
         meter.close()
         engine.close()
     print(format_table(cal))
-    path = save_profile(
-        profile_dir,
-        info.model,
-        info.device,
-        info.dtype,
-        cal.predictor,
-        params_b=info.params_b,
-        extra={
-            "energy_source": sorted({s.source for s in cal.samples}),
-            "meter": meter.name,
-            "sweep": "quick" if quick else "full",
-            "per_model": {
-                **cal.per_model.coefficients,
-                "r2": cal.per_model.r2,
-                "mape": cal.per_model.mape,
-                "a_d_over_a_p": ratio if math.isfinite(ratio := cal.per_model.a_d_over_a_p) else None,
-            },
-            "universal": {**cal.universal.coefficients, "r2": cal.universal.r2, "mape": cal.universal.mape},
-        },
-    )
-    checkpoint.unlink(missing_ok=True)
     print(f"wrote profile {path}")
     return 0

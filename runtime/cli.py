@@ -1,4 +1,8 @@
-"""`joulecap` command line: serve, make-tiny-model, meters, calibrate, ledger, policies."""
+"""`joulecap` command line: serve, make-tiny-model, meters, calibrate, ledger, policies.
+
+Each subcommand shows only the options of the components it uses; every option's default can be
+set by one environment variable (`JOULECAP_<OPTION>`), and out-of-range values are usage errors.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,37 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from joulecap.runtime import config as cfgmod
+from joulecap.runtime.config import COMPONENTS, JoulecapConfig
+from joulecap.runtime.configtools import add_config_args, config_from_args
 
 log = logging.getLogger("joulecap")
+
+SERVE = tuple(COMPONENTS)
+CALIBRATE = ("engine", "energy", "learning", "calibration", "paths")
+PATH_FIELDS: dict[str, tuple[str, ...]] = {
+    "calibrate": ("cache_dir", "profile_dir"),
+    "ledger": ("cache_dir", "ledger_path"),
+}
+"""The paths a subcommand uses (the rest of `PathsConfig` is not its business)."""
+CALIBRATION_FIELDS: dict[str, tuple[str, ...]] = {
+    "serve": ("auto_calibrate",),
+    "calibrate": ("quick", "resume"),
+}
+"""`serve` calibrates automatically; `calibrate` sweeps quick or full, resuming or not."""
+
+
+def _add(parser: argparse.ArgumentParser, command: str, components: tuple[str, ...]) -> None:
+    for name in components:
+        subset = {"paths": PATH_FIELDS, "calibration": CALIBRATION_FIELDS}.get(name, {})
+        only = subset.get(command)
+        add_config_args(parser, COMPONENTS[name], title=f"{name} options", only=only)
+
+
+def config_from(args: argparse.Namespace, components: tuple[str, ...]) -> JoulecapConfig:
+    """A `JoulecapConfig` from parsed args; components not on the parser keep their defaults."""
+    parser = getattr(args, "parser", None)
+    parts = {name: config_from_args(COMPONENTS[name], args, parser) for name in components}
+    return JoulecapConfig(**parts)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -18,7 +50,7 @@ def _serve(args: argparse.Namespace) -> int:
     from joulecap.runtime.api.app import create_app
     from joulecap.runtime.runtime import Runtime
 
-    config = cfgmod.from_args(args)
+    config = config_from(args, SERVE)
     runtime = Runtime(config)
     if runtime.info.random_weights:
         banner = "!" * 78
@@ -28,6 +60,12 @@ def _serve(args: argparse.Namespace) -> int:
             f"! Pass --model DIR for a real model.\n{banner}",
             file=sys.stderr,
         )
+    log.info(
+        "energy profile: %s (%s); ledger: %s",
+        runtime.profile.how,
+        runtime.profile.detail,
+        runtime.paths.ledger_path,
+    )
     app = create_app(runtime)
     try:
         uvicorn.run(app, host=config.server.host, port=config.server.port, log_level=args.log_level)
@@ -47,23 +85,21 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
 def _meters(args: argparse.Namespace) -> int:
     from joulecap.runtime.energy.factory import meters_command
 
-    return meters_command(cfgmod.from_args(args, ("energy",)).energy)
+    return meters_command(config_from(args, ("energy",)).energy)
 
 
 def _calibrate(args: argparse.Namespace) -> int:
     from joulecap.runtime.calibrate import calibrate_command
 
-    config = cfgmod.from_args(args, ("engine", "energy", "scheduler"))
-    return calibrate_command(config, quick=args.quick, resume=args.resume)
+    return calibrate_command(config_from(args, CALIBRATE))
 
 
 def _ledger_export(args: argparse.Namespace) -> int:
-    from joulecap.runtime.engines.factory import resolve_cache_dir
     from joulecap.runtime.ledger import ledger_export_command
+    from joulecap.runtime.paths import Paths
 
-    config = cfgmod.from_args(args, ("engine", "ledger"))
-    path = config.ledger.ledger_path or str(resolve_cache_dir(config.engine) / "ledger.sqlite3")
-    return ledger_export_command(path, args.format, args.out)
+    paths = Paths.resolve(config_from(args, ("paths",)).paths)
+    return ledger_export_command(paths.ledger_path, args.format, args.out)
 
 
 def _policies(_args: argparse.Namespace) -> int:
@@ -85,11 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
         name: str, fn: Callable[[argparse.Namespace], int], help_text: str
     ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(fn=fn)
+        p.set_defaults(fn=fn, parser=p)
         return p
 
     serve = command("serve", _serve, "Serve the OpenAI-style API (demo model unless --model).")
-    cfgmod.add_args(serve)
+    _add(serve, "serve", SERVE)
 
     tiny = command("make-tiny-model", _make_tiny_model, "Build a tiny random-weight VLM locally.")
     tiny.add_argument("--arch", choices=["idefics3", "llava"], default="idefics3")
@@ -99,18 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     meters = command(
         "meters", _meters, "List energy meters, one live reading each, and why others are absent."
     )
-    cfgmod.add_args(meters, ("energy",))
+    _add(meters, "meters", ("energy",))
 
     cal = command("calibrate", _calibrate, "Measure energy over a sweep and fit the model's energy profile.")
-    cal.add_argument("--quick", action="store_true", help="A short sweep (minutes on a CPU).")
-    cal.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True, help="Resume a sweep.")
-    cfgmod.add_args(cal, ("engine", "energy", "scheduler"))
+    _add(cal, "calibrate", CALIBRATE)
 
     ledger = command("ledger", _ledger_export, "Export the request ledger.")
     ledger.add_argument("action", choices=["export"])
     ledger.add_argument("--format", choices=["csv", "jsonl"], default="jsonl")
     ledger.add_argument("--out", default=None, help="Output file (default: stdout)")
-    cfgmod.add_args(ledger, ("engine", "ledger"))
+    _add(ledger, "ledger", ("paths",))
 
     command("policies", _policies, "List the registered planning policies.")
     return parser

@@ -1,20 +1,22 @@
 """The whole runtime's configuration: one dataclass per component, gathered here.
 
 Defaults live only in the component dataclasses; the CLI is generated from them
-(`runtime/configtools.py`).
+(`runtime/configtools.py`), each subcommand with only the components it uses.
 """
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
 
 from joulecap.policies.config import SchedulerConfig
-from joulecap.runtime.api.config import ServerConfig
-from joulecap.runtime.configtools import add_config_args, config_from_args
+from joulecap.runtime.calibrate_config import CalibrationConfig
 from joulecap.runtime.energy.config import EnergyConfig
 from joulecap.runtime.engines.config import EngineConfig
+from joulecap.runtime.envelope import EnvelopeConfig
+from joulecap.runtime.learning import LearningConfig
 from joulecap.runtime.ledger_config import LedgerConfig
+from joulecap.runtime.paths import PathsConfig
+from joulecap.runtime.server_config import ServerConfig
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,11 @@ class JoulecapConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     energy: EnergyConfig = field(default_factory=EnergyConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    learning: LearningConfig = field(default_factory=LearningConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    envelope: EnvelopeConfig = field(default_factory=EnvelopeConfig)
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
 
 
 COMPONENTS: dict[str, type] = {
@@ -33,18 +39,10 @@ COMPONENTS: dict[str, type] = {
     "engine": EngineConfig,
     "energy": EnergyConfig,
     "scheduler": SchedulerConfig,
+    "learning": LearningConfig,
+    "calibration": CalibrationConfig,
+    "envelope": EnvelopeConfig,
     "ledger": LedgerConfig,
+    "paths": PathsConfig,
 }
 """Attribute of `JoulecapConfig` -> its component dataclass, in CLI help order."""
-
-
-def add_args(parser: argparse.ArgumentParser, components: tuple[str, ...] = tuple(COMPONENTS)) -> None:
-    """Add the flags of the named components to `parser`."""
-    for name in components:
-        add_config_args(parser, COMPONENTS[name], title=f"{name} options")
-
-
-def from_args(args: argparse.Namespace, components: tuple[str, ...] = tuple(COMPONENTS)) -> JoulecapConfig:
-    """Build a `JoulecapConfig`; components not on the parser keep their defaults."""
-    parts = {name: config_from_args(COMPONENTS[name], args) for name in components}
-    return JoulecapConfig(**parts)

@@ -87,17 +87,25 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
-def add_config_args(parser: argparse.ArgumentParser, cls: type, *, title: str | None = None) -> None:
-    """Add one `--flag` per field of dataclass `cls` to `parser`.
+def add_config_args(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    *,
+    title: str | None = None,
+    only: tuple[str, ...] | None = None,
+) -> None:
+    """Add one `--flag` per field of dataclass `cls` (or of the fields named in `only`) to `parser`.
 
     A field's default comes from the dataclass unless the environment variable
-    `JOULECAP_<FIELD>` is set (containers configure the server that way).
+    `JOULECAP_<FIELD>` is set (containers configure the server that way). A field whose metadata
+    has `choices` (a sequence, or a callable returning one: a registry) gets them as argparse
+    choices.
     """
     group = parser.add_argument_group(title or cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
-        if not f.init or f.metadata.get("cli") is False:
+        if not f.init or f.metadata.get("cli") is False or (only is not None and f.name not in only):
             continue
         tp, optional = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None
@@ -117,7 +125,9 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, *, title: str | 
                 help=help_text,
             )
             continue
-        choices = None
+        choices = f.metadata.get("choices")
+        if callable(choices):
+            choices = list(choices())
         if typing.get_origin(tp) is typing.Literal:
             choices = list(typing.get_args(tp))
             tp = type(choices[0])
@@ -143,8 +153,14 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, *, title: str | 
         )
 
 
-def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
-    """Build dataclass `cls` from the parsed arguments that `add_config_args` declared."""
+def config_from_args(
+    cls: type[T], args: argparse.Namespace, parser: argparse.ArgumentParser | None = None
+) -> T:
+    """Build dataclass `cls` from the parsed arguments that `add_config_args` declared.
+
+    A value the dataclass refuses (its `__post_init__` range checks) is a usage error of `parser`
+    (exit 2 with the message) rather than a traceback.
+    """
     kwargs = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         if f.init and hasattr(args, f.name):
@@ -152,4 +168,9 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
             if isinstance(value, list):
                 value = tuple(value)
             kwargs[f.name] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        if parser is None:
+            raise
+        parser.error(str(exc))

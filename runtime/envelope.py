@@ -1,7 +1,8 @@
 """`PowerEnvelope`: a joule bucket shared by all requests (a battery or thermal envelope).
 
-The bucket refills at `rate_w` joules per second up to `capacity_j`. A request reserves its
-budget (or its predicted energy) before running and settles with the energy it really used:
+The bucket refills at `rate_w` joules per second up to `capacity_j`. A request reserves what it
+is predicted to cost, with the feasibility margin (never more than its budget when the budget is
+held), before running and settles with the energy it really used:
 unused joules go back, overruns are charged (the level may go below zero, a debt the refill
 pays off). A request is refused with 429 and a `Retry-After` from the refill rate when the
 bucket cannot cover it; one larger than the whole bucket waits for a full bucket.
@@ -15,6 +16,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from joulecap.runtime.errors import EnvelopeExhausted
+
+
+@dataclass(frozen=True)
+class EnvelopeConfig:
+    """A joule bucket shared by all requests (off unless both fields are set)."""
+
+    power_envelope_w: float | None = None
+    """Refill rate in watts (with --power-envelope-j; None = no envelope)."""
+    power_envelope_j: float | None = None
+    """Capacity in joules (with --power-envelope-w; None = no envelope)."""
+
+    def __post_init__(self) -> None:
+        if (self.power_envelope_w is None) != (self.power_envelope_j is None):
+            raise ValueError("--power-envelope-w and --power-envelope-j must be set together")
+        for name in ("power_envelope_w", "power_envelope_j"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0 when set, got {value}")
 
 
 @dataclass(frozen=True)

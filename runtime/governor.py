@@ -1,22 +1,20 @@
 """`Governor`: stops decoding before a request exceeds its joule budget.
 
 Meters update coarsely (NVML about every 100 ms, RAPL/estimates by sampling), so the energy
-"measured so far" lags. Between readings the governor trusts the predictor: the spend is taken
-as the larger of the measurement and the predicted prefill plus `n` decode tokens, and a token
-is only generated if that spend plus the predicted cost of one more token stays within budget.
-When the measurement is current at every check (`measurement_is_current`: a meter read afresh
-on each poll, and the run not sharing the device with a batch), the spend is the measurement
-alone: a run cheaper than predicted may then use what it saved.
+"measured so far" lags. Between readings the governor trusts the plan: the spend is taken as the
+larger of the measurement and the plan's encode plus predicted prefill plus `n` decode tokens, and
+a token is only generated if that spend plus the predicted cost of one more token stays within
+budget. When the measurement is current at every check (`measurement_is_current`: a meter read
+afresh on each poll, and the run not sharing the device with a batch), the spend is the
+measurement alone: a run cheaper than predicted may then use what it saved.
 
 The next token's predicted cost is scaled by how much the run so far exceeded its prediction: a
 device that is slower or busier than when the predictor learned (clocks, heat, contention) makes
 every token dearer, and the first tokens give the governor no per-token measurement yet.
 
-The first decode step is dearer than the steady per-token cost the predictor learns (measured on
-the 2-core CPU: 1.1-1.4x the same run's later steps), and it is priced before any step has been
-measured. So it carries a premium, `first_step_premium`: the scheduler learns it from the first
-steps this governor measures (`first_step_priced_j`, `first_step_j`), as it learns the
-feasibility margin.
+The first decode step is dearer than the steady per-token cost the predictor learns, and it is
+priced before any step has been measured. So it carries a premium, `first_step_premium`, which the
+`Learner` learns from the first steps governors measure (`first_step_observation`).
 """
 
 from __future__ import annotations
@@ -24,9 +22,6 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
-from joulecap.policies import get_policy
-from joulecap.runtime.errors import InvalidRequest
-from joulecap.runtime.predictor import Predictor
 from joulecap.runtime.types import Plan
 
 _RECENT_TOKENS = 4
@@ -40,11 +35,10 @@ class Governor:
     """Closed-loop stop rule for one running request.
 
     Args:
-        plan: The request's plan (its `budget_j` is the limit; None means never stop).
-        predictor: Energy model used for the prefill and per-token costs.
-        energy_so_far_j: Returns the energy measured since the request started.
-        spent_j: Energy spent before the run (the measured encode), included in both the plan's
-            `predicted_j` and `energy_so_far_j`; left out when comparing the run with its prediction.
+        plan: The request's plan: its budget (held only when `plan.holds_budget`), its measured
+            `encode_j` and its `predicted_prefill_j`.
+        token_j: Predicted joules of one generated token.
+        energy_so_far_j: Returns the energy measured since the request started, encode included.
         first_step_premium: Relative extra cost of the first decode step over the next-token
             estimate (0: none).
         measurement_is_current: `energy_so_far_j` is exact at each call (no lag to cover with
@@ -55,19 +49,16 @@ class Governor:
     def __init__(
         self,
         plan: Plan,
-        predictor: Predictor,
+        token_j: float,
         energy_so_far_j: Callable[[], float],
-        spent_j: float = 0.0,
         first_step_premium: float = 0.0,
         measurement_is_current: bool = False,
     ) -> None:
-        self.budget_j = plan.budget_j if self._holds(plan.policy) else None
+        self.budget_j = plan.budget_j if plan.holds_budget else None
         self._energy_so_far_j = energy_so_far_j
-        # Text tokens are not in the plan; the prefill prediction is recovered from the plan's own
-        # total so the governor agrees with the policy that planned it.
-        self.token_j = predictor.decode_j_per_token()
-        self.prefill_j = max(0.0, plan.predicted_j - self.token_j * plan.max_new_tokens)
-        self.spent_j = spent_j
+        self.token_j = token_j
+        self.encode_j = plan.encode_j
+        self.prefill_j = plan.predicted_prefill_j
         self.slowdown = 1.0
         """Measured over predicted cost of the run so far (>= 1; scales the next token's cost)."""
         self.stopped_at: int | None = None
@@ -81,13 +72,6 @@ class Governor:
         self.first_step_j: float | None = None
         """The first decode step's measured cost (set when a later check measured it)."""
 
-    @staticmethod
-    def _holds(policy: str) -> bool:
-        try:
-            return get_policy(policy).holds_budget
-        except InvalidRequest:  # a plan made outside the registry (tests, tools): hold its budget
-            return True
-
     def next_token_j(self) -> float:
         """Cost of the next token: the prediction times the run's slowdown, or the dearest recent token.
 
@@ -99,7 +83,7 @@ class Governor:
         return max(self.token_j * self.slowdown, max(self._recent, default=0.0))
 
     def first_step_observation(self, tokens: int, decode_j: float) -> tuple[float, float] | None:
-        """(priced, measured) joules of the run's first decode step, for the scheduler to learn from.
+        """(priced, measured) joules of the run's first decode step, for the learner.
 
         None when that step was never priced (no budget held, or the run ended at its first
         token). When the second token ended the run (a stop token or the length cap) before a check
@@ -124,11 +108,11 @@ class Governor:
                 self.first_step_j = per_token
             self._recent.append(per_token)
         self._last = (n_generated, measured)
-        predicted = self.prefill_j + self.token_j * n_generated
-        run_predicted = predicted - self.spent_j
+        run_predicted = self.prefill_j + self.token_j * n_generated
         if n_generated >= 1 and run_predicted > 0:
-            ratio = (measured - self.spent_j) / run_predicted
+            ratio = (measured - self.encode_j) / run_predicted
             self.slowdown = min(_MAX_SLOWDOWN, max(1.0, ratio))
+        predicted = self.encode_j + run_predicted
         self.last_spent_j = spent = measured if self.measurement_is_current else max(measured, predicted)
         if n_generated == 1:
             self.first_step_priced_j = self.token_j * self.slowdown

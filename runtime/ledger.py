@@ -21,11 +21,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
-from joulecap.runtime.types import ChatResult, EnergyReport, Plan
+from joulecap.runtime.types import ChatResult, EnergyReport, Plan, RequestStatus
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-LedgerStatus = Literal["ok", "aborted", "error"]
 
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("id", "TEXT PRIMARY KEY"),
@@ -37,8 +36,10 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("budget_j", "REAL"),
     ("predicted_j", "REAL"),
     ("measured_j", "REAL"),
+    ("encode_j", "REAL"),
     ("prefill_j", "REAL"),
     ("decode_j", "REAL"),
+    ("run_j", "REAL"),
     ("idle_j", "REAL"),
     ("source", "TEXT"),
     ("meter", "TEXT"),
@@ -53,8 +54,18 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("status", "TEXT NOT NULL"),
     ("error", "TEXT"),
     ("duration_s", "REAL"),
+    ("margin", "REAL"),
+    ("min_j", "REAL"),
+    ("budget_exceeded", "INTEGER"),
 )
-"""Ledger columns in export order. `plan` is JSON; `created_s`/`recorded_s` are Unix times."""
+"""Ledger columns in export order. `plan` is JSON; `created_s`/`recorded_s` are Unix times.
+`measured_j` is every joule the request spent: `encode_j` (image preprocessing and vision tower),
+`prefill_j` (the LM prefill) and `decode_j`; `run_j` is prefill + decode. `margin` is the
+feasibility margin its plan was made with, `min_j` the smallest budget its policy would have
+accepted."""
+
+V1_ADDED = ("encode_j", "run_j", "margin", "min_j", "budget_exceeded")
+"""Columns schema 2 added to schema 1."""
 
 COLUMN_NAMES = tuple(name for name, _ in COLUMNS)
 
@@ -68,8 +79,10 @@ def _energy_fields(energy: EnergyReport | None) -> dict[str, Any]:
         return {}
     return {
         "measured_j": energy.total_j,
+        "encode_j": energy.encode_j,
         "prefill_j": energy.prefill_j,
         "decode_j": energy.decode_j,
+        "run_j": energy.run_j,
         "idle_j": energy.idle_j,
         "source": energy.source,
         "meter": energy.meter,
@@ -88,6 +101,8 @@ def _plan_fields(plan: Plan | None) -> dict[str, Any]:
         "budget_j": plan.budget_j,
         "predicted_j": plan.predicted_j,
         "max_new_tokens": plan.max_new_tokens,
+        "margin": plan.margin,
+        "min_j": plan.min_j,
     }
 
 
@@ -122,6 +137,8 @@ class Ledger:
         cols = ",\n  ".join(f"{name} {decl}" for name, decl in COLUMNS)
         self._conn.execute("BEGIN IMMEDIATE")
         try:
+            if version == 1:
+                self._migrate_v1()
             self._conn.execute(f"CREATE TABLE IF NOT EXISTS requests (\n  {cols}\n)")
             self._conn.execute("CREATE INDEX IF NOT EXISTS requests_created ON requests(created_s)")
             self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -130,6 +147,26 @@ class Ledger:
             self._conn.execute("ROLLBACK")
             raise
 
+    def _migrate_v1(self) -> None:
+        """Schema 1 -> 2: schema 1's `prefill_j` and `measured_j` held the encode too, unsplit.
+
+        Those rows cannot be split after the fact: their `prefill_j` (encode + LM prefill) moves
+        into the note, `encode_j` and `prefill_j` become NULL (unknown), `run_j` stays NULL and
+        `decode_j` and `measured_j` keep their meaning.
+        """
+        decls = dict(COLUMNS)
+        for name in V1_ADDED:
+            self._conn.execute(f"ALTER TABLE requests ADD COLUMN {name} {decls[name]}")
+        self._conn.execute(
+            "UPDATE requests SET energy_note = trim(coalesce(energy_note || '; ', '') || "
+            "'schema 1 row: encode + LM prefill ' || printf('%.6f', prefill_j) || ' J, not split'), "
+            "prefill_j = NULL WHERE prefill_j IS NOT NULL"
+        )
+        self._conn.execute(
+            "UPDATE requests SET budget_exceeded = (measured_j > budget_j) "
+            "WHERE budget_j IS NOT NULL AND measured_j IS NOT NULL"
+        )
+
     def _insert(self, row: dict[str, Any]) -> None:
         names = [n for n in COLUMN_NAMES if n in row]
         sql = f"INSERT OR REPLACE INTO requests ({', '.join(names)}) VALUES ({', '.join('?' for _ in names)})"
@@ -137,7 +174,7 @@ class Ledger:
             # Autocommit mode: the statement is its own transaction, durable when execute returns.
             self._conn.execute(sql, [row[n] for n in names])
 
-    def record_result(self, result: ChatResult, *, status: LedgerStatus = "ok") -> None:
+    def record_result(self, result: ChatResult, *, status: RequestStatus = "ok") -> None:
         """Record a finished request; the row is committed (fsynced) when this returns."""
         gen = result.generation
         row: dict[str, Any] = {
@@ -154,6 +191,7 @@ class Ledger:
             "stop_reason": gen.stop_reason,
             "status": status,
             "error": None,
+            "budget_exceeded": int(result.budget_exceeded),
         }
         self._insert(row)
 
@@ -163,14 +201,17 @@ class Ledger:
         model: str,
         plan: Plan | None,
         energy: EnergyReport | None,
-        status: LedgerStatus = "error",
+        status: RequestStatus = "error",
         error: str = "",
         *,
         created_s: float | None = None,
+        policy: str | None = None,
+        budget_j: float | None = None,
     ) -> None:
-        """Record a request that was aborted or failed, with whatever energy it spent.
+        """Record a request without a result (refused, aborted, failed), with whatever energy it spent.
 
-        `created_s` is the request's Unix arrival time when known (else now).
+        `created_s` is the request's Unix arrival time when known (else now); `policy` and
+        `budget_j` name the request's when there is no plan (a refusal).
         """
         now = time.time()
         row: dict[str, Any] = {
@@ -178,12 +219,17 @@ class Ledger:
             "created_s": created_s if created_s else now,
             "recorded_s": now,
             "model": model,
+            "policy": policy,
+            "budget_j": budget_j,
             **_plan_fields(plan),
             **_energy_fields(energy),
             "stop_reason": "aborted" if status == "aborted" else None,
             "status": status,
             "error": error or None,
         }
+        spent = row.get("measured_j")
+        if row["budget_j"] is not None and spent is not None:
+            row["budget_exceeded"] = int(spent > row["budget_j"])
         self._insert(row)
 
     def query(self, since_s: float | None = None, limit: int = 100) -> list[dict[str, Any]]:
@@ -215,7 +261,8 @@ class Ledger:
     def _to_dict(row: sqlite3.Row) -> dict[str, Any]:
         out = {name: row[name] for name in COLUMN_NAMES}
         out["plan"] = json.loads(out["plan"]) if out["plan"] else None
-        out["interpolated"] = bool(out["interpolated"]) if out["interpolated"] is not None else None
+        for name in ("interpolated", "budget_exceeded"):
+            out[name] = bool(out[name]) if out[name] is not None else None
         return out
 
     def count(self) -> int:

@@ -1,4 +1,4 @@
-"""Ledger configuration."""
+"""Ledger configuration (its path is a `PathsConfig` field)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,4 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class LedgerConfig:
-    """Where every request's plan and energy is recorded."""
-
-    ledger_path: str | None = None
-    """SQLite file of the ledger; default `<cache dir>/ledger.sqlite3`; `:memory:` keeps nothing."""
+    """How the request ledger is kept."""

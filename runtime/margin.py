@@ -1,12 +1,19 @@
-"""`FeasibilityMargin`: how much the unstoppable part of a run may exceed its prediction.
+"""Robust running estimates of how far measurements exceed their predictions.
 
-Once a request's LM prefill starts, nothing stops it before the first token: the governor can
-only act between tokens. A budget is therefore accepted only when the predicted cost of the
-minimum answer, times `1 + margin`, fits it. A fixed margin is either too tight on a noisy
-device (budgets overshoot) or too loose on a quiet one (budgets are refused needlessly), so the
-margin follows the measured error: a high quantile of `measured / predicted - 1` over the
-recent runs' prefill windows (start of the run to the first token), never below the
-configured floor.
+Two of them steer the budget contract:
+
+- the **feasibility margin**: how much the part of a run that cannot be stopped (the encode and
+  the LM prefill up to the first token) may exceed its prediction. A budget is accepted only when
+  that part's prediction times `1 + margin` fits it (`joulecap.policies.base.minimum_j`);
+- the governor's **first-step premium**: how much the first decode step costs over the steady
+  per-token cost the predictor learns.
+
+Both follow the measured relative overshoot `measured / predicted - 1` of recent warm runs. A
+high quantile of a long window ratchets: one cold request or one noise spike sets it for the whole
+window. So the estimate is robust instead: the window's median plus `z` robust standard deviations
+(1.4826 x the median absolute deviation), which one outlier in a window of 50 barely moves, which
+comes back down as soon as the error falls, and which is clamped to `[floor, cap]`. For normally
+distributed errors, `z = 2.33` covers 99% of runs.
 """
 
 from __future__ import annotations
@@ -17,49 +24,103 @@ from collections import deque
 
 import numpy as np
 
+MAD_TO_SIGMA = 1.4826
+"""Median absolute deviation to standard deviation, for normally distributed errors."""
 
-class FeasibilityMargin:
-    """Running quantile of the prefill's relative overshoot, floored.
+
+class RobustOvershoot:
+    """Median + z robust sigmas of the recent relative overshoots, clamped.
 
     Args:
-        floor: Smallest margin ever used (the configured `feasibility_margin`).
-        quantile: Quantile of the observed overshoot used as the margin, in (0, 1]. 0.99 keeps
-            about 99% of the minimum answers' prefills within what was accepted.
-        window: Recent runs remembered (older ones are forgotten, so it follows load changes).
-        min_samples: Runs needed before the observations are used. With few runs the quantile is
-            close to their maximum, which errs on the safe side (more refusals, fewer overshoots).
+        floor: Smallest value ever returned (also the value before `min_samples` observations).
+        cap: Largest value ever returned (a meter glitch must not refuse every budget).
+        z: Robust standard deviations above the median (2.33: about 99% of normal errors).
+        window: Recent observations remembered.
+        min_samples: Observations needed before they are used.
 
     """
 
-    def __init__(self, floor: float, quantile: float, window: int = 200, min_samples: int = 5) -> None:
-        if not 0.0 < quantile <= 1.0:
-            raise ValueError(f"quantile must be in (0, 1], got {quantile}")
+    def __init__(
+        self, floor: float, cap: float, z: float = 2.33, window: int = 50, min_samples: int = 5
+    ) -> None:
+        if not 0.0 <= floor <= cap:
+            raise ValueError(f"need 0 <= floor <= cap, got {floor}, {cap}")
         self.floor = floor
-        self.quantile = quantile
+        self.cap = cap
+        self.z = z
         self.min_samples = min_samples
         self._overshoot: deque[float] = deque(maxlen=window)
         self._lock = threading.Lock()
         # Recomputed when a run is observed, not on every plan: planning is the hot path.
-        self._margin = floor
+        self._value = floor
 
     def observe(self, predicted_j: float, measured_j: float) -> None:
-        """Record one run's prefill: its predicted and measured energy (ignored if not positive)."""
+        """Record one warm run's predicted and measured energy (ignored unless both are positive)."""
         if not (math.isfinite(predicted_j) and math.isfinite(measured_j)):
             return
-        if predicted_j <= 0 or measured_j < 0:
+        if predicted_j <= 0 or measured_j <= 0:
             return
         with self._lock:
             self._overshoot.append(measured_j / predicted_j - 1.0)
             if len(self._overshoot) >= self.min_samples:
-                observed = float(np.quantile(np.fromiter(self._overshoot, float), self.quantile))
-                self._margin = max(self.floor, observed)
+                x = np.fromiter(self._overshoot, float)
+                median = float(np.median(x))
+                sigma = MAD_TO_SIGMA * float(np.median(np.abs(x - median)))
+                self._value = min(self.cap, max(self.floor, median + self.z * sigma))
 
     def value(self) -> float:
-        """The margin to plan with now."""
-        return self._margin
+        """The current estimate."""
+        return self._value
 
     def stats(self) -> dict[str, float | int]:
-        """Observations held and the current margin (for the profile endpoint and benchmarks)."""
+        """Observations held and the current value (for the profile endpoint and benchmarks)."""
         with self._lock:
             n = len(self._overshoot)
-        return {"samples": n, "margin": self.value(), "floor": self.floor, "quantile": self.quantile}
+        return {"value": self.value(), "samples": n, "floor": self.floor, "cap": self.cap, "z": self.z}
+
+
+class EncodeEstimate:
+    """Expected encode energy of a request: a robust running joules-per-visual-token.
+
+    The encode (image preprocessing and vision tower) is measured before planning. The
+    feasibility rule plans with its *expected* cost rather than this request's own reading, so
+    that the stated minimum is a property of the server and the request's shape, not of one
+    encode's noise. Requests without images count only their text preparation (`text_j`).
+    """
+
+    def __init__(self, window: int = 50, seed_j_per_visual_token: float | None = None) -> None:
+        self._per_token: deque[float] = deque(maxlen=window)
+        self._text: deque[float] = deque(maxlen=window)
+        self._lock = threading.Lock()
+        # The calibration sweep measures encodes too: a calibrated server starts from its rate.
+        if seed_j_per_visual_token is not None and seed_j_per_visual_token > 0:
+            self._per_token.append(seed_j_per_visual_token)
+        self._per_token_j: float | None = seed_j_per_visual_token if self._per_token else None
+        self._text_j: float | None = None
+
+    def observe(self, visual_tokens: int, encode_j: float) -> None:
+        """Record one warm request's measured encode."""
+        if not (math.isfinite(encode_j) and encode_j >= 0):
+            return
+        with self._lock:
+            if visual_tokens > 0:
+                self._per_token.append(encode_j / visual_tokens)
+                self._per_token_j = float(np.median(np.fromiter(self._per_token, float)))
+            else:
+                self._text.append(encode_j)
+                self._text_j = float(np.median(np.fromiter(self._text, float)))
+
+    def estimate_j(self, visual_tokens: int, measured_j: float) -> float:
+        """Expected encode joules for `visual_tokens`; `measured_j` until anything was observed."""
+        rate = self._per_token_j if visual_tokens > 0 else self._text_j
+        if rate is None:
+            return measured_j
+        return rate * visual_tokens if visual_tokens > 0 else rate
+
+    def stats(self) -> dict[str, float | int | None]:
+        """Current per-visual-token and text-only estimates."""
+        return {
+            "j_per_visual_token": self._per_token_j,
+            "text_only_j": self._text_j,
+            "samples": len(self._per_token) + len(self._text),
+        }

@@ -2,9 +2,11 @@
 
 Exposed series (all names prefixed `joulecap_`):
 
-- `energy_joules_total{model,policy,source}`: joules of served requests.
+- `energy_joules_total{model,policy,source,status}`: every joule spent, by how the request ended
+  (`ok`, `aborted`, `error`, `refused`, `estimate`): the ledger's joules add up to it.
 - `request_energy_joules{model,source}`: histogram of per-request energy.
-- `budget_violations_total{model,policy}`: requests whose energy exceeded their budget.
+- `budget_violations_total{model,policy}`: answers whose energy exceeded their budget (every
+  policy, budget-ignoring ones too: `usage.energy.budget_exceeded`).
 - `requests_total{model,policy,stop_reason}`: finished requests.
 - `tokens_total{model,kind}`: prompt, completion, visual_in and visual_kept tokens.
 - `errors_total{status}`: error responses by HTTP status.
@@ -12,14 +14,22 @@ Exposed series (all names prefixed `joulecap_`):
 - `predictor_speed_factor{model}`: recent measured over predicted joules (1 = as calibrated;
   above 1 the device is running slower or hungrier, e.g. throttled or contended).
 - `envelope_level_joules`: joules left in the shared power envelope.
+- `feasibility_margin{model}`: the margin budgets are accepted with now (relative).
+- `first_step_premium{model}`: the governor's premium on the first decode step (relative).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from joulecap.runtime.types import ChatResult
+from joulecap.runtime.types import ChatResult, EnergyReport, RequestStatus
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from joulecap.runtime.learning import Learner
+    from joulecap.runtime.predictor import Predictor
 
 ENERGY_BUCKETS_J = (
     0.1,
@@ -48,7 +58,10 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.energy_j = Counter(
-            "joulecap_energy_joules", "Energy of served requests.", ["model", "policy", "source"], registry=r
+            "joulecap_energy_joules",
+            "Energy spent, by how the request ended.",
+            ["model", "policy", "source", "status"],
+            registry=r,
         )
         self.request_energy_j = Histogram(
             "joulecap_request_energy_joules",
@@ -80,11 +93,23 @@ class Metrics:
         self.envelope_level_j = Gauge(
             "joulecap_envelope_level_joules", "Joules left in the shared power envelope.", registry=r
         )
+        self.feasibility_margin = Gauge(
+            "joulecap_feasibility_margin",
+            "Feasibility margin budgets are accepted with now (relative).",
+            ["model"],
+            registry=r,
+        )
+        self.first_step_premium = Gauge(
+            "joulecap_first_step_premium",
+            "Governor's premium on the first decode step (relative).",
+            ["model"],
+            registry=r,
+        )
 
-    def observe_result(self, result: ChatResult) -> None:
+    def observe_result(self, result: ChatResult, status: RequestStatus = "ok") -> None:
         """Count one finished request's energy, tokens and budget outcome."""
         model, policy, energy = result.model, result.plan.policy, result.energy
-        self.energy_j.labels(model, policy, energy.source).inc(max(0.0, energy.total_j))
+        self.energy_j.labels(model, policy, energy.source, status).inc(max(0.0, energy.total_j))
         self.request_energy_j.labels(model, energy.source).observe(max(0.0, energy.total_j))
         budget = result.plan.budget_j
         if budget is not None and energy.total_j > budget:
@@ -98,6 +123,22 @@ class Metrics:
             ("visual_kept", gen.visual_tokens_kept),
         ):
             self.tokens.labels(model, kind).inc(max(0, n))
+
+    def observe_spent(
+        self, model: str, policy: str, energy: EnergyReport | None, status: RequestStatus
+    ) -> None:
+        """Count the energy of a request that has no result (refused after its encode, aborted, failed)."""
+        if energy is not None:
+            self.energy_j.labels(model, policy, energy.source, status).inc(max(0.0, energy.total_j))
+
+    def set_learning(self, model: str, predictor: Predictor, learner: Learner) -> None:
+        """Publish what the server has learned: predictor error and speed, margins."""
+        mape = predictor.rolling_mape()
+        if mape is not None:
+            self.set_predictor_mape(model, mape)
+        self.set_predictor_speed_factor(model, predictor.speed_factor)
+        self.feasibility_margin.labels(model).set(learner.margin.value())
+        self.first_step_premium.labels(model).set(learner.first_step.value())
 
     def observe_error(self, status: int) -> None:
         """Count one error response."""

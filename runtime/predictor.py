@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from joulecap.runtime.types import Prediction
+
 log = logging.getLogger(__name__)
 
 UNIVERSAL_TERMS = ("intercept", "s", "n_in", "n_out", "s_n_in", "s_n_out")
@@ -54,22 +56,6 @@ _WINDUP_FACTOR = 10.0
 _MAPE_WINDOW = 100
 _MIN_OUT_J = 1e-12
 """Floor on the per-output-token cost so budget arithmetic never divides by zero or goes negative."""
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """Predicted energy of one request.
-
-    Attributes:
-        prefill_j: Fixed cost plus the prompt tokens (text + visual kept).
-        decode_j: The generated tokens.
-        total_j: `prefill_j + decode_j`.
-
-    """
-
-    prefill_j: float
-    decode_j: float
-    total_j: float
 
 
 @dataclass(frozen=True)
@@ -285,6 +271,11 @@ class Predictor:
     def decode_j_per_token(self) -> float:
         """Predicted joules of one generated token (always > 0)."""
         return max(self._coef[2] * self._speed, _MIN_OUT_J)
+
+    def token_costs(self) -> tuple[float, float]:
+        """Predicted joules of one prompt token and of one generated token (speed factor applied)."""
+        _, in_j, out_j = self._coef
+        return in_j * self._speed, out_j * self._speed
 
     def max_output_tokens(self, budget_j: float, text_tokens: int, visual_tokens: int) -> int:
         """Largest output length whose predicted total fits `budget_j` (0 when none does)."""

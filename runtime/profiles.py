@@ -36,7 +36,7 @@ def profile_path(profile_dir: str | Path, model: str, device: str, dtype: str) -
     return Path(profile_dir) / f"{_slug(model)}__{_slug(device)}__{_slug(dtype)}.json"
 
 
-def load_default(params_b: float, *, forgetting: float = 0.98) -> Predictor:
+def load_default(params_b: float, *, forgetting: float = 0.98, speed_alpha: float = 0.0) -> Predictor:
     """The shipped universal default at size `params_b` (calibrated False).
 
     `E = P(S)*(a_p(S)*N_in + a_d(S)*N_out + b(S))` with `P(S) = 12.1*S + 42.2` W and times
@@ -55,6 +55,7 @@ def load_default(params_b: float, *, forgetting: float = 0.98) -> Predictor:
         source="default",
         forgetting=forgetting,
         power_w=power,
+        speed_alpha=speed_alpha,
     )
 
 
@@ -94,21 +95,36 @@ def load_profile(
     params_b: float,
     *,
     forgetting: float = 0.98,
+    speed_alpha: float = 0.0,
 ) -> Predictor:
     """The predictor for (model, device, dtype): its calibrated profile, else the shipped default.
 
     A corrupt or foreign profile is refused with a warning naming the file and the reason; the
     default is used and the caller keeps running.
     """
+    data, why = read_profile(profile_dir, model, device, dtype)
+    if data is None:
+        log.info("%s; using the uncalibrated universal default", why)
+        return load_default(params_b, forgetting=forgetting, speed_alpha=speed_alpha)
+    return predictor_from(data, forgetting=forgetting, speed_alpha=speed_alpha)
+
+
+def read_profile(
+    profile_dir: str | Path, model: str, device: str, dtype: str
+) -> tuple[dict[str, Any] | None, str]:
+    """The profile's data, or None with why there is none usable (absent, corrupt, foreign)."""
     path = profile_path(profile_dir, model, device, dtype)
     if not path.exists():
-        log.info("no energy profile at %s; using the uncalibrated universal default", path)
-        return load_default(params_b, forgetting=forgetting)
+        return None, f"no energy profile at {path}"
     try:
-        data = _read_profile(path, model, device, dtype)
+        return _read_profile(path, model, device, dtype), f"energy profile {path}"
     except ProfileError as exc:
-        log.warning("ignoring energy profile %s: %s; using the uncalibrated universal default", path, exc)
-        return load_default(params_b, forgetting=forgetting)
+        log.warning("ignoring energy profile %s: %s", path, exc)
+        return None, f"energy profile {path} ignored ({exc})"
+
+
+def predictor_from(data: dict[str, Any], *, forgetting: float = 0.98, speed_alpha: float = 0.0) -> Predictor:
+    """A calibrated predictor from a profile's validated data."""
     coef = data["coefficients"]
     cov = data.get("rls_covariance")
     if not (isinstance(cov, list) and np.asarray(cov, dtype=object).size == 9):
@@ -123,7 +139,14 @@ def load_profile(
         covariance=cov,
         fit=data.get("fit") if isinstance(data.get("fit"), dict) else None,
         power_w=data.get("power_w"),
+        speed_alpha=speed_alpha,
     )
+
+
+def encode_seed(data: dict[str, Any] | None) -> float | None:
+    """The calibration sweep's measured encode joules per visual token, when the profile has it."""
+    value = (data or {}).get("encode", {}).get("j_per_visual_token") if isinstance(data, dict) else None
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) and value > 0 else None
 
 
 def save_profile(

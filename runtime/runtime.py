@@ -1,9 +1,14 @@
-"""`Runtime`: the in-process API. Plans, runs, measures and records each request.
+"""`Runtime`: the in-process API. Plans, runs, measures, records and learns from each request.
 
 A robot stack embeds it directly (`rt.chat(...)` / `await rt.achat(...)`); the HTTP server is a
 thin layer over the same object. Requests run on a worker pool sized by the engine's
 concurrency (1 for the embedded transformers engine: requests queue in arrival order), with a
 bounded queue in front (503 past `queue_limit`).
+
+One request: `build_request` (validate) -> `plan` (encode, measured; the scheduler's plan) ->
+`run_planned` (run under the governor; report; record in the ledger and metrics; learn).
+Every joule spent is recorded, whatever the outcome: answered, refused after the encode (422,
+429), aborted or failed.
 """
 
 from __future__ import annotations
@@ -14,70 +19,46 @@ import dataclasses
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image
-
-from joulecap.runtime.api.schema import ChatCompletionRequest, parse_budget, to_request
+from joulecap.policies import available_policies
 from joulecap.runtime.config import JoulecapConfig
+from joulecap.runtime.energy.accounting import EncodeFailed, make_accounting
 from joulecap.runtime.energy.base import Meter
 from joulecap.runtime.energy.factory import create_meter
 from joulecap.runtime.energy.monitor import EnergyMonitor
 from joulecap.runtime.engines.base import Engine, RunHooks
-from joulecap.runtime.engines.factory import create_engine, resolve_cache_dir
-from joulecap.runtime.engines.worklog import WorkLog, batched_report, token_costs
-from joulecap.runtime.envelope import PowerEnvelope
-from joulecap.runtime.errors import EngineError, InvalidRequest, JoulecapError, Overloaded, PayloadTooLarge
+from joulecap.runtime.engines.factory import create_engine
+from joulecap.runtime.envelope import PowerEnvelope, Reservation
+from joulecap.runtime.errors import BudgetTooSmall, EngineError, InvalidRequest, JoulecapError, Overloaded
 from joulecap.runtime.governor import Governor
-from joulecap.runtime.images import ImagePolicy, decode_image_bytes
+from joulecap.runtime.images import ImagePolicy
+from joulecap.runtime.learning import Learner, Outcome
 from joulecap.runtime.ledger import Ledger
 from joulecap.runtime.metrics import Metrics
-from joulecap.runtime.profiles import load_profile
-from joulecap.runtime.scheduler import Scheduler
-from joulecap.runtime.types import (
-    ChatMessage,
-    ChatResult,
-    EnergyReport,
-    ImagePart,
-    PhaseTimes,
-    Plan,
-    PreparedRequest,
-    Request,
-    SamplingParams,
-    TextPart,
+from joulecap.runtime.paths import Paths
+from joulecap.runtime.profile_setup import setup_profile
+from joulecap.runtime.requests import (
+    ImageLike,
+    RequestLimits,
+    RequestOptions,
+    build_request,
+    convert_messages,
+    prompt_messages,
 )
+from joulecap.runtime.scheduler import Scheduler
+from joulecap.runtime.types import ChatResult, EnergyReport, Plan, PreparedRequest, Request, RequestStatus
+from joulecap.runtime.warmup import warmup_request
 
 log = logging.getLogger(__name__)
 
-ImageLike = Image.Image | np.ndarray | bytes | str | Path
-"""What `Runtime.chat` accepts as an image: PIL, an HxWx3 uint8 array (camera frame), encoded
-bytes, or a path to a file."""
-
 TokenCallback = Callable[[int, str], None]
-
-
-def _to_pil(image: ImageLike, policy: ImagePolicy) -> Image.Image:
-    # In-process callers are trusted with their own files, but the pixel limit still applies.
-    if isinstance(image, Image.Image):
-        pil = image.convert("RGB")
-    elif isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise InvalidRequest("Array images must be HxWx3 uint8 (RGB).", param="images")
-        pil = Image.fromarray(image, "RGB")
-    else:
-        data = image if isinstance(image, bytes) else Path(image).read_bytes()
-        return decode_image_bytes(data, policy, "images")
-    if pil.width * pil.height > policy.max_pixels:
-        raise PayloadTooLarge(f"Image is over the pixel limit {policy.max_pixels}.", param="images")
-    return pil
+"""`on_token(token_id, text_delta)`, called on the engine thread for every generated token."""
 
 
 class Runtime:
-    """Energy-aware VLM runtime: plan under a joule budget, run, measure, record.
+    """Energy-aware VLM runtime: plan under a joule budget, run, measure, record, learn.
 
     Args:
         config: All component configs; defaults serve the demo model with auto-detected meters.
@@ -94,40 +75,47 @@ class Runtime:
         meter: Meter | None = None,
     ) -> None:
         self.config = cfg = config or JoulecapConfig()
+        self.paths = Paths.resolve(cfg.paths)
         # Without leverage selection the basis would only spare the E-AdaPrune budget's cheaper
-        # Gram solve (0.7 vs 1.8 ms for 144 x 160 on one core): not worth computing.
+        # Gram solve: not worth computing.
         leverage = cfg.engine.leverage_basis and cfg.scheduler.selection == "leverage"
-        self.engine = engine or create_engine(dataclasses.replace(cfg.engine, leverage_basis=leverage))
+        self.engine = engine or create_engine(
+            dataclasses.replace(cfg.engine, leverage_basis=leverage), self.paths.cache_dir
+        )
         self.info = self.engine.info
         if self.info.random_weights:
-            log.warning(
-                "Model %s has RANDOM weights (demo): answers are gibberish; energy mechanics are real.",
-                self.info.model,
-            )
-        cache_dir = resolve_cache_dir(cfg.engine)
+            log.warning("Model %s has RANDOM weights (demo): answers are noise.", self.info.model)
         self.meter = meter or create_meter(cfg.energy)
         self.monitor = EnergyMonitor(self.meter, cfg.energy)
         self.monitor.start()
-        profile_dir = Path(cfg.scheduler.profile_dir or cache_dir / "profiles")
-        self.predictor = load_profile(
-            profile_dir, self.info.model, self.info.device, self.info.dtype, self.info.params_b
+        self.profile = setup_profile(self.engine, self.monitor, self.paths, cfg.learning, cfg.calibration)
+        self.predictor = self.profile.predictor
+        self.learner = Learner(self.predictor, cfg.learning, encode_seed=self.profile.encode_seed)
+        self.scheduler = Scheduler(cfg.scheduler, self.predictor, self.learner)
+        self.accounting = make_accounting(
+            self.monitor, getattr(self.engine, "work_log", None), self.predictor.token_costs
         )
-        self.scheduler = Scheduler(cfg.scheduler, self.predictor)
-        env_w, env_j = cfg.scheduler.power_envelope_w, cfg.scheduler.power_envelope_j
+        env = cfg.envelope
         self.envelope: PowerEnvelope | None = None
-        if env_w is not None or env_j is not None:
-            if env_w is None or env_j is None:
-                raise ValueError("--power-envelope-w and --power-envelope-j must be set together.")
-            self.envelope = PowerEnvelope(env_w, env_j)
-        ledger_path = cfg.ledger.ledger_path or str(cache_dir / "ledger.sqlite3")
-        if ledger_path != ":memory:":
-            Path(ledger_path).parent.mkdir(parents=True, exist_ok=True)
-        self.ledger = Ledger(ledger_path)
+        if env.power_envelope_w is not None and env.power_envelope_j is not None:
+            self.envelope = PowerEnvelope(env.power_envelope_w, env.power_envelope_j)
+        self.ledger = Ledger(self.paths.ledger_path)
+        log.info("ledger: %s", self.paths.ledger_path)
         self.metrics = Metrics()
+        self.metrics.set_learning(self.info.model, self.predictor, self.learner)
+        server = cfg.server
         self.images_policy = ImagePolicy(
-            max_pixels=cfg.server.max_image_pixels,
-            allow_local_dir=cfg.server.allow_local_files,
-            allow_remote=cfg.server.allow_remote_images,
+            max_pixels=server.max_image_pixels,
+            allow_local_dir=server.allow_local_files,
+            allow_remote=server.allow_remote_images,
+        )
+        self.limits = RequestLimits(
+            images=self.images_policy,
+            max_images=server.max_images,
+            max_tokens_limit=server.max_tokens_limit,
+            budget_min_j=cfg.scheduler.budget_min_j,
+            budget_max_j=cfg.scheduler.budget_max_j,
+            policies=frozenset(available_policies()),
         )
         self.max_concurrency = max(1, int(getattr(self.engine, "max_concurrency", 1)))
         self._pool = concurrent.futures.ThreadPoolExecutor(
@@ -135,32 +123,23 @@ class Runtime:
         )
         self._inflight = 0
         self._inflight_lock = threading.Lock()
+        # Measured encode windows must not overlap, or two requests would count the same joules.
         self._prepare_lock = threading.Lock()
         self._closed = False
         if cfg.engine.warmup:
             self._warmup()
 
     def _warmup(self) -> None:
-        # One short generation with an image: the first request pays for lazy initialisation
-        # (allocator, kernels, caches). Not recorded in the ledger and not learned from.
-        frame = Image.new("RGB", (64, 64), (127, 127, 127))
-        # Built directly: the warm-up frame must not depend on the server's image limits.
-        request = Request(
-            request_id="warmup",
-            messages=(ChatMessage("user", (ImagePart(0), TextPart("warm-up"))),),
-            images=(frame,),
-            max_tokens=2,
-        )
-        prepared = self.engine.prepare(request)  # with bases: their first decomposition warms up too
-        plan = Plan(
-            visual_keep=prepared.visual_tokens,
-            max_new_tokens=2,
-            predicted_j=0.0,
-            policy="warmup",
-            reason="start-up warm-up, not recorded",
-        )
+        # The path a real first request takes (image decode, processor, vision tower, decomposition,
+        # planning, prefill, decode under the governor's meter reads), twice: the first pays for
+        # lazy initialisation, the second for what the first left cold. Not recorded, not learned.
         started_s = time.monotonic()
-        self.engine.run(prepared, plan, RunHooks())
+        for policy in dict.fromkeys((self.config.scheduler.policy, "joint")):
+            request = warmup_request(self.limits, policy)
+            for _ in range(2):
+                prepared, plan = self.plan(request, record=False)
+                self.run_planned(prepared, plan, record=False)
+        self.learner.mark_active()
         log.info("engine warm-up took %.3f s", time.monotonic() - started_s)
 
     # ------------------------------------------------------------------ building requests
@@ -177,84 +156,70 @@ class Runtime:
         top_p: float = 1.0,
         seed: int | None = None,
     ) -> Request:
-        """Make a `Request` from a prompt (images placed before the text) or OpenAI-style messages."""
-        budget = None if energy_budget_j is None else parse_budget(energy_budget_j, param="energy_budget_j")
+        """Make a validated `Request` from a prompt (images before the text) or OpenAI-style messages."""
         if isinstance(messages_or_prompt, str):
-            pil = tuple(_to_pil(img, self.images_policy) for img in images)
-            if len(pil) > self.config.server.max_images:
-                raise InvalidRequest(f"At most {self.config.server.max_images} images per request.")
-            parts: list[TextPart | ImagePart] = [ImagePart(i) for i in range(len(pil))]
-            parts.append(TextPart(messages_or_prompt))
-            return Request(
-                request_id=f"chatcmpl-{uuid.uuid4().hex}",
-                messages=(ChatMessage("user", tuple(parts)),),
-                images=pil,
-                max_tokens=max_tokens,
-                energy_budget_j=budget,
-                sampling=SamplingParams(temperature=temperature, top_p=top_p, seed=seed),
-                policy=policy,
-                tau=tau,
-                created_s=time.time(),
-            )
-        if images:
-            raise InvalidRequest("Pass images inside messages (image_url parts) when giving messages.")
-        body = ChatCompletionRequest.model_validate(
-            {
-                "messages": list(messages_or_prompt),
-                "max_tokens": max_tokens,
-                "temperature": temperature,
-                "top_p": top_p,
-                "seed": seed,
-                "policy": policy,
-                "tau": tau,
-                "energy_budget_j": budget,
-            }
+            messages, pil = prompt_messages(messages_or_prompt, images, self.limits)
+        else:
+            if images:
+                raise InvalidRequest("Pass images inside messages (image_url parts) when giving messages.")
+            messages, pil = convert_messages(messages_or_prompt, self.limits)
+        options = RequestOptions(
+            max_tokens=max_tokens,
+            energy_budget_j=energy_budget_j,
+            policy=policy,
+            tau=tau,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
         )
-        return to_request(
-            body,
-            header_budget=None,
-            images_policy=self.images_policy,
-            max_images=self.config.server.max_images,
-            max_tokens_limit=self.config.server.max_tokens_limit,
-        )
+        return build_request(messages, pil, options, self.limits)
 
-    # ------------------------------------------------------------------ synchronous core
-    def plan(self, request: Request) -> tuple[PreparedRequest, Plan]:
-        """Prepare and plan a request without running it (runs on the calling thread)."""
-        # Image preprocessing and the vision encoder run here. Their energy is measured, not
-        # predicted: it is spent before planning, so the plan budgets only what is left (fresh
-        # reads make the window's edges exact on fast meters).
-        # Under a batching engine, an encode that overlapped other requests' work lies in their
-        # measured windows (split by token work); only one done while the engine was idle is
-        # charged here, so nothing is counted twice and a lone request's encode is not lost.
-        # Prepares are serialised (engines encode one at a time anyway), so that two measured
-        # encode windows never overlap and count the same joules twice.
-        work_log: WorkLog | None = getattr(self.engine, "work_log", None)
-        # Images are decomposed only for a policy that may prune them (an unknown policy fails
-        # here, before the encode is spent).
-        bases = self.scheduler.prunes_visual(request)
+    # ------------------------------------------------------------------ the run path
+    def plan(self, request: Request, *, record: bool = True) -> tuple[PreparedRequest, Plan]:
+        """Encode (measured) and plan a request without running it (on the calling thread).
+
+        Raises:
+            BudgetTooSmall: The budget is below the feasibility rule's minimum (recorded as refused).
+            InvalidRequest: The engine cannot take the request (recorded with its encode energy).
+
+        """
+        prepared = self._prepare(request, record)
+        try:
+            return prepared, self.scheduler.plan(prepared)
+        except JoulecapError as exc:
+            self._record_spent(request, None, prepared.encode, exc, record=record)
+            raise
+
+    def estimate(self, request: Request) -> tuple[PreparedRequest, Plan | None, BudgetTooSmall | None]:
+        """Encode and plan without running: the plan, or the refusal with its stated minimum.
+
+        The encode's energy is recorded (status `estimate`): it was spent.
+        """
+        prepared = self._prepare(request, True)
+        plan, refusal = None, None
+        try:
+            plan = self.scheduler.plan(prepared)
+        except BudgetTooSmall as exc:
+            refusal = exc
+        finally:
+            self.abandon(prepared, plan, "estimate", "/v1/energy/estimate: planned, not run")
+        return prepared, plan, refusal
+
+    def _prepare(self, request: Request, record: bool) -> PreparedRequest:
+        bases = self.scheduler.prunes_visual(request)  # images are decomposed only if they may be pruned
         with self._prepare_lock:
-            t0_s = time.monotonic()
-            prepared, encode = self.monitor.measure(lambda: self.engine.prepare(request, bases=bases))
-            if work_log is None or work_log.idle_throughout(t0_s):
-                prepared = dataclasses.replace(prepared, prepare_energy=encode)
-        return prepared, self.scheduler.plan(prepared)
-
-    @staticmethod
-    def _with_encode(energy: EnergyReport, encode: EnergyReport | None) -> EnergyReport:
-        """`energy` with the encode window added to its prefill (and total, idle, duration)."""
-        if encode is None:
-            return energy
-        return dataclasses.replace(
-            energy,
-            total_j=energy.total_j + encode.total_j,
-            prefill_j=energy.prefill_j + encode.total_j,
-            idle_j=energy.idle_j + encode.idle_j,
-            duration_s=energy.duration_s + encode.duration_s,
-            samples=energy.samples + encode.samples,
-            interpolated=energy.interpolated or encode.interpolated,
-            note="; ".join(n for n in (energy.note, encode.note) if n),
-        )
+            try:
+                prepared, encode = self.accounting.measure_encode(
+                    lambda: self.engine.prepare(request, bases=bases)
+                )
+            except EncodeFailed as exc:
+                self._record_spent(request, None, exc.energy, exc.cause, record=record)
+                if isinstance(exc.cause, JoulecapError):
+                    raise exc.cause from None
+                raise EngineError(
+                    f"The engine failed to prepare this request: {type(exc.cause).__name__}"
+                ) from exc
+        return dataclasses.replace(prepared, encode=encode)
 
     def run_planned(
         self,
@@ -263,139 +228,47 @@ class Runtime:
         *,
         on_token: TokenCallback | None = None,
         cancelled: threading.Event | None = None,
+        record: bool = True,
     ) -> ChatResult:
-        """Run a planned request, measure it, record it (runs on the calling thread).
+        """Run a planned request under its governor; report, record and learn (on the calling thread).
 
         Raises:
-            EnvelopeExhausted: The shared power envelope cannot cover the plan.
+            EnvelopeExhausted: The shared power envelope cannot cover the plan (recorded as refused).
             EngineError: The engine failed; the energy spent is still in the ledger.
 
         """
         request = prepared.request
-        reservation = None
-        if self.envelope is not None:
-            reservation = self.envelope.reserve(plan.budget_j or plan.predicted_j)
-            self.metrics.set_envelope_level_j(self.envelope.level_j())
-        self.monitor.fresh_sample()  # an exact counter value at the window's start
-        start_s = time.monotonic()
-        # Batching engines (vLLM) log token work: energy is then split among concurrent requests.
-        work_log: WorkLog | None = getattr(self.engine, "work_log", None)
-        prefill_cost, decode_cost = token_costs(self.predictor) if work_log is not None else (1.0, 1.0)
-
-        encode = prepared.prepare_energy
-        encode_j = prepared.spent_j
-
-        def energy_so_far_j() -> float:
-            used_j = self.monitor.live_energy_j(start_s)
-            if work_log is None:
-                return encode_j + used_j
-            return encode_j + used_j * work_log.live_fraction(
-                request.request_id, prefill_cost=prefill_cost, decode_cost=decode_cost
-            )
-
+        reservation = self._reserve(prepared, plan, record)
+        meter = self.accounting.start(request.request_id, prepared.encode)
         governor = Governor(
-            plan,
-            self.predictor,
-            energy_so_far_j,
-            spent_j=encode_j,
-            first_step_premium=self.scheduler.first_step.value(),
-            measurement_is_current=work_log is None and self.monitor.reads_fresh,
-        )
+            plan, self.predictor.decode_j_per_token(), meter.energy_so_far_j,
+            self.learner.first_step.value(), meter.measurement_is_current,
+        )  # fmt: skip
         hooks = RunHooks(
-            on_token=on_token,
-            should_stop=governor.should_stop,
-            cancelled=cancelled or threading.Event(),
+            on_token=on_token, should_stop=governor.should_stop, cancelled=cancelled or threading.Event()
         )
         try:
             generation = self.engine.run(prepared, plan, hooks)
         except Exception as exc:
-            end_s = time.monotonic()
-            energy = self._with_encode(
-                self.monitor.report(
-                    PhaseTimes(start_s, end_s, end_s), predicted_prefill_j=0.0, predicted_decode_j=0.0
-                ),
-                encode,
-            )
-            self.ledger.record_failure(
-                request.request_id,
-                self.info.model,
-                plan,
-                energy,
-                status="error",
-                error=repr(exc)[:500],
-                created_s=request.created_s or None,
-            )
-            # Error responses are counted by the layer that answers (the HTTP app), once.
-            if reservation is not None and self.envelope is not None:
-                self.envelope.settle(reservation, energy.total_j)
-            if isinstance(exc, JoulecapError):
-                raise
-            log.exception("engine failed on %s", request.request_id)
-            raise EngineError(f"The engine failed on this request: {type(exc).__name__}") from exc
-        # The engine may add text (a brevity hint) after prepare(): count what really went in.
+            self._settle(reservation, meter.failure_report())
+            raise self._failed(request, plan, meter.failure_report(), exc, record) from exc
         text_tokens = generation.prefill_tokens - generation.visual_tokens_kept
-        prediction = self.predictor.predict(
+        predicted = self.predictor.predict(
             text_tokens, generation.visual_tokens_kept, len(generation.token_ids)
         )
-        if work_log is not None:
-            energy = batched_report(
-                self.monitor,
-                work_log,
-                request.request_id,
-                generation.times,
-                prefill_cost=prefill_cost,
-                decode_cost=decode_cost,
-                predicted_prefill_j=prediction.prefill_j,
-                predicted_decode_j=prediction.decode_j,
-            )
-        else:
-            energy = self.monitor.report(
-                generation.times,
-                predicted_prefill_j=prediction.prefill_j,
-                predicted_decode_j=prediction.decode_j,
-            )
-        if energy.source != "replayed" and not energy.interpolated and generation.token_ids:
-            # How far the unstoppable part (prefill to the first token) exceeded its prediction:
-            # the scheduler's feasibility margin follows it.
-            first = self.predictor.predict(text_tokens, generation.visual_tokens_kept, 1).total_j
-            self.scheduler.margin.observe(first, energy.prefill_j)
-            step = governor.first_step_observation(len(generation.token_ids), energy.decode_j)
-            if step is not None:  # the governor's premium on the first decode step follows it
-                self.scheduler.first_step.observe(*step)
-        energy = self._with_encode(energy, encode)
+        energy = meter.report(generation.times, predicted)
         result = ChatResult(
-            request_id=request.request_id,
-            model=self.info.model,
-            text=generation.text,
-            generation=generation,
-            plan=plan,
-            energy=energy,
-            created_s=request.created_s or time.time(),
-        )
-        status = "aborted" if generation.stop_reason == "aborted" else "ok"
-        self.ledger.record_result(result, status=status)
-        self.metrics.observe_result(result)
-        self._learn(prepared, result, energy)
-        if reservation is not None and self.envelope is not None:
-            self.envelope.settle(reservation, energy.total_j)
-            self.metrics.set_envelope_level_j(self.envelope.level_j())
+            request.request_id, self.info.model, generation.text, generation, plan, energy,
+            request.created_s or time.time(), profile_note=self.profile.note,
+        )  # fmt: skip
+        if record:
+            self._record(result, "aborted" if generation.stop_reason == "aborted" else "ok")
+            first_step = governor.first_step_observation(len(generation.token_ids), energy.decode_j)
+            self.learner.observe(Outcome(text_tokens, generation.visual_tokens_in, generation.visual_tokens_kept,
+                                         len(generation.token_ids), energy, first_step, meter.start_s))  # fmt: skip
+            self.metrics.set_learning(self.info.model, self.predictor, self.learner)
+        self._settle(reservation, energy)
         return result
-
-    def _learn(self, prepared: PreparedRequest, result: ChatResult, energy: EnergyReport) -> None:
-        # Replayed traces describe another device; learning from them would corrupt this profile.
-        if energy.source == "replayed" or energy.interpolated:
-            return
-        # The predictor models the run (LM prefill and decode); the encode is measured, not predicted.
-        self.predictor.update(
-            result.generation.prefill_tokens - result.generation.visual_tokens_kept,
-            result.generation.visual_tokens_kept,
-            result.completion_tokens,
-            max(0.0, energy.total_j - prepared.spent_j),
-        )
-        mape = self.predictor.stats().get("mape")
-        if mape is not None:
-            self.metrics.set_predictor_mape(self.info.model, float(mape))
-        self.metrics.set_predictor_speed_factor(self.info.model, self.predictor.speed_factor)
 
     def execute(
         self,
@@ -407,6 +280,74 @@ class Runtime:
         """Plan and run a request on the calling thread (no queue)."""
         prepared, plan = self.plan(request)
         return self.run_planned(prepared, plan, on_token=on_token, cancelled=cancelled)
+
+    def abandon(
+        self, prepared: PreparedRequest, plan: Plan | None, status: RequestStatus, reason: str
+    ) -> None:
+        """Record a planned request that will never run (client gone, timeout, estimate only)."""
+        self._record_spent(prepared.request, plan, prepared.encode, None, status=status, reason=reason)
+
+    # ------------------------------------------------------------------ recording
+    def _reserve(self, prepared: PreparedRequest, plan: Plan, record: bool) -> Reservation | None:
+        if self.envelope is None or not record:
+            return None
+        # What the plan will cost, with the margin its prediction may be off by; a held budget caps it.
+        amount_j = plan.predicted_j * (1.0 + plan.margin)
+        if plan.holds_budget and plan.budget_j is not None:
+            amount_j = min(amount_j, plan.budget_j)
+        try:
+            reservation = self.envelope.reserve(amount_j)
+        except JoulecapError as exc:
+            self._record_spent(prepared.request, plan, prepared.encode, exc)
+            raise
+        self.metrics.set_envelope_level_j(self.envelope.level_j())
+        return reservation
+
+    def _settle(self, reservation: Reservation | None, energy: EnergyReport) -> None:
+        if reservation is not None and self.envelope is not None:
+            self.envelope.settle(reservation, energy.total_j)
+            self.metrics.set_envelope_level_j(self.envelope.level_j())
+
+    def _record(self, result: ChatResult, status: RequestStatus) -> None:
+        self.ledger.record_result(result, status=status)
+        self.metrics.observe_result(result, status)
+
+    def _failed(
+        self, request: Request, plan: Plan, energy: EnergyReport, exc: Exception, record: bool
+    ) -> JoulecapError:
+        if record:
+            self._record_spent(request, plan, None, exc, status="error", energy=energy)
+        if isinstance(exc, JoulecapError):
+            return exc
+        log.exception("engine failed on %s", request.request_id, exc_info=exc)
+        return EngineError(f"The engine failed on this request: {type(exc).__name__}")
+
+    def _record_spent(
+        self,
+        request: Request,
+        plan: Plan | None,
+        encode: EnergyReport | None,
+        exc: BaseException | None,
+        *,
+        record: bool = True,
+        status: RequestStatus | None = None,
+        reason: str = "",
+        energy: EnergyReport | None = None,
+    ) -> None:
+        """Ledger row and metrics for a request that spent energy but has no result."""
+        if not record:
+            return
+        if status is None:
+            status = "refused" if isinstance(exc, JoulecapError) else "error"
+        energy = energy or encode
+        error = reason or ("" if exc is None else f"{type(exc).__name__}: {exc}"[:500])
+        self.ledger.record_failure(
+            request.request_id, self.info.model, plan, energy, status=status, error=error,
+            created_s=request.created_s or None, policy=request.policy or self.config.scheduler.policy,
+            budget_j=request.energy_budget_j,
+        )  # fmt: skip
+        policy = plan.policy if plan is not None else (request.policy or self.config.scheduler.policy)
+        self.metrics.observe_spent(self.info.model, policy, energy, status)
 
     # ------------------------------------------------------------------ queued execution
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
@@ -455,7 +396,8 @@ class Runtime:
             messages_or_prompt: A prompt string, or OpenAI-style message dicts.
             images: Images for a prompt string (PIL, HxWx3 uint8 arrays, bytes or paths).
             energy_budget_j: Joule budget for this request.
-            on_token: Called from the engine thread with each token id and text delta.
+            on_token: `on_token(token_id: int, text_delta: str)`, called on the engine thread
+                with each generated token.
             **options: `max_tokens`, `policy`, `tau`, `temperature`, `top_p`, `seed`.
 
         """

@@ -8,7 +8,7 @@ hardware boundary (the meters).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -18,6 +18,10 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 EnergySource = Literal["measured", "estimated", "replayed"]
 StopReason = Literal["stop", "length", "energy_budget", "aborted"]
+RequestStatus = Literal["ok", "aborted", "error", "refused", "estimate"]
+"""How a request ended, as the ledger and `/metrics` record it: answered (`ok`), stopped by the
+client or a timeout (`aborted`), failed in the engine (`error`), refused after energy was spent
+(`refused`: 422, 429), or prepared for `/v1/energy/estimate` only (`estimate`)."""
 
 
 @dataclass(frozen=True)
@@ -109,9 +113,9 @@ class PreparedRequest:
             (`joulecap.kernels.leverage_basis`, None for an image too large for it), when the
             engine computed it while preparing (so its cost is measured with the encode); empty
             otherwise. Policies read the spectral budget off it and engines the leverage scores.
-        prepare_energy: Measured energy of `Engine.prepare` (image preprocessing and the vision
+        encode: Measured energy of `Engine.prepare` (image preprocessing and the vision
             encoder), set by the runtime before planning. It is already spent, so policies plan
-            the rest of the budget around it, and it is charged to the request's prefill. None
+            the rest of the budget around it; it is reported as the request's `encode_j`. None
             when it is not measured apart (under a batching engine, an encode that overlapped
             other requests' work: their measured windows contain it).
 
@@ -125,7 +129,7 @@ class PreparedRequest:
     payload: object = None
     hint_tokens: int = 0
     bases: tuple[SketchBasis | None, ...] = ()
-    prepare_energy: EnergyReport | None = None
+    encode: EnergyReport | None = None
 
     @property
     def input_tokens(self) -> int:
@@ -137,9 +141,45 @@ class PreparedRequest:
         return self.bases[image] if image < len(self.bases) else None
 
     @property
-    def spent_j(self) -> float:
-        """Energy already spent on the request when it is planned (`prepare_energy`, else 0)."""
-        return 0.0 if self.prepare_energy is None else self.prepare_energy.total_j
+    def encode_j(self) -> float:
+        """Measured energy of the encode, already spent when the request is planned (else 0)."""
+        return 0.0 if self.encode is None else self.encode.total_j
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted energy of one run of the language model (the encode is not part of it).
+
+    Attributes:
+        prefill_j: Fixed cost plus the prompt tokens (text + visual kept): the LM prefill.
+        decode_j: The generated tokens.
+        total_j: `prefill_j + decode_j`.
+
+    """
+
+    prefill_j: float
+    decode_j: float
+    total_j: float
+
+
+class CostModel(Protocol):
+    """The energy model policies plan with (`joulecap.runtime.predictor.Predictor` implements it)."""
+
+    def predict(self, text_tokens: int, visual_tokens: int, output_tokens: int) -> Prediction:
+        """Predicted joules of a run that keeps `visual_tokens` and generates `output_tokens`."""
+        ...
+
+    def decode_j_per_token(self) -> float:
+        """Predicted joules of one generated token (> 0)."""
+        ...
+
+    def max_output_tokens(self, budget_j: float, text_tokens: int, visual_tokens: int) -> int:
+        """Largest output length whose predicted run fits `budget_j` (0 when none does)."""
+        ...
+
+    def max_visual_tokens(self, budget_j: float, text_tokens: int, output_tokens: int) -> int:
+        """Largest total of kept visual tokens whose predicted run fits `budget_j` (-1 when none)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -155,6 +195,14 @@ class Plan:
         selection: Token selection method used to pick which visual tokens stay.
         brevity_hint: Optional system instruction asking for an answer of the planned size.
         budget_j: The budget the plan was made for, if any.
+        holds_budget: Whether the governor stops decoding at `budget_j` (False for policies that
+            ignore budgets: the budget is still recorded, and `budget_exceeded` reported).
+        encode_j: Measured energy of the encode (image preprocessing, vision tower), already spent
+            and included in `predicted_j`.
+        predicted_prefill_j: Predicted LM prefill of the run (prompt tokens as planned).
+        min_j: The smallest budget this policy accepts for this request (the feasibility rule,
+            `joulecap.policies.feasibility`); None for policies that never refuse.
+        margin: The feasibility margin the plan was made with (relative, 0.2 = 20%).
 
     """
 
@@ -166,19 +214,28 @@ class Plan:
     selection: str = "leverage"
     brevity_hint: str | None = None
     budget_j: float | None = None
+    holds_budget: bool = True
+    encode_j: float = 0.0
+    predicted_prefill_j: float = 0.0
+    min_j: float | None = None
+    margin: float = 0.0
 
 
 @dataclass(frozen=True)
 class EnergyReport:
     """Energy of one request, with where the number came from.
 
+    Three parts, named the same everywhere (types, responses, ledger): `encode_j` (image
+    preprocessing and vision tower, measured before planning), `prefill_j` (the LM prefill up to
+    the first generated token) and `decode_j`; `run_j` is the LM run (`prefill_j + decode_j`) and
+    `total_j` all three.
+
     Attributes:
-        total_j: Energy attributed to the request (prefill + decode), idle share included.
-        prefill_j: Energy of the prefill phase: image preprocessing and vision encoding (during
-            planning) plus the LM prefill up to the first generated token.
+        total_j: Energy attributed to the request (encode + prefill + decode), idle share included.
+        prefill_j: Energy of the LM prefill, from the start of the run to the first token.
         decode_j: Energy of the decode phase.
         idle_j: The idle-baseline share contained in `total_j` (baseline power x duration).
-        duration_s: Wall time from start of prefill to the last token.
+        duration_s: Wall time of the encode and the run.
         source: `measured`, `estimated` or `replayed`.
         meter: The meter that produced it, e.g. `nvml:0`, `jetson:VDD_IN`, `estimate:cpu`.
         samples: Number of meter samples inside the window.
@@ -198,6 +255,12 @@ class EnergyReport:
     samples: int = 0
     interpolated: bool = False
     note: str = ""
+    encode_j: float = 0.0
+
+    @property
+    def run_j(self) -> float:
+        """Energy of the LM run: prefill + decode."""
+        return self.prefill_j + self.decode_j
 
     @property
     def dynamic_j(self) -> float:
@@ -240,7 +303,13 @@ class GenerationResult:
 
 @dataclass(frozen=True)
 class ChatResult:
-    """A finished request as the runtime returns it in-process and records it in the ledger."""
+    """A finished request as the runtime returns it in-process and records it in the ledger.
+
+    Attributes:
+        profile_note: Set when the energy profile behind the plan is the uncalibrated default (the
+            response's `note` says so).
+
+    """
 
     request_id: str
     model: str
@@ -249,8 +318,14 @@ class ChatResult:
     plan: Plan
     energy: EnergyReport
     created_s: float
+    profile_note: str = ""
 
     @property
     def completion_tokens(self) -> int:
         """Generated tokens."""
         return len(self.generation.token_ids)
+
+    @property
+    def budget_exceeded(self) -> bool:
+        """Whether the measured energy went over the request's budget (False without one)."""
+        return self.plan.budget_j is not None and self.energy.total_j > self.plan.budget_j

@@ -82,6 +82,7 @@ def serve_cmd(model: Path, work: Path, port: int, *, log_level: str | None = Non
         str(work / "profiles"),
         "--cache-dir",
         str(work / "cache"),
+        "--no-auto-calibrate",
     ]
 
 
@@ -95,10 +96,16 @@ def make_config(model_dir: Path | None, tmp_path: Path, **sections: dict[str, An
     model = None if model_dir is None else str(model_dir)
     cfg = replace(
         base,
-        engine=replace(base.engine, model=model, cache_dir=str(tmp_path / "cache")),
+        engine=replace(base.engine, model=model),
         energy=replace(base.energy, meter="estimate"),
-        ledger=replace(base.ledger, ledger_path=str(tmp_path / "ledger.sqlite3")),
-        scheduler=replace(base.scheduler, profile_dir=str(tmp_path / "profiles")),
+        paths=replace(
+            base.paths,
+            cache_dir=str(tmp_path / "cache"),
+            ledger_path=str(tmp_path / "ledger.sqlite3"),
+            profile_dir=str(tmp_path / "profiles"),
+        ),
+        # Tests that need a profile calibrate on purpose; the others plan on the default.
+        calibration=replace(base.calibration, auto_calibrate=False),
     )
     for name, overrides in sections.items():
         cfg = replace(cfg, **{name: replace(getattr(cfg, name), **overrides)})

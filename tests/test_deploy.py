@@ -24,9 +24,9 @@ import pytest
 from _factories import REPO, free_port
 
 from joulecap.runtime import config as cfgmod
-from joulecap.runtime.api.config import ServerConfig
 from joulecap.runtime.cli import build_parser
 from joulecap.runtime.configtools import env_name
+from joulecap.runtime.server_config import ServerConfig
 
 DOCKERFILES = ("Dockerfile.x86", "Dockerfile.jetson")
 

@@ -20,9 +20,9 @@ from PIL import Image
 
 from joulecap.runtime.api import middleware
 from joulecap.runtime.api.app import create_app
-from joulecap.runtime.api.config import ServerConfig
 from joulecap.runtime.api.server import BackgroundServer
 from joulecap.runtime.runtime import Runtime
+from joulecap.runtime.server_config import ServerConfig
 
 KEY = "sk-test-4f1c9a77e2"
 

@@ -62,10 +62,15 @@ def main() -> None:
         base = JoulecapConfig()
         cfg = replace(
             base,
-            engine=replace(base.engine, model=None, cache_dir=str(Path(tmp) / "cache")),
+            engine=replace(base.engine, model=None),
             energy=replace(base.energy, meter="estimate"),
-            ledger=replace(base.ledger, ledger_path=str(Path(tmp) / "ledger.sqlite3")),
-            scheduler=replace(base.scheduler, profile_dir=str(Path(tmp) / "profiles")),
+            paths=replace(
+                base.paths,
+                cache_dir=str(Path(tmp) / "cache"),
+                ledger_path=str(Path(tmp) / "ledger.sqlite3"),
+                profile_dir=str(Path(tmp) / "profiles"),
+            ),
+            calibration=replace(base.calibration, auto_calibrate=False),
         )
         rt = Runtime(cfg)
         try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -29,7 +28,7 @@ from joulecap.runtime.errors import (
     RequestTimeout,
 )
 from joulecap.runtime.runtime import Runtime
-from joulecap.runtime.types import ChatResult, Plan, PreparedRequest, Request
+from joulecap.runtime.types import ChatResult, Plan, PreparedRequest, Request, RequestStatus
 
 log = logging.getLogger(__name__)
 
@@ -111,21 +110,40 @@ def create_app(runtime: Runtime) -> FastAPI:
                 param="model",
                 code="model_not_found",
             )
-        return to_request(
-            body,
-            header_budget=http.headers.get(BUDGET_HEADER),
-            images_policy=runtime.images_policy,
-            max_images=server.max_images,
-            max_tokens_limit=server.max_tokens_limit,
-        )
+        return to_request(body, header_budget=http.headers.get(BUDGET_HEADER), limits=runtime.limits)
 
     async def _to_request_off_loop(body: ChatCompletionRequest, http: HttpRequest) -> Request:
         # Decoding a large image takes a while: off the event loop, so /health and other
         # requests stay responsive while it runs.
         return await asyncio.to_thread(_to_request, body, http)
 
+    def _abandon_late(future: Any, status: RequestStatus, reason: str) -> None:
+        # A plan that finishes after its client left has spent its encode: record it.
+        def done(f: Any) -> None:
+            if not f.cancelled() and f.exception() is None:
+                prepared, plan = f.result()
+                runtime.abandon(prepared, plan, status, reason)
+
+        future.add_done_callback(done)
+
     async def _plan(request: Request, deadline_s: float) -> tuple[PreparedRequest, Plan]:
-        return await _await(runtime.submit(runtime.plan, request), deadline_s)
+        future = runtime.submit(runtime.plan, request)
+        try:
+            return await _await(future, deadline_s)
+        except (RequestTimeout, asyncio.CancelledError):
+            _abandon_late(future, "aborted", "timed out or disconnected before running")
+            raise
+
+    def _submit_run(prepared: PreparedRequest, plan: Plan, **kw: Any) -> Any:
+        try:
+            return runtime.submit(runtime.run_planned, prepared, plan, **kw)
+        except JoulecapError as exc:  # 503: the encode is spent, the run never queued
+            runtime.abandon(prepared, plan, "refused", f"{type(exc).__name__}: {exc.message}")
+            raise
+
+    def _cancel_run(future: Any, prepared: PreparedRequest, plan: Plan, reason: str) -> None:
+        if future.cancel():  # still queued: it never runs, but its encode was spent
+            runtime.abandon(prepared, plan, "aborted", reason)
 
     async def chat_completions(body: ChatCompletionRequest, http: HttpRequest) -> Response:
         deadline_s = time.monotonic() + server.request_timeout_s
@@ -138,22 +156,27 @@ def create_app(runtime: Runtime) -> FastAPI:
                 headers={"X-Energy-Predicted-J": f"{plan.predicted_j:.6f}", "Cache-Control": "no-cache"},
             )
         cancelled = threading.Event()
-        future = runtime.submit(runtime.run_planned, prepared, plan, cancelled=cancelled)
-        watcher = asyncio.create_task(_cancel_on_disconnect(http, future, cancelled))
+        future = _submit_run(prepared, plan, cancelled=cancelled)
+        watcher = asyncio.create_task(_cancel_on_disconnect(http, future, cancelled, prepared, plan))
         try:
             result: ChatResult = await _await(future, deadline_s, cancelled)
+        except RequestTimeout:
+            _cancel_run(future, prepared, plan, "timed out while queued")
+            raise
         finally:
             watcher.cancel()
         return JSONResponse(responses.completion_body(result), headers=responses.energy_headers(result))
 
-    async def _cancel_on_disconnect(http: HttpRequest, future: Any, cancelled: threading.Event) -> None:
+    async def _cancel_on_disconnect(
+        http: HttpRequest, future: Any, cancelled: threading.Event, prepared: PreparedRequest, plan: Plan
+    ) -> None:
         # A client that hangs up (or gives up on its own timeout) before the answer stops the
         # generation: nobody would read it, so spending more joules on it is waste. The energy
         # spent so far is still recorded (as an aborted request).
         while not future.done():
             if await http.is_disconnected():
                 cancelled.set()
-                future.cancel()  # still queued: it never runs
+                _cancel_run(future, prepared, plan, "client disconnected while queued")
                 return
             await asyncio.sleep(DISCONNECT_POLL_S)
 
@@ -166,7 +189,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         def on_token(_token_id: int, text: str) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, text)
 
-        future = runtime.submit(runtime.run_planned, prepared, plan, on_token=on_token, cancelled=cancelled)
+        future = _submit_run(prepared, plan, on_token=on_token, cancelled=cancelled)
         future.add_done_callback(lambda _f: loop.call_soon_threadsafe(queue.put_nowait, None))
 
         def event(obj: dict[str, Any]) -> str:
@@ -209,6 +232,7 @@ def create_app(runtime: Runtime) -> FastAPI:
             # the energy spent so far in the ledger as an aborted request.
             if not future.done():
                 cancelled.set()
+                _cancel_run(future, prepared, plan, "client disconnected while queued")
 
     app.post("/v1/chat/completions", summary="Chat completion under a joule budget")(chat_completions)
     app.post("/chat", summary="Alias of /v1/chat/completions")(chat_completions)
@@ -216,8 +240,9 @@ def create_app(runtime: Runtime) -> FastAPI:
     @app.post("/v1/energy/estimate", summary="Plan a request and predict its energy without running it")
     async def estimate(body: ChatCompletionRequest, http: HttpRequest) -> JSONResponse:
         deadline_s = time.monotonic() + server.request_timeout_s
-        prepared, plan = await _plan(await _to_request_off_loop(body, http), deadline_s)
-        return JSONResponse(responses.estimate_body(model_name, prepared, plan))
+        request = await _to_request_off_loop(body, http)
+        prepared, plan, refusal = await _await(runtime.submit(runtime.estimate, request), deadline_s)
+        return JSONResponse(responses.estimate_body(model_name, prepared, plan, refusal))
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -250,6 +275,7 @@ def create_app(runtime: Runtime) -> FastAPI:
             "model": model_name,
             "meter": runtime.meter.name,
             "inflight": runtime.inflight,
+            "ledger_path": runtime.paths.ledger_path,
         }
 
     @app.get("/metrics")
@@ -267,8 +293,14 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     @app.get("/v1/energy/profile")
     async def profile() -> dict[str, Any]:
-        return {"object": "energy.profile", "model": model_name, **runtime.predictor.stats()}
+        profile = runtime.profile
+        return {
+            "object": "energy.profile",
+            "model": model_name,
+            **runtime.predictor.stats(),
+            "profile": {"how": profile.how, "detail": profile.detail, "note": profile.note or None},
+            **runtime.learner.stats(),
+        }
 
-    api_key = server.api_key or os.environ.get("JOULECAP_API_KEY") or None
-    app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=server.max_body_bytes)
+    app.add_middleware(GuardMiddleware, api_key=server.api_key, max_body_bytes=server.max_body_bytes)
     return app

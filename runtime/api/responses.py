@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from joulecap.runtime.errors import BudgetTooSmall
 from joulecap.runtime.types import ChatResult, Plan, PreparedRequest, StopReason
 
 # OpenAI's finish_reason enum has no energy value: a budget stop truncated the answer, which
@@ -17,23 +18,37 @@ FINISH_REASON: dict[StopReason, str] = {
 }
 
 
+def _note(result: ChatResult) -> str | None:
+    """Why a figure is an estimate or interpolated, a budget the policy ignores, an uncalibrated profile."""
+    plan = result.plan
+    notes = [result.energy.note]
+    if plan.budget_j is not None and not plan.holds_budget:
+        notes.append(f"policy {plan.policy} does not hold budgets: the budget was recorded, not enforced")
+    notes.append(result.profile_note)
+    return "; ".join(n for n in notes if n) or None
+
+
 def energy_usage(result: ChatResult) -> dict[str, Any]:
     """The `usage.energy` object (see ../shared/DESIGN.md)."""
     e, g, p = result.energy, result.generation, result.plan
     return {
         "budget_j": p.budget_j,
+        "budget_exceeded": result.budget_exceeded,
         "predicted_j": round(p.predicted_j, 6),
         "measured_j": round(e.total_j, 6),
+        "encode_j": round(e.encode_j, 6),
         "prefill_j": round(e.prefill_j, 6),
         "decode_j": round(e.decode_j, 6),
+        "run_j": round(e.run_j, 6),
         "idle_j": round(e.idle_j, 6),
         "duration_s": round(e.duration_s, 6),
         "source": e.source,
         "meter": e.meter,
         "interpolated": e.interpolated,
-        # Why a figure is an estimate or interpolated (e.g. a meter read failed mid-request).
-        "note": e.note or None,
+        "note": _note(result),
         "policy": p.policy,
+        "min_j": p.min_j,
+        "margin": round(p.margin, 6),
         "visual_tokens_in": g.visual_tokens_in,
         "visual_tokens_kept": g.visual_tokens_kept,
         "max_new_tokens_planned": p.max_new_tokens,
@@ -110,13 +125,34 @@ def chunk_body(
     return body
 
 
-def estimate_body(model: str, prepared: PreparedRequest, plan: Plan) -> dict[str, Any]:
-    """`POST /v1/energy/estimate` response: the plan and its predicted joules."""
-    return {
+def estimate_body(
+    model: str, prepared: PreparedRequest, plan: Plan | None, refusal: BudgetTooSmall | None = None
+) -> dict[str, Any]:
+    """`POST /v1/energy/estimate` response: feasibility, the stated minimum, the plan and its joules.
+
+    `min_j` is the number admission compares the budget with (the same as a 422's); `feasible`
+    says whether this budget would be accepted now.
+    """
+    body: dict[str, Any] = {
         "object": "energy.estimate",
         "model": model,
         "created": int(time.time()),
+        "feasible": plan is not None,
+        "min_j": refusal.min_j if refusal is not None else (plan.min_j if plan is not None else None),
+        "encode_j": round(prepared.encode_j, 6),
+        "prompt": {
+            "text_tokens": prepared.text_tokens,
+            "visual_tokens": list(prepared.visual_tokens),
+        },
+    }
+    if refusal is not None:
+        body["reason"] = refusal.message
+    if plan is None:
+        return body
+    return {
+        **body,
         "predicted_j": round(plan.predicted_j, 6),
+        "margin": round(plan.margin, 6),
         "plan": {
             "policy": plan.policy,
             "reason": plan.reason,
@@ -125,9 +161,6 @@ def estimate_body(model: str, prepared: PreparedRequest, plan: Plan) -> dict[str
             "selection": plan.selection,
             "brevity_hint": plan.brevity_hint,
             "budget_j": plan.budget_j,
-        },
-        "prompt": {
-            "text_tokens": prepared.text_tokens,
-            "visual_tokens": list(prepared.visual_tokens),
+            "holds_budget": plan.holds_budget,
         },
     }

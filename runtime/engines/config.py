@@ -20,8 +20,6 @@ class EngineConfig:
     """Torch device (`cpu`, `cuda`, `cuda:1`); `auto` picks CUDA when present."""
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     """Weights dtype; `auto` is bfloat16 on CUDA and float32 on CPU."""
-    cache_dir: str | None = None
-    """Where the demo model is built; default `$JOULECAP_CACHE` or `~/.cache/joulecap`."""
     tensor_parallel_size: int = 1
     """vLLM: GPUs each layer is split across (tensor parallelism); the meters must cover all of them."""
     pipeline_parallel_size: int = 1

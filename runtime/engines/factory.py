@@ -1,10 +1,9 @@
-"""Engine selection by name, model resolution (demo model when none is given), cache directory."""
+"""Engine selection by name and model resolution (the demo model when none is given)."""
 
 from __future__ import annotations
 
 import importlib
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -34,19 +33,13 @@ class ModelLoadError(RuntimeError):
     """The model could not be loaded; the message says how to fix it."""
 
 
-def resolve_cache_dir(config: EngineConfig) -> Path:
-    """`config.cache_dir`, else `$JOULECAP_CACHE`, else `~/.cache/joulecap`."""
-    raw = config.cache_dir or os.environ.get("JOULECAP_CACHE") or "~/.cache/joulecap"
-    return Path(raw).expanduser()
-
-
-def resolve_model(config: EngineConfig) -> EngineConfig:
-    """`config` with `model` set: the built-in demo model when none was given."""
+def resolve_model(config: EngineConfig, cache_dir: Path) -> EngineConfig:
+    """`config` with `model` set: the built-in demo model (built in `cache_dir` if needed) when none was given."""
     if config.model is not None:
         return config
     from joulecap.runtime.tiny_models import demo_model_path
 
-    return replace(config, model=str(demo_model_path(resolve_cache_dir(config))))
+    return replace(config, model=str(demo_model_path(cache_dir)))
 
 
 def engine_class(name: str) -> Callable[[EngineConfig], Engine]:
@@ -73,7 +66,7 @@ def engine_class(name: str) -> Callable[[EngineConfig], Engine]:
     return cls
 
 
-def create_engine(config: EngineConfig) -> Engine:
+def create_engine(config: EngineConfig, cache_dir: Path) -> Engine:
     """Construct the configured engine on the resolved model (demo model when none given)."""
     if config.torch_threads is not None:
         import torch
@@ -81,4 +74,4 @@ def create_engine(config: EngineConfig) -> Engine:
         # Process-wide by nature: PyTorch has one intra-op pool per process.
         torch.set_num_threads(config.torch_threads)
         log.info("torch intra-op threads set to %d", config.torch_threads)
-    return engine_class(config.engine)(resolve_model(config))
+    return engine_class(config.engine)(resolve_model(config, cache_dir))

@@ -22,7 +22,7 @@ Energy under batching: every engine step's outputs carry vLLM's step timestamp
 (`RequestOutput.metrics.last_token_ts`, `time.monotonic()` of the engine-core process: the same
 clock as ours on Linux, CLOCK_MONOTONIC is system-wide). Each request's arrival, its prefill (with
 its first token) and every decoded token go into `self.work_log` at that time, so all requests of
-one step share one window boundary. `joulecap.runtime.engines.worklog.batched_report` splits each
+one step share one window boundary. `joulecap.runtime.energy.accounting.BatchedAccounting` splits each
 measured window among the requests that worked in it by token work. Known gap: a prompt prefilled
 in several chunks (chunked prefill, long prompts under load) is logged at its last chunk.
 
@@ -57,7 +57,7 @@ from typing import Any
 
 from joulecap.runtime.engines.base import EngineInfo, RunHooks
 from joulecap.runtime.engines.config import EngineConfig
-from joulecap.runtime.engines.worklog import WorkLog
+from joulecap.runtime.energy.worklog import WorkLog
 from joulecap.runtime.errors import InvalidRequest
 from joulecap.runtime.types import GenerationResult, Plan, PreparedRequest, Request, StopReason
 

@@ -18,9 +18,10 @@ decode tokens x decode cost; ../shared/DESIGN.md, "Energy semantics"). Consequen
   request would no longer be cut from the same windows as the others'. Windows shorter than the
   meter's update period are interpolated by `EnergyMonitor.energy_between` (and flagged).
 
-`batched_report` turns a request's shares into the usual `EnergyReport` (prefill = the windows in
-which it prefilled, the idle share split like the energy). The `Runtime` uses it for engines that
-expose a `work_log` (see `VLLMEngine`).
+`joulecap.runtime.energy.accounting.BatchedAccounting` turns a request's shares into the usual
+`EnergyReport` (prefill = the windows in which it prefilled, the idle share split like the
+energy). Engines that batch (see `VLLMEngine`) expose a `work_log` and record into it; the energy
+accounting lives here, not in the engines.
 """
 
 from __future__ import annotations
@@ -30,15 +31,10 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 from joulecap.runtime.energy.attribution import TokenWork, split_by_token_work
-
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from joulecap.runtime.energy.monitor import EnergyMonitor
-    from joulecap.runtime.types import EnergyReport, PhaseTimes
-
 
 _MAX_TRACKED = 4096
 """Requests whose running totals are kept for `live_fraction` (oldest forgotten first)."""
@@ -289,73 +285,4 @@ def attribute(
         windows=n,
         shared_windows=shared,
         interpolated=interpolated,
-    )
-
-
-def token_costs(predictor: Any) -> tuple[float, float]:
-    """Per-token prefill and decode joules from a predictor's `predict` (finite differences).
-
-    Falls back to `(1.0, 1.0)` (split by plain token counts) when the predictor gives no positive
-    marginal costs.
-    """
-    try:
-        base = predictor.predict(64, 0, 1)
-        prefill_cost = (predictor.predict(128, 0, 1).prefill_j - base.prefill_j) / 64.0
-        decode_cost = (predictor.predict(64, 0, 65).decode_j - base.decode_j) / 64.0
-    except Exception:  # a missing/odd predictor must not break energy reports
-        return 1.0, 1.0
-    if not (prefill_cost > 0 and decode_cost > 0 and math.isfinite(prefill_cost + decode_cost)):
-        return 1.0, 1.0
-    return float(prefill_cost), float(decode_cost)
-
-
-def batched_report(
-    monitor: EnergyMonitor,
-    log: WorkLog,
-    request_id: str,
-    times: PhaseTimes,
-    *,
-    prefill_cost: float,
-    decode_cost: float,
-    predicted_prefill_j: float = 0.0,
-    predicted_decode_j: float = 0.0,
-) -> EnergyReport:
-    """The request's `EnergyReport` with its token-work share of each busy window (never raises).
-
-    The monitor's whole-window report is made first (it keeps the idle-baseline bookkeeping and
-    its fallbacks); when that is an estimate, or the log has no work for the request, it is
-    returned unchanged.
-    """
-    base = monitor.report(
-        times, predicted_prefill_j=predicted_prefill_j, predicted_decode_j=predicted_decode_j
-    )
-    if base.meter != monitor.meter.name:
-        return base  # the monitor fell back to an estimate (meter failure): nothing measured to split
-    try:
-        # Its own `begin` (at or after start_s) bounds its first window; the slack is harmless.
-        events = log.events(times.start_s - 1.0, times.end_s)
-        share = attribute(
-            request_id,
-            windows(events),
-            monitor.energy_between,
-            prefill_cost=prefill_cost,
-            decode_cost=decode_cost,
-            idle_power_w=monitor.idle_power_w,
-        )
-    except Exception as exc:  # accuracy may suffer, the response must not
-        return replace(base, note="; ".join(filter(None, [base.note, f"batch split failed: {exc}"])))
-    if share.windows == 0:
-        return base
-    note = (
-        f"split by token work: {share.windows} engine step window(s), "
-        f"{share.shared_windows} shared with concurrent requests"
-    )
-    return replace(
-        base,
-        total_j=share.total_j,
-        prefill_j=share.prefill_j,
-        decode_j=share.total_j - share.prefill_j,
-        idle_j=share.idle_j,
-        interpolated=base.interpolated or share.interpolated,
-        note="; ".join(filter(None, [base.note, note])),
     )

@@ -1,0 +1,156 @@
+"""`Learner`: the one place where a finished request teaches the server.
+
+After every run the runtime hands the learner an `Outcome`; the learner updates
+
+- the predictor (RLS and speed factor) with the run's measured energy,
+- the encode estimate with the measured encode,
+- the feasibility margin with how far the unstoppable part (encode + prefill to the first token)
+  exceeded what the plan assumed for it,
+- the governor's first-step premium with the first decode step's priced and measured cost.
+
+Only warm runs teach the margins and the encode estimate: the first run after start-up and the
+first after `cold_idle_s` of idleness pay for caches and clocks that later requests do not, and
+would hold the margin up for the whole window. Replayed or interpolated energy teaches nothing
+(it describes another device, or leans on the predictor itself).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass
+
+from joulecap.runtime.margin import EncodeEstimate, RobustOvershoot
+from joulecap.runtime.predictor import Predictor
+from joulecap.runtime.types import EnergyReport
+
+FIRST_STEP_PREMIUM_CAP = 3.0
+"""Largest premium on the first decode step (a meter glitch must not stop every answer at one token)."""
+
+
+@dataclass(frozen=True)
+class LearningConfig:
+    """How the server learns from the requests it serves."""
+
+    rls_forgetting: float = 0.98
+    """Predictor online update: forgetting factor of recursive least squares, in (0, 1]
+    (1 = never forget; 0.98 weighs the last ~50 requests)."""
+    speed_alpha: float = 0.2
+    """Predictor online update: weight of the newest measurement in the speed factor, a running
+    average of measured over predicted joules that multiplies every prediction, in [0, 1]
+    (0 = off; 0.2 weighs the last ~5 requests)."""
+    feasibility_margin: float = 0.15
+    """Floor of the feasibility margin: a budget is accepted only when the predicted unstoppable
+    part of its minimum answer (encode and prefill to the first token) times (1 + margin) fits.
+    The margin follows the measured error of that part (median + 2.33 robust sigmas of the last
+    50 warm runs), never below this floor."""
+    feasibility_margin_max: float = 1.0
+    """Ceiling of the feasibility margin (a meter glitch must not refuse every budget)."""
+    cold_idle_s: float = 60.0
+    """A run that starts after this long without one is cold: it is served and accounted, but
+    does not teach the margins (neither does the first run after start-up)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.rls_forgetting <= 1.0:
+            raise ValueError(f"rls_forgetting must be in (0, 1], got {self.rls_forgetting}")
+        if not 0.0 <= self.speed_alpha <= 1.0:
+            raise ValueError(f"speed_alpha must be in [0, 1], got {self.speed_alpha}")
+        if not 0.0 <= self.feasibility_margin <= self.feasibility_margin_max <= 10.0:
+            raise ValueError(
+                "need 0 <= feasibility_margin <= feasibility_margin_max <= 10, got "
+                f"{self.feasibility_margin}, {self.feasibility_margin_max}"
+            )
+        if not (math.isfinite(self.cold_idle_s) and self.cold_idle_s > 0):
+            raise ValueError(f"cold_idle_s must be > 0, got {self.cold_idle_s}")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one finished run teaches.
+
+    Attributes:
+        text_tokens: Prompt text tokens that went in (brevity hint included).
+        visual_tokens_in: Visual tokens before pruning (what the encode processed).
+        visual_tokens_kept: Visual tokens that entered the LM.
+        output_tokens: Tokens generated.
+        energy: The request's energy report (encode, prefill, decode).
+        first_step: The governor's (priced, measured) joules of the first decode step, if any.
+        started_s: `time.monotonic()` when the run started.
+
+    """
+
+    text_tokens: int
+    visual_tokens_in: int
+    visual_tokens_kept: int
+    output_tokens: int
+    energy: EnergyReport
+    first_step: tuple[float, float] | None
+    started_s: float
+
+
+class Learner:
+    """Owns the predictor's updates, the feasibility margin, the first-step premium and the encode estimate.
+
+    Args:
+        predictor: The served model's energy model (updated in place).
+        config: Learning settings.
+        encode_seed: Encode energy per visual token measured by the calibration sweep, if any.
+
+    """
+
+    def __init__(
+        self, predictor: Predictor, config: LearningConfig, encode_seed: float | None = None
+    ) -> None:
+        self.predictor = predictor
+        self.config = config
+        self.margin = RobustOvershoot(config.feasibility_margin, config.feasibility_margin_max)
+        self.first_step = RobustOvershoot(0.0, FIRST_STEP_PREMIUM_CAP)
+        self.encode = EncodeEstimate(seed_j_per_visual_token=encode_seed)
+        self._last_active_s: float | None = None
+        self._lock = threading.Lock()
+
+    def mark_active(self, t_s: float | None = None) -> None:
+        """Note engine activity that warms the device (the start-up warm-up)."""
+        with self._lock:
+            self._last_active_s = time.monotonic() if t_s is None else t_s
+
+    def is_warm(self, started_s: float) -> bool:
+        """Whether a run starting at `started_s` follows recent activity."""
+        last = self._last_active_s
+        return last is not None and started_s - last <= self.config.cold_idle_s
+
+    def observe(self, outcome: Outcome) -> None:
+        """Learn from one finished run (see the module docstring)."""
+        warm = self.is_warm(outcome.started_s)
+        self.mark_active()
+        energy = outcome.energy
+        if energy.source == "replayed" or energy.interpolated:
+            return
+        # Priced before the update: the margin follows the error of predictions made beforehand.
+        first = self.predictor.predict(outcome.text_tokens, outcome.visual_tokens_kept, 1).total_j
+        # The predictor models the LM run; the encode is measured, not predicted.
+        self.predictor.update(
+            outcome.text_tokens, outcome.visual_tokens_kept, outcome.output_tokens, energy.run_j
+        )
+        if not warm or outcome.output_tokens == 0:
+            return
+        # The encode the feasibility rule assumed for this request, before this measurement.
+        assumed_j = self.encode.estimate_j(outcome.visual_tokens_in, energy.encode_j)
+        self.margin.observe(assumed_j + first, energy.encode_j + energy.prefill_j)
+        if energy.encode_j > 0:
+            self.encode.observe(outcome.visual_tokens_in, energy.encode_j)
+        if outcome.first_step is not None:
+            self.first_step.observe(*outcome.first_step)
+
+    def encode_estimate_j(self, visual_tokens: int, measured_j: float) -> float:
+        """The encode the feasibility rule assumes for a request (see `EncodeEstimate`)."""
+        return self.encode.estimate_j(visual_tokens, measured_j)
+
+    def stats(self) -> dict[str, object]:
+        """Margins and encode estimate, for `/v1/energy/profile`."""
+        return {
+            "margin": self.margin.stats(),
+            "first_step_premium": self.first_step.stats(),
+            "encode": self.encode.stats(),
+        }

@@ -1,0 +1,42 @@
+"""Where joulecap keeps its files: one config, resolved once, for every subcommand."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    """Where the demo model, energy profiles and the ledger live."""
+
+    cache_dir: str = "~/.cache/joulecap"
+    """Base directory: the demo model, and by default the profiles and the ledger."""
+    profile_dir: str | None = None
+    """Energy profiles (one JSON per model, device, dtype); default `<cache dir>/profiles`."""
+    ledger_path: str | None = None
+    """SQLite ledger of every request; default `<cache dir>/ledger.sqlite3` (every server using the
+    same cache directory shares it); `:memory:` keeps nothing."""
+
+
+@dataclass(frozen=True)
+class Paths:
+    """`PathsConfig` resolved to absolute paths."""
+
+    cache_dir: Path
+    profile_dir: Path
+    ledger_path: str
+    """A file path, or `:memory:`."""
+
+    @classmethod
+    def resolve(cls, config: PathsConfig) -> Paths:
+        """Fill the defaults from the cache directory and expand `~`."""
+        cache = Path(config.cache_dir).expanduser()
+        profiles = Path(config.profile_dir).expanduser() if config.profile_dir else cache / "profiles"
+        if config.ledger_path == ":memory:":
+            ledger = ":memory:"
+        else:
+            ledger = str(
+                Path(config.ledger_path).expanduser() if config.ledger_path else cache / "ledger.sqlite3"
+            )
+        return cls(cache, profiles, ledger)
