@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from joulecap.runtime.margin import EncodeEstimate, RobustOvershoot
 from joulecap.runtime.predictor import Predictor
-from joulecap.runtime.types import EnergyReport
+from joulecap.runtime.types import ChatResult, EnergyReport
 
 FIRST_STEP_PREMIUM_CAP = 3.0
 """Largest premium on the first decode step (a meter glitch must not stop every answer at one token)."""
@@ -87,6 +87,21 @@ class Outcome:
     energy: EnergyReport
     first_step: tuple[float, float] | None
     started_s: float
+
+    @classmethod
+    def of(cls, result: ChatResult, first_step: tuple[float, float] | None, started_s: float) -> Outcome:
+        """The outcome of a finished request."""
+        gen = result.generation
+        text_tokens = gen.prefill_tokens - gen.visual_tokens_kept
+        return cls(
+            text_tokens,
+            gen.visual_tokens_in,
+            gen.visual_tokens_kept,
+            len(gen.token_ids),
+            result.energy,
+            first_step,
+            started_s,
+        )
 
 
 class Learner:

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
+
+
+def _default_cache_dir() -> str:
+    # The flag's own variable (`--cache-dir`, JOULECAP_CACHE_DIR), read here too so that in-process
+    # users of `JoulecapConfig()` (examples, benchmarks) follow it like the CLI does.
+    return os.environ.get("JOULECAP_CACHE_DIR", "~/.cache/joulecap")
 
 
 @dataclass(frozen=True)
 class PathsConfig:
     """Where the demo model, energy profiles and the ledger live."""
 
-    cache_dir: str = "~/.cache/joulecap"
+    cache_dir: str = field(default_factory=_default_cache_dir)
     """Base directory: the demo model, and by default the profiles and the ledger."""
     profile_dir: str | None = None
     """Energy profiles (one JSON per model, device, dtype); default `<cache dir>/profiles`."""

@@ -24,7 +24,7 @@ from typing import Any
 
 from joulecap.policies import available_policies
 from joulecap.runtime.config import JoulecapConfig
-from joulecap.runtime.energy.accounting import EncodeFailed, make_accounting
+from joulecap.runtime.energy.accounting import EncodeFailed, RunMeter, make_accounting
 from joulecap.runtime.energy.base import Meter
 from joulecap.runtime.energy.factory import create_meter
 from joulecap.runtime.energy.monitor import EnergyMonitor
@@ -48,7 +48,15 @@ from joulecap.runtime.requests import (
     prompt_messages,
 )
 from joulecap.runtime.scheduler import Scheduler
-from joulecap.runtime.types import ChatResult, EnergyReport, Plan, PreparedRequest, Request, RequestStatus
+from joulecap.runtime.types import (
+    ChatResult,
+    EnergyReport,
+    GenerationResult,
+    Plan,
+    PreparedRequest,
+    Request,
+    RequestStatus,
+)
 from joulecap.runtime.warmup import warmup_request
 
 log = logging.getLogger(__name__)
@@ -132,13 +140,18 @@ class Runtime:
     def _warmup(self) -> None:
         # The path a real first request takes (image decode, processor, vision tower, decomposition,
         # planning, prefill, decode under the governor's meter reads), twice: the first pays for
-        # lazy initialisation, the second for what the first left cold. Not recorded, not learned.
+        # lazy initialisation, the second for what the first left cold. Not recorded.
+        # The last, warm encode seeds the expected encode, so that the feasibility rule states the
+        # same minimum for a request and its retry from the first request on.
         started_s = time.monotonic()
         for policy in dict.fromkeys((self.config.scheduler.policy, "joint")):
             request = warmup_request(self.limits, policy)
             for _ in range(2):
                 prepared, plan = self.plan(request, record=False)
                 self.run_planned(prepared, plan, record=False)
+        self.learner.encode.observe(sum(prepared.visual_tokens), prepared.encode_j)
+        text_only, _ = self.plan(warmup_request(self.limits, None), record=False)
+        self.learner.encode.observe(0, text_only.encode_j)
         self.learner.mark_active()
         log.info("engine warm-up took %.3f s", time.monotonic() - started_s)
 
@@ -237,9 +250,8 @@ class Runtime:
             EngineError: The engine failed; the energy spent is still in the ledger.
 
         """
-        request = prepared.request
-        reservation = self._reserve(prepared, plan, record)
-        meter = self.accounting.start(request.request_id, prepared.encode)
+        reservation = self._reserve(prepared, plan, record)  # plan -> run -> report -> record -> learn
+        meter = self.accounting.start(prepared.request.request_id, prepared.encode)
         governor = Governor(
             plan, self.predictor.decode_j_per_token(), meter.energy_so_far_j,
             self.learner.first_step.value(), meter.measurement_is_current,
@@ -250,25 +262,31 @@ class Runtime:
         try:
             generation = self.engine.run(prepared, plan, hooks)
         except Exception as exc:
-            self._settle(reservation, meter.failure_report())
-            raise self._failed(request, plan, meter.failure_report(), exc, record) from exc
+            energy = meter.failure_report()
+            self._settle(reservation, energy)
+            raise self._failed(prepared.request, plan, energy, exc, record) from exc
+        result = self._result(prepared, plan, generation, meter)
+        if record:
+            self._record(result, "aborted" if generation.stop_reason == "aborted" else "ok")
+            first_step = governor.first_step_observation(result.completion_tokens, result.energy.decode_j)
+            self.learner.observe(Outcome.of(result, first_step, meter.start_s))
+            self.metrics.set_learning(self.info.model, self.predictor, self.learner)
+        self._settle(reservation, result.energy)
+        return result
+
+    def _result(
+        self, prepared: PreparedRequest, plan: Plan, generation: GenerationResult, meter: RunMeter
+    ) -> ChatResult:
+        """The finished request with its energy report (split by the prediction where a window is short)."""
         text_tokens = generation.prefill_tokens - generation.visual_tokens_kept
         predicted = self.predictor.predict(
             text_tokens, generation.visual_tokens_kept, len(generation.token_ids)
         )
-        energy = meter.report(generation.times, predicted)
-        result = ChatResult(
-            request.request_id, self.info.model, generation.text, generation, plan, energy,
-            request.created_s or time.time(), profile_note=self.profile.note,
+        request = prepared.request
+        return ChatResult(
+            request.request_id, self.info.model, generation.text, generation, plan,
+            meter.report(generation.times, predicted), request.created_s or time.time(), self.profile.note,
         )  # fmt: skip
-        if record:
-            self._record(result, "aborted" if generation.stop_reason == "aborted" else "ok")
-            first_step = governor.first_step_observation(len(generation.token_ids), energy.decode_j)
-            self.learner.observe(Outcome(text_tokens, generation.visual_tokens_in, generation.visual_tokens_kept,
-                                         len(generation.token_ids), energy, first_step, meter.start_s))  # fmt: skip
-            self.metrics.set_learning(self.info.model, self.predictor, self.learner)
-        self._settle(reservation, energy)
-        return result
 
     def execute(
         self,

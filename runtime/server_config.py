@@ -31,3 +31,14 @@ class ServerConfig:
     """Requests waiting for the engine before new ones get 503 with Retry-After."""
     request_timeout_s: float = 300.0
     """Longest a request may wait and run before it is aborted with 504."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        for name in ("max_body_bytes", "max_image_pixels", "max_images", "max_tokens_limit"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.queue_limit < 0:
+            raise ValueError(f"queue_limit must be >= 0, got {self.queue_limit}")
+        if not self.request_timeout_s > 0:
+            raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")

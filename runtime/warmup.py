@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 from PIL import Image
@@ -14,13 +15,18 @@ WARMUP_IMAGE_PX = 384
 """Side of the warm-up image: larger than the processors' tile size, so resizing and splitting run."""
 
 
-def warmup_request(limits: RequestLimits, policy: str) -> Request:
-    """A camera-like PNG (decoded like a client's), a short question, a budget the governor polls."""
+def warmup_request(limits: RequestLimits, policy: str | None) -> Request:
+    """A camera-like PNG (decoded like a client's), a short question, a budget the governor polls.
+
+    With `policy` None: the same question without the image (text-only requests' preparation).
+    """
     rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 256, (WARMUP_IMAGE_PX, WARMUP_IMAGE_PX, 3), dtype=np.uint8)
+    side = min(WARMUP_IMAGE_PX, math.isqrt(limits.images.max_pixels))  # within the server's own limit
+    pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
     buf = io.BytesIO()
     Image.fromarray(pixels, "RGB").save(buf, format="PNG")
-    messages, images = prompt_messages("What is in the picture?", [buf.getvalue()], limits)
+    images_in = [buf.getvalue()] if policy is not None else []
+    messages, images = prompt_messages("What is in the picture?", images_in, limits)
     # A budget large enough never to bind, so that the governor reads the meter at every token.
     options = RequestOptions(max_tokens=4, energy_budget_j=min(1e4, limits.budget_max_j), policy=policy)
     return build_request(messages, images, options, limits)

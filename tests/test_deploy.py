@@ -24,7 +24,7 @@ import pytest
 from _factories import REPO, free_port
 
 from joulecap.runtime import config as cfgmod
-from joulecap.runtime.cli import build_parser
+from joulecap.runtime.cli import SERVE, build_parser, config_from
 from joulecap.runtime.configtools import env_name
 from joulecap.runtime.server_config import ServerConfig
 
@@ -128,7 +128,7 @@ def test_extras_copies_user_and_volume(dockerfile: Path) -> None:
     assert user.split(":")[0] not in ("0", "root")
     env = _env(dockerfile)
     volume = json.loads(_one(dockerfile, "VOLUME"))
-    assert any(env["JOULECAP_CACHE"].startswith(v) and env["HF_HOME"].startswith(v) for v in volume)
+    assert any(env["JOULECAP_CACHE_DIR"].startswith(v) and env["HF_HOME"].startswith(v) for v in volume)
 
 
 def test_x86_and_jetson_specifics() -> None:
@@ -162,10 +162,10 @@ def test_hadolint_is_clean() -> None:
 def test_cli_takes_host_and_port_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("JOULECAP_HOST", "0.0.0.0")
     monkeypatch.setenv("JOULECAP_PORT", "9123")
-    config = cfgmod.from_args(build_parser().parse_args(["serve"]))
+    config = config_from(build_parser().parse_args(["serve"]), SERVE)
     assert (config.server.host, config.server.port) == ("0.0.0.0", 9123)
     # A flag still wins over the environment.
-    config = cfgmod.from_args(build_parser().parse_args(["serve", "--port", "9200"]))
+    config = config_from(build_parser().parse_args(["serve", "--port", "9200"]), SERVE)
     assert config.server.port == 9200
     monkeypatch.setenv("JOULECAP_PORT", "not-a-port")
     with pytest.raises(SystemExit):
@@ -181,7 +181,7 @@ def test_every_subcommand_prints_its_help(capsys: pytest.CaptureFixture[str]) ->
             parser.parse_args([name, "--help"] if name else ["--help"])
         assert exit_info.value.code == 0, name
     out = capsys.readouterr().out
-    assert "--brevity" in out and "~10% of tokens kept" in out
+    assert "--brevity" in out and "(0, 1]" in out and "--no-auto-calibrate" in out
 
 
 def test_entrypoint_with_image_env_passes_the_healthcheck(tiny_idefics3: Path, tmp_path: Path) -> None:
@@ -197,7 +197,8 @@ def test_entrypoint_with_image_env_passes_the_healthcheck(tiny_idefics3: Path, t
         PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
         JOULECAP_HOST="127.0.0.1",  # the image says 0.0.0.0; tests stay on loopback
         JOULECAP_PORT=str(port),
-        JOULECAP_CACHE=str(tmp_path / "cache"),
+        JOULECAP_CACHE_DIR=str(tmp_path / "cache"),
+        JOULECAP_AUTO_CALIBRATE="0",  # a first start would calibrate: this test is about the health check
         JOULECAP_MODEL=str(tiny_idefics3),
         JOULECAP_METER="estimate",
         JOULECAP_IDLE_BASELINE_S="0",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +15,10 @@ from joulecap.runtime.brevity import brevity_hint
 from joulecap.runtime.engines.base import Engine, RunHooks
 from joulecap.runtime.engines.config import EngineConfig
 from joulecap.runtime.engines.decoding import StreamDetokenizer
-from joulecap.runtime.engines.factory import create_engine, engine_class, resolve_cache_dir
+from joulecap.runtime.engines.factory import create_engine, engine_class
 from joulecap.runtime.engines.transformers_engine import TransformersEngine
 from joulecap.runtime.errors import InvalidRequest
+from joulecap.runtime.paths import Paths, PathsConfig
 from joulecap.runtime.types import (
     ChatMessage,
     ImagePart,
@@ -407,18 +407,22 @@ def test_factory_registry_and_cache_dir(tmp_path: Path, monkeypatch: pytest.Monk
     assert engine_class("transformers") is TransformersEngine
     with pytest.raises(ValueError, match="Unknown engine"):
         engine_class("tensorrt")
-    monkeypatch.setenv("JOULECAP_CACHE", str(tmp_path / "env-cache"))
-    assert resolve_cache_dir(EngineConfig()) == tmp_path / "env-cache"
-    assert resolve_cache_dir(EngineConfig(cache_dir=str(tmp_path / "c"))) == tmp_path / "c"
-    monkeypatch.delenv("JOULECAP_CACHE")
-    assert resolve_cache_dir(EngineConfig()) == Path("~/.cache/joulecap").expanduser()
+    monkeypatch.setenv("JOULECAP_CACHE_DIR", str(tmp_path / "env-cache"))
+    paths = Paths.resolve(PathsConfig())
+    assert paths.cache_dir == tmp_path / "env-cache"
+    assert paths.ledger_path == str(tmp_path / "env-cache" / "ledger.sqlite3")
+    assert paths.profile_dir == tmp_path / "env-cache" / "profiles"
+    assert Paths.resolve(PathsConfig(cache_dir=str(tmp_path / "c"))).cache_dir == tmp_path / "c"
+    monkeypatch.delenv("JOULECAP_CACHE_DIR")
+    assert Paths.resolve(PathsConfig()).cache_dir == Path("~/.cache/joulecap").expanduser()
+    assert Paths.resolve(PathsConfig(ledger_path=":memory:")).ledger_path == ":memory:"
 
 
 def test_no_model_serves_the_demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import joulecap.runtime.tiny_models as tiny
 
     monkeypatch.setattr(tiny, "PACKAGED_DEMO", tmp_path / "not-packaged")
-    engine = create_engine(replace(EngineConfig(), cache_dir=str(tmp_path / "cache")))
+    engine = create_engine(EngineConfig(), tmp_path / "cache")
     try:
         assert engine.info.model == "demo-idefics3" and engine.info.random_weights
         assert Path(engine.info.model_path) == (tmp_path / "cache" / "demo-idefics3").resolve()

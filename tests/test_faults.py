@@ -351,7 +351,7 @@ def test_request_timeout_is_504_and_stops_the_engine(serve: Any) -> None:
 # ---------------------------------------------------------------------------------------- kill -9
 def _spawn(model: Path, work: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "JOULECAP_CACHE": str(work / "cache")}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "JOULECAP_CACHE_DIR": str(work / "cache")}
     proc = subprocess.Popen(
         serve_cmd(model, work, port, log_level="warning"),
         env=env,

@@ -54,9 +54,9 @@ def test_budget_via_extra_headers_and_via_extra_body(base_url: str) -> None:
     client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
     msgs: Any = [{"role": "user", "content": "hello"}]
     by_header = client.chat.completions.create(
-        model="default", messages=msgs, max_tokens=3, extra_headers={"X-Energy-Budget-J": "45.5"}
+        model="default", messages=msgs, max_tokens=3, extra_headers={"X-Energy-Budget-J": "455.5"}
     )
-    assert _energy(by_header.usage)["budget_j"] == 45.5
+    assert _energy(by_header.usage)["budget_j"] == 455.5
     by_body = client.chat.completions.create(
         model="default", messages=msgs, max_tokens=3, extra_body={"energy_budget_j": 30.25}
     )
@@ -76,13 +76,13 @@ def test_sync_streaming_ends_with_usage(base_url: str, png: Any) -> None:
         max_tokens=5,
         stream=True,
         stream_options={"include_usage": True},
-        extra_headers={"X-Energy-Budget-J": "8"},
+        extra_headers={"X-Energy-Budget-J": "800"},
     )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert sum(1 for c in chunks if c.choices and c.choices[0].finish_reason) == 1
     assert chunks[-1].usage is not None
-    assert _energy(chunks[-1].usage)["budget_j"] == 8.0
+    assert _energy(chunks[-1].usage)["budget_j"] == 800.0
     assert len({c.id for c in chunks}) == 1
 
 

@@ -21,7 +21,7 @@ ROW = re.compile(
 def test_robot_loop_three_steps_offline(tiny_idefics3: Path, tmp_path: Path) -> None:
     battery_j, full_budget_j = 120.0, 20.0
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOULECAP_")}
-    env.update(HF_HUB_OFFLINE="1", JOULECAP_CACHE=str(tmp_path / "cache"))
+    env.update(HF_HUB_OFFLINE="1", JOULECAP_CACHE_DIR=str(tmp_path / "cache"))
     proc = subprocess.run(
         [
             sys.executable,

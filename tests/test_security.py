@@ -92,8 +92,12 @@ def test_api_key_gates_everything_but_health(serve: Any, openai_schemas: dict[st
 
 
 def test_api_key_from_environment(serve: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("JOULECAP_API_KEY", KEY)
-    server, _ = serve()
+    from joulecap.runtime.cli import SERVE, build_parser, config_from
+
+    monkeypatch.setenv("JOULECAP_API_KEY", KEY)  # read where every option's variable is: the CLI's config
+    server, _ = serve(
+        server={"api_key": config_from(build_parser().parse_args(["serve"]), SERVE).server.api_key}
+    )
     assert _chat(server).status_code == 401
     assert _chat(server, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
 
@@ -136,28 +140,26 @@ def test_key_comparison_goes_through_compare_digest_for_every_attempt(
 
 
 def test_default_bind_is_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
-    from joulecap.runtime import config as cfgmod
-    from joulecap.runtime.cli import build_parser
+    from joulecap.runtime.cli import SERVE, build_parser, config_from
 
     assert ServerConfig().host == "127.0.0.1"
     monkeypatch.delenv("JOULECAP_HOST", raising=False)
     monkeypatch.delenv("JOULECAP_PORT", raising=False)
     args = build_parser().parse_args(["serve"])
-    assert cfgmod.from_args(args).server.host == "127.0.0.1"
-    assert cfgmod.from_args(args).server.allow_remote_images is False
-    assert cfgmod.from_args(args).server.allow_local_files is None
+    assert config_from(args, SERVE).server.host == "127.0.0.1"
+    assert config_from(args, SERVE).server.allow_remote_images is False
+    assert config_from(args, SERVE).server.allow_local_files is None
 
 
 def test_cli_api_key_flag_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    from joulecap.runtime import config as cfgmod
-    from joulecap.runtime.cli import build_parser
+    from joulecap.runtime.cli import SERVE, build_parser, config_from
 
     monkeypatch.delenv("JOULECAP_API_KEY", raising=False)
-    assert cfgmod.from_args(build_parser().parse_args(["serve"])).server.api_key is None
+    assert config_from(build_parser().parse_args(["serve"]), SERVE).server.api_key is None
     args = build_parser().parse_args(["serve", "--api-key", KEY])
-    assert cfgmod.from_args(args).server.api_key == KEY
+    assert config_from(args, SERVE).server.api_key == KEY
     monkeypatch.setenv("JOULECAP_API_KEY", KEY)
-    assert cfgmod.from_args(build_parser().parse_args(["serve"])).server.api_key == KEY
+    assert config_from(build_parser().parse_args(["serve"]), SERVE).server.api_key == KEY
 
 
 # ---------------------------------------------------------------------------------------- local files
@@ -301,7 +303,7 @@ def test_default_log_level_leaks_no_content_or_keys(tiny_idefics3: Path, tmp_pat
     port = free_port()
     cmd = serve_cmd(tiny_idefics3, tmp_path, port)
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOULECAP_")}
-    env.update(HF_HUB_OFFLINE="1", JOULECAP_API_KEY=KEY, JOULECAP_CACHE=str(tmp_path / "cache"))
+    env.update(HF_HUB_OFFLINE="1", JOULECAP_API_KEY=KEY, JOULECAP_CACHE_DIR=str(tmp_path / "cache"))
     # uvicorn's access log goes to stdout, everything else to stderr: read both, as one.
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"

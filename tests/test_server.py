@@ -39,12 +39,16 @@ def test_plain_completion_has_energy_usage_and_validates(served: Any, openai_sch
     body = json.loads(raw.text)
     jsonschema.validate(body, openai_schemas["response"])
     assert completion.object == "chat.completion"
-    assert isinstance(completion.choices[0].message.content, str)
+    # The answer the client got is the one the ledger recorded (same id, same token count).
+    (row,) = [r for r in _runtime.ledger.query(None, 100) if r["id"] == completion.id]
+    assert row["status"] == "ok" and row["completion_tokens"] == body["usage"]["completion_tokens"]
     energy = body["usage"]["energy"]
     assert energy["source"] == "estimated"
     assert energy["meter"].startswith("estimate")
-    assert energy["measured_j"] > 0
-    assert energy["prefill_j"] + energy["decode_j"] == pytest.approx(energy["measured_j"], rel=1e-3, abs=1e-6)
+    assert energy["measured_j"] > 0 and energy["budget_exceeded"] is False
+    parts = energy["encode_j"] + energy["prefill_j"] + energy["decode_j"]
+    assert parts == pytest.approx(energy["measured_j"], rel=1e-3, abs=1e-6)
+    assert energy["run_j"] == pytest.approx(energy["prefill_j"] + energy["decode_j"], abs=1e-5)
     assert energy["max_new_tokens_planned"] <= 5
     assert body["usage"]["completion_tokens"] <= 5
     assert float(raw.headers["X-Energy-Used-J"]) == pytest.approx(energy["measured_j"], rel=1e-4)
@@ -58,13 +62,13 @@ def test_image_with_budget_header_reports_visual_tokens(served: Any, png: Any) -
         model="default",
         messages=_image_message(png()),
         max_tokens=8,
-        extra_headers={"X-Energy-Budget-J": "5"},
+        extra_headers={"X-Energy-Budget-J": "500"},
     )
     energy = json.loads(raw.text)["usage"]["energy"]
-    assert energy["budget_j"] == 5.0
+    assert energy["budget_j"] == 500.0
     assert energy["visual_tokens_in"] > 0
     assert 0 < energy["visual_tokens_kept"] <= energy["visual_tokens_in"]
-    assert energy["predicted_j"] <= 5.0
+    assert energy["predicted_j"] <= 500.0 and energy["budget_exceeded"] is False
     assert energy["stop_reason"] in ("stop", "length", "energy_budget")
 
 
@@ -74,9 +78,9 @@ def test_budget_in_body_for_clients_without_headers(served: Any) -> None:
         model="default",
         messages=[{"role": "user", "content": "hi"}],
         max_tokens=3,
-        extra_body={"energy_budget_j": 7.5},
+        extra_body={"energy_budget_j": 750.0},
     )
-    assert json.loads(raw.text)["usage"]["energy"]["budget_j"] == 7.5
+    assert json.loads(raw.text)["usage"]["energy"]["budget_j"] == 750.0
 
 
 def test_header_budget_wins_over_body(served: Any) -> None:
@@ -85,10 +89,10 @@ def test_header_budget_wins_over_body(served: Any) -> None:
         model="default",
         messages=[{"role": "user", "content": "hi"}],
         max_tokens=3,
-        extra_body={"energy_budget_j": 7.5},
-        extra_headers={"X-Energy-Budget-J": "6"},
+        extra_body={"energy_budget_j": 750.0},
+        extra_headers={"X-Energy-Budget-J": "600"},
     )
-    assert json.loads(raw.text)["usage"]["energy"]["budget_j"] == 6.0
+    assert json.loads(raw.text)["usage"]["energy"]["budget_j"] == 600.0
 
 
 def test_streaming_chunks_validate_and_end_with_usage(
@@ -253,15 +257,18 @@ def test_estimate_endpoint_plans_without_running(served: Any, png: Any) -> None:
     resp = httpx.post(
         server.base_url + "/v1/energy/estimate",
         json=_image_body(png()),
-        headers={"X-Energy-Budget-J": "5"},
+        headers={"X-Energy-Budget-J": "500"},
         timeout=60,
     )
     assert resp.status_code == 200, resp.text
     body = resp.json()
-    assert body["predicted_j"] <= 5
+    assert body["feasible"] is True and body["predicted_j"] <= 500
     assert body["plan"]["max_new_tokens"] >= 1
     assert len(body["plan"]["visual_keep"]) == 1
-    assert runtime.ledger.count() == before
+    # Nothing ran, but the encode was spent: one row, its energy all encode.
+    assert runtime.ledger.count() == before + 1
+    row = runtime.ledger.query(None, 1)[0]
+    assert row["status"] == "estimate" and row["measured_j"] == pytest.approx(body["encode_j"], abs=1e-6)
 
 
 def test_every_served_request_is_in_ledger_and_metrics(served: Any) -> None:
@@ -279,7 +286,10 @@ def test_every_served_request_is_in_ledger_and_metrics(served: Any) -> None:
     assert "joulecap" in metrics and runtime.info.model in metrics
     # The predictor learnt from those requests; its speed factor is published as measured.
     profile = httpx.get(server.base_url + "/v1/energy/profile").json()
-    assert profile["speed_alpha"] == runtime.config.scheduler.speed_alpha > 0
+    assert profile["speed_alpha"] == runtime.config.learning.speed_alpha > 0
+    assert profile["margin"]["value"] == pytest.approx(runtime.learner.margin.value())
+    line = next(x for x in metrics.splitlines() if x.startswith("joulecap_feasibility_margin{"))
+    assert float(line.rsplit(" ", 1)[1]) == pytest.approx(profile["margin"]["value"])
     line = next(x for x in metrics.splitlines() if x.startswith("joulecap_predictor_speed_factor{"))
     assert float(line.rsplit(" ", 1)[1]) == pytest.approx(profile["speed_factor"])
 

@@ -122,7 +122,9 @@ class Accounting(ABC):
     def _encode_report(self, t0_s: float) -> EnergyReport | None:
         self.monitor.fresh_sample()
         end_s = time.monotonic()
-        return self.monitor.report(PhaseTimes(t0_s, end_s, end_s))
+        window = self.monitor.report(PhaseTimes(t0_s, end_s, end_s))
+        # One window, all of it encode: no LM prefill or decode ran in it.
+        return dataclasses.replace(window, encode_j=window.total_j, prefill_j=0.0, decode_j=0.0)
 
     @abstractmethod
     def start(self, request_id: str, encode: EnergyReport | None) -> RunMeter:

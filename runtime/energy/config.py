@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 MAX_SAMPLE_HZ = 100.0
 """Highest background sampling rate accepted (sensors rarely update faster)."""
 
 
+def _meters() -> list[str]:
+    from joulecap.runtime.energy.factory import METERS
+
+    return ["auto", *sorted(METERS)]
+
+
 @dataclass(frozen=True)
 class EnergyConfig:
     """How energy is measured or estimated."""
 
-    meter: str = "auto"
+    meter: str = field(default="auto", metadata={"choices": _meters})
     """Meter backend: `auto` (detect), `nvml`, `jetson`, `jtop`, `tegrastats`, `rapl`, `estimate`,
     `replay`."""
     sample_hz: float = 10.0

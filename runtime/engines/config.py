@@ -38,16 +38,23 @@ class EngineConfig:
     """vLLM: skip torch.compile and CUDA graphs (faster start, slower steps)."""
     torch_threads: int | None = None
     """CPU threads for PyTorch's intra-op pool (process-wide); unset keeps PyTorch's default. On a
-    shared CPU, 1 makes per-request energy far more repeatable (see benchmarks/results/scheduler_cpu.json)."""
+    shared CPU, 1 makes per-request energy more repeatable."""
     leverage_basis: bool = True
-    """Decompose each image's visual features while preparing the request (an exact eigh when
-    the short side is at most 256), so leverage token selection during the run is a top-k. The
-    decomposition's energy is then measured with the image encode, before planning, instead of
-    inside the run, where the predictor does not model it (about one decode step per pruned image
-    on a 2-core CPU). Planning reads the E-AdaPrune budget off the same exact spectrum
-    (`PreparedRequest.bases`) instead of decomposing again. The runtime turns it off when the
-    scheduler selects tokens another way, and skips it for requests whose policy keeps every
-    visual token (`Policy.prunes_visual`)."""
+    """Decompose each image's visual features while preparing the request, so leverage token
+    selection during the run is a top-k and the decomposition's energy is measured with the encode
+    (before planning) rather than inside the run. Skipped for policies that keep every token."""
     warmup: bool = True
-    """Run one short generation at start-up (not recorded, not learned from): the first, cold request
-    otherwise costs several times a normal one and can overshoot its budget."""
+    """Run the path of a real request at start-up (image decode, encode, decomposition, planning,
+    prefill and decode under the governor; not recorded, not learned from), so that the first
+    client request is not a cold one."""
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "max_concurrency"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"torch_threads must be >= 1 when set, got {self.torch_threads}")
+        if self.kv_cache_gib is not None and not self.kv_cache_gib > 0:
+            raise ValueError(f"kv_cache_gib must be > 0 when set, got {self.kv_cache_gib}")

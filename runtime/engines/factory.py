@@ -10,6 +10,7 @@ from pathlib import Path
 
 from joulecap.runtime.engines.base import Engine
 from joulecap.runtime.engines.config import EngineConfig
+from joulecap.runtime.paths import Paths, PathsConfig
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +34,14 @@ class ModelLoadError(RuntimeError):
     """The model could not be loaded; the message says how to fix it."""
 
 
-def resolve_model(config: EngineConfig, cache_dir: Path) -> EngineConfig:
-    """`config` with `model` set: the built-in demo model (built in `cache_dir` if needed) when none was given."""
+def resolve_model(config: EngineConfig, cache_dir: Path | None = None) -> EngineConfig:
+    """`config` with `model` set: the demo model (built in `cache_dir` if needed) when none was given."""
     if config.model is not None:
         return config
     from joulecap.runtime.tiny_models import demo_model_path
 
+    if cache_dir is None:
+        cache_dir = Paths.resolve(PathsConfig()).cache_dir
     return replace(config, model=str(demo_model_path(cache_dir)))
 
 
@@ -66,8 +69,11 @@ def engine_class(name: str) -> Callable[[EngineConfig], Engine]:
     return cls
 
 
-def create_engine(config: EngineConfig, cache_dir: Path) -> Engine:
-    """Construct the configured engine on the resolved model (demo model when none given)."""
+def create_engine(config: EngineConfig, cache_dir: Path | None = None) -> Engine:
+    """Construct the configured engine on the resolved model (the demo model when none is given).
+
+    The demo model is built in `cache_dir` (default: the configured cache directory) if needed.
+    """
     if config.torch_threads is not None:
         import torch
 

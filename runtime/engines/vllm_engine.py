@@ -55,9 +55,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from joulecap.runtime.energy.worklog import WorkLog
 from joulecap.runtime.engines.base import EngineInfo, RunHooks
 from joulecap.runtime.engines.config import EngineConfig
-from joulecap.runtime.energy.worklog import WorkLog
 from joulecap.runtime.errors import InvalidRequest
 from joulecap.runtime.types import GenerationResult, Plan, PreparedRequest, Request, StopReason
 
