@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from joulecap.runtime import config as cfgmod
+from joulecap.runtime.ledger_cli import add_ledger_parser
 
 log = logging.getLogger("joulecap")
 
@@ -57,15 +58,6 @@ def _calibrate(args: argparse.Namespace) -> int:
     return calibrate_command(config, quick=args.quick, resume=args.resume)
 
 
-def _ledger_export(args: argparse.Namespace) -> int:
-    from joulecap.runtime.engines.factory import resolve_cache_dir
-    from joulecap.runtime.ledger import ledger_export_command
-
-    config = cfgmod.from_args(args, ("engine", "ledger"))
-    path = config.ledger.ledger_path or str(resolve_cache_dir(config.engine) / "ledger.sqlite3")
-    return ledger_export_command(path, args.format, args.out)
-
-
 def _policies(_args: argparse.Namespace) -> int:
     from joulecap.policies import available_policies, get_policy
 
@@ -106,11 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True, help="Resume a sweep.")
     cfgmod.add_args(cal, ("engine", "energy", "scheduler"))
 
-    ledger = command("ledger", _ledger_export, "Export the request ledger.")
-    ledger.add_argument("action", choices=["export"])
-    ledger.add_argument("--format", choices=["csv", "jsonl"], default="jsonl")
-    ledger.add_argument("--out", default=None, help="Output file (default: stdout)")
-    cfgmod.add_args(ledger, ("engine", "ledger"))
+    add_ledger_parser(sub)
 
     command("policies", _policies, "List the registered planning policies.")
     return parser
