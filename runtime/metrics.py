@@ -12,6 +12,9 @@ Exposed series (all names prefixed `joulecap_`):
 - `predictor_speed_factor{model}`: recent measured over predicted joules (1 = as calibrated;
   above 1 the device is running slower or hungrier, e.g. throttled or contended).
 - `envelope_level_joules`: joules left in the shared power envelope.
+
+Operations series (prediction error, phase energy, keys, power state, meter power) are in
+`runtime/metrics_ops.py`, on the same registry (`Metrics.ops`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from joulecap.runtime.metrics_ops import OperationsMetrics
 from joulecap.runtime.types import ChatResult
 
 ENERGY_BUCKETS_J = (
@@ -80,6 +84,8 @@ class Metrics:
         self.envelope_level_j = Gauge(
             "joulecap_envelope_level_joules", "Joules left in the shared power envelope.", registry=r
         )
+        # Operations block (runtime/metrics_ops.py): new series only, existing ones unchanged.
+        self.ops = OperationsMetrics(r)
 
     def observe_result(self, result: ChatResult) -> None:
         """Count one finished request's energy, tokens and budget outcome."""
@@ -98,6 +104,7 @@ class Metrics:
             ("visual_kept", gen.visual_tokens_kept),
         ):
             self.tokens.labels(model, kind).inc(max(0, n))
+        self.ops.observe_result(result)
 
     def observe_error(self, status: int) -> None:
         """Count one error response."""
