@@ -280,5 +280,7 @@ def test_choose_profile_uses_the_mode_or_flags_it() -> None:
     assert exact.key == f"{base}@nvp2-15W" and exact.exact and not exact.flag
     other = choose_profile(base, state, [base, f"{base}@nvp0-MAXN"])
     assert other.key == base and not other.exact and "nvp2-15W" in other.flag
+    stems = choose_profile("tiny__cpu__bf16", state, ["tiny__cpu__bf16__nvp2-15W"], sep="__")
+    assert stems.key == "tiny__cpu__bf16__nvp2-15W" and stems.exact
     unknown = choose_profile(base, UNKNOWN, [base])
     assert unknown.key == base and unknown.exact and not unknown.flag

@@ -251,19 +251,21 @@ class ProfileChoice:
     flag: str = ""
 
 
-def choose_profile(base_key: str, state: PowerState, calibrated: Sequence[str]) -> ProfileChoice:
+def choose_profile(
+    base_key: str, state: PowerState, calibrated: Sequence[str], *, sep: str = "@"
+) -> ProfileChoice:
     """Pick the profile for `state` among the calibrated profile keys.
 
     `base_key` is the profile key without power mode (model, device, dtype). The key for the
-    mode is `base_key + "@" + profile_key_suffix(state)`. When it is calibrated it is used;
-    otherwise the mode-less `base_key` (a profile calibrated before power modes were recorded,
+    mode is `base_key + sep + profile_key_suffix(state)` (a file stem can use `sep="__"`).
+    When it is calibrated it is used; otherwise the mode-less `base_key` (a profile calibrated before power modes were recorded,
     or on a host where the mode is unknown) is used and the mismatch is flagged until
     `joulecap calibrate` writes one for this mode.
     """
     suffix = profile_key_suffix(state)
     if not suffix:
         return ProfileChoice(base_key, base_key in calibrated)
-    key = f"{base_key}@{suffix}"
+    key = f"{base_key}{sep}{suffix}"
     if key in calibrated:
         return ProfileChoice(key, True)
     return ProfileChoice(
