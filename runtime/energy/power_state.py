@@ -258,8 +258,9 @@ def choose_profile(
 
     `base_key` is the profile key without power mode (model, device, dtype). The key for the
     mode is `base_key + sep + profile_key_suffix(state)` (a file stem can use `sep="__"`).
-    When it is calibrated it is used; otherwise the mode-less `base_key` (a profile calibrated before power modes were recorded,
-    or on a host where the mode is unknown) is used and the mismatch is flagged until
+    When it is calibrated it is used; otherwise the mode-less `base_key` (a profile calibrated
+    before power modes were recorded, or on a host where the mode is unknown) is used and the
+    mismatch is flagged until
     `joulecap calibrate` writes one for this mode.
     """
     suffix = profile_key_suffix(state)
