@@ -61,6 +61,7 @@ class RuntimeOperations:
         power: PowerStateCache | None = None,
     ) -> None:
         self.power = power or create_power_state_cache(energy)
+        self.power.start()  # requests read the cached state; a thread re-reads it
         self.monitor = monitor
         self.metrics = metrics
         self.quotas: QuotaBook | None = None

@@ -95,21 +95,24 @@ def test_sighup_reloads(tmp_path: Path) -> None:
     assert store.lookup(b"sk-two") is not None and store.lookup(b"sk-one") is None
 
 
-def test_lookup_compares_every_key(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_lookup_is_one_constant_time_comparison(monkeypatch: pytest.MonkeyPatch) -> None:
     store = KeyStore()
-    store._keys = parse_keys("k1 a\nk2 b\nk3 c\nk4 d\n")
-    calls: list[bytes] = []
+    store._set(parse_keys("k1 a\nk2 b\nk3 c\nk4 d\n"))
+    calls: list[tuple[bytes, bytes]] = []
     real = hmac.compare_digest
 
     def counting(a: bytes, b: bytes) -> bool:
-        calls.append(b)
+        calls.append((a, b))
         return real(a, b)
 
     monkeypatch.setattr(hmac, "compare_digest", counting)
-    for presented in (b"k1", b"k4", b"nope"):
+    for presented, name in ((b"k1", "a"), (b"k4", "d"), (b"nope", None), (b"k", None), (b"k44", None)):
         calls.clear()
-        store.lookup(presented)
-        assert len(calls) == 4, "a match must not end the comparison early"
+        found = store.lookup(presented)
+        assert (found.name if found else None) == name
+        # Right or wrong, exactly one comparison of the presented key with a configured key.
+        assert len(calls) == 1 and calls[0][0] == presented and calls[0][1] in {b"k1", b"k2", b"k3", b"k4"}
+    assert KeyStore().lookup(b"anything") is None
 
 
 def test_quota_book_day_and_retry_after(tmp_path: Path) -> None:

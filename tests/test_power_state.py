@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 import types
 from pathlib import Path
 from typing import Any
@@ -270,6 +271,26 @@ def test_cache_rereads_after_ttl_and_counts_mode_changes() -> None:
     now[0] = 5.0
     broken = cache.current()
     assert broken.power_mode is None and "sysfs went away" in broken.errors[0]
+
+
+def test_started_cache_refreshes_in_the_background() -> None:
+    reader = ScriptedReader()
+    cache = PowerStateCache(reader, ttl_s=0.02)
+    cache.start()
+    try:
+        assert cache.current().power_mode == "15W"
+        reads = reader.reads
+        reader.state = PowerState(kind="jetson", power_mode="7W", power_mode_id=1)
+        deadline = time.monotonic() + 5
+        while cache.current().power_mode != "7W" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert cache.current().power_mode == "7W" and reader.reads > reads
+        assert cache.mode_changes == 1
+    finally:
+        cache.close()
+    stopped_at = reader.reads
+    time.sleep(0.1)
+    assert reader.reads == stopped_at  # the thread is gone
 
 
 def test_choose_profile_uses_the_mode_or_flags_it() -> None:

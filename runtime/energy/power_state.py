@@ -188,9 +188,14 @@ class PowerStateReader(Protocol):
 class PowerStateCache:
     """The current `PowerState`, re-read at most every `ttl_s`, with mode changes counted.
 
+    Without `start()`, a `current()` call that finds the state older than `ttl_s` reads it in
+    the caller's thread. After `start()` a daemon thread re-reads it every `ttl_s` and
+    `current()` only returns the newest state: an uncached read costs milliseconds (a dozen
+    sysfs files; `benchmarks/operations.py`), which a request should not pay.
+
     Args:
         reader: Where states come from.
-        ttl_s: Longest a state is reused (0 reads on every call).
+        ttl_s: Longest a state is reused (0 reads on every call; no thread then).
         clock: Monotonic clock (tests pass a fake one).
 
     """
@@ -207,18 +212,16 @@ class PowerStateCache:
         self.mode_changes = 0
         """How many times the power mode (not clocks or temperatures) changed since start."""
         self._logged_errors: set[str] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    def current(self) -> PowerState:
-        """The state now (cached for `ttl_s`); never raises."""
-        now = self._clock()
+    def _read(self) -> PowerState:
+        try:
+            state = self.reader.read()
+        except Exception as exc:  # a reader bug costs the power state, never a request
+            state = replace(UNKNOWN, kind=self.reader.kind, errors=(f"{type(exc).__name__}: {exc}",))
         with self._lock:
-            if self._state is not None and now - self._read_at < self.ttl_s:
-                return self._state
-            try:
-                state = self.reader.read()
-            except Exception as exc:  # a reader bug costs the power state, never a request
-                state = replace(UNKNOWN, kind=self.reader.kind, errors=(f"{type(exc).__name__}: {exc}",))
-            previous, self._state, self._read_at = self._state, state, now
+            previous, self._state, self._read_at = self._state, state, self._clock()
         if previous is not None and previous.mode_key != state.mode_key:
             self.mode_changes += 1
             old, new = profile_key_suffix(previous) or "?", profile_key_suffix(state) or "?"
@@ -229,8 +232,32 @@ class PowerStateCache:
                 log.info("power state: %s", err)
         return state
 
+    def current(self) -> PowerState:
+        """The state now (at most `ttl_s` old, or the newest the refresh thread read); never raises."""
+        with self._lock:
+            state, fresh = self._state, self._clock() - self._read_at < self.ttl_s
+        if state is not None and (fresh or self._thread is not None):
+            return state
+        return self._read()
+
+    def start(self) -> None:
+        """Read now, then keep the state fresh from a daemon thread (idempotent)."""
+        if self._thread is not None or self.ttl_s <= 0:
+            return
+        self._read()
+        self._thread = threading.Thread(target=self._run, name="joulecap-power-state", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.ttl_s):
+            self._read()
+
     def close(self) -> None:
-        """Close the reader."""
+        """Stop the refresh thread and close the reader."""
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout=5.0)
         self.reader.close()
 
 
