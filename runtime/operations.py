@@ -67,6 +67,17 @@ class RuntimeOperations:
         self.quotas: QuotaBook | None = None
         self.retention = LedgerRetention(ledger, ledger_config)
         self.retention.start()
+        limits = [
+            f"{name} {value}"
+            for name, value in (
+                ("max rows", ledger_config.ledger_max_rows),
+                ("max days", ledger_config.ledger_max_days),
+            )
+            if value is not None
+        ]
+        log.info("ledger: %s (%s)", ledger.path, ", ".join(limits) or "kept forever")
+        state = self.power.current()
+        log.info("power state: %s %s", state.kind, profile_key_suffix(state) or "(mode unknown)")
         metrics.ops.attach(meter_power=self._meter_power, power_state=self.power.current)
 
     def _meter_power(self) -> tuple[str, float | None]:
