@@ -444,6 +444,7 @@ def calibrate_and_save(
     resume: bool = True,
     forgetting: float = 0.98,
     progress: Callable[[int], Any] | None = None,
+    power_mode: str = "",
 ) -> tuple[Calibration, Path]:
     """Run (or resume) the sweep on a started monitor, fit it and write the profile.
 
@@ -452,7 +453,7 @@ def calibrate_and_save(
 
     """
     info = engine.info
-    target = profile_path(profile_dir, info.model, info.device, info.dtype)
+    target = profile_path(profile_dir, info.model, info.device, info.dtype, power_mode)
     checkpoint = target.with_suffix(".sweep.jsonl")
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     spec = QUICK if quick else FULL
@@ -475,6 +476,7 @@ def calibrate_and_save(
         info.dtype,
         cal.predictor,
         params_b=info.params_b,
+        power_mode=power_mode,
         extra={
             "energy_source": sorted({s.source for s in cal.samples}),
             "meter": monitor.meter.name,
@@ -499,11 +501,15 @@ def calibrate_command(config: JoulecapConfig) -> int:
 
     from joulecap.runtime.energy.factory import create_meter
     from joulecap.runtime.energy.monitor import EnergyMonitor
+    from joulecap.runtime.energy.power_state import create_power_state_cache, profile_key_suffix
     from joulecap.runtime.engines.factory import create_engine
     from joulecap.runtime.paths import Paths
 
     paths = Paths.resolve(config.paths)
     quick = config.calibration.quick
+    power = create_power_state_cache(config.energy)
+    power_mode = profile_key_suffix(power.current())
+    power.close()
     engine = create_engine(config.engine, paths.cache_dir)
     meter = create_meter(config.energy)
     monitor = EnergyMonitor(meter, config.energy)
@@ -530,6 +536,7 @@ def calibrate_command(config: JoulecapConfig) -> int:
                 resume=config.calibration.resume,
                 forgetting=config.learning.rls_forgetting,
                 progress=bar.update,
+                power_mode=power_mode,
             )
     except KeyboardInterrupt:
         print("\ninterrupted; progress kept beside the profile (run again to resume)", file=sys.stderr)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 from joulecap.runtime.config import COMPONENTS, JoulecapConfig
 from joulecap.runtime.configtools import add_config_args, config_from_args
+from joulecap.runtime.ledger_cli import add_ledger_parser
 
 log = logging.getLogger("joulecap")
 
@@ -51,6 +52,10 @@ def _serve(args: argparse.Namespace) -> int:
     from joulecap.runtime.runtime import Runtime
 
     config = config_from(args, SERVE)
+    if config.server.api_keys:  # a bad keys file stops start-up before the model loads
+        from joulecap.runtime.keys import load_keys
+
+        load_keys(config.server.api_keys)
     runtime = Runtime(config)
     if runtime.info.random_weights:
         banner = "!" * 78
@@ -94,14 +99,6 @@ def _calibrate(args: argparse.Namespace) -> int:
     return calibrate_command(config_from(args, CALIBRATE))
 
 
-def _ledger_export(args: argparse.Namespace) -> int:
-    from joulecap.runtime.ledger import ledger_export_command
-    from joulecap.runtime.paths import Paths
-
-    paths = Paths.resolve(config_from(args, ("paths",)).paths)
-    return ledger_export_command(paths.ledger_path, args.format, args.out)
-
-
 def _policies(_args: argparse.Namespace) -> int:
     from joulecap.policies import available_policies, get_policy
 
@@ -140,11 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal = command("calibrate", _calibrate, "Measure energy over a sweep and fit the model's energy profile.")
     _add(cal, "calibrate", CALIBRATE)
 
-    ledger = command("ledger", _ledger_export, "Export the request ledger.")
-    ledger.add_argument("action", choices=["export"])
-    ledger.add_argument("--format", choices=["csv", "jsonl"], default="jsonl")
-    ledger.add_argument("--out", default=None, help="Output file (default: stdout)")
-    _add(ledger, "ledger", ("paths",))
+    add_ledger_parser(sub)
 
     command("policies", _policies, "List the registered planning policies.")
     return parser
@@ -159,10 +152,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     from joulecap.runtime.engines.factory import EngineUnavailable, ModelLoadError
+    from joulecap.runtime.keys import KeysFileError
 
     try:
         return int(args.fn(args))
-    except (ModelLoadError, EngineUnavailable) as exc:
+    except (ModelLoadError, EngineUnavailable, KeysFileError) as exc:
         # Expected, user-fixable failures (bad --model, engine not installed): the message names the fix.
         print(f"joulecap: {exc}", file=sys.stderr)
         return 2

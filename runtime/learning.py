@@ -40,11 +40,14 @@ class LearningConfig:
     """Predictor online update: weight of the newest measurement in the speed factor, a running
     average of measured over predicted joules that multiplies every prediction, in [0, 1]
     (0 = off; 0.2 weighs the last ~5 requests)."""
-    feasibility_margin: float = 0.15
-    """Floor of the feasibility margin: a budget is accepted only when the predicted unstoppable
-    part of its minimum answer (encode and prefill to the first token) times (1 + margin) fits.
-    The margin follows the measured error of that part (median + 2.33 robust sigmas of the last
-    50 warm runs), never below this floor."""
+    feasibility_margin: float = 0.1
+    """The feasibility margin's least safety: a budget is accepted only when the predicted
+    unstoppable part of its minimum answer (encode and prefill to the first token) times
+    (1 + margin) fits. The margin follows the measured error of that part over the last 50 warm
+    runs: its median plus `feasibility_z` robust sigmas, the latter at least this (and this alone
+    until 5 runs are seen)."""
+    feasibility_z: float = 1.28
+    """Robust standard deviations of that error the margin adds above its median."""
     feasibility_margin_max: float = 1.0
     """Ceiling of the feasibility margin (a meter glitch must not refuse every budget)."""
     cold_idle_s: float = 60.0
@@ -61,6 +64,8 @@ class LearningConfig:
                 "need 0 <= feasibility_margin <= feasibility_margin_max <= 10, got "
                 f"{self.feasibility_margin}, {self.feasibility_margin_max}"
             )
+        if not (math.isfinite(self.feasibility_z) and 0.0 <= self.feasibility_z <= 5.0):
+            raise ValueError(f"feasibility_z must be in [0, 5], got {self.feasibility_z}")
         if not (math.isfinite(self.cold_idle_s) and self.cold_idle_s > 0):
             raise ValueError(f"cold_idle_s must be > 0, got {self.cold_idle_s}")
 
@@ -119,7 +124,9 @@ class Learner:
     ) -> None:
         self.predictor = predictor
         self.config = config
-        self.margin = RobustOvershoot(config.feasibility_margin, config.feasibility_margin_max)
+        self.margin = RobustOvershoot(
+            config.feasibility_margin, config.feasibility_margin_max, z=config.feasibility_z
+        )
         self.first_step = RobustOvershoot(0.0, FIRST_STEP_PREMIUM_CAP)
         self.encode = EncodeEstimate(seed_j_per_visual_token=encode_seed)
         self._last_active_s: float | None = None

@@ -21,9 +21,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
+from joulecap.runtime.energy.power_state import PowerState
+from joulecap.runtime.energy.quality import MeasurementQuality, ledger_energy_j, measurement_quality
 from joulecap.runtime.types import ChatResult, EnergyReport, Plan, RequestStatus
 
 SCHEMA_VERSION = 2
+"""1: the first schema. 2: encode, LM prefill and run apart; margin, minimum and budget_exceeded;
+power state, measurement quality and the API key's name per row."""
 
 
 COLUMNS: tuple[tuple[str, str], ...] = (
@@ -57,15 +61,32 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("margin", "REAL"),
     ("min_j", "REAL"),
     ("budget_exceeded", "INTEGER"),
+    # Schema 2: the power state the request ran in (null where the hardware does not say).
+    ("power_mode", "TEXT"),
+    ("power_mode_id", "INTEGER"),
+    ("jetson_clocks", "INTEGER"),
+    ("gpu_clock_mhz", "REAL"),
+    ("cpu_clock_mhz", "REAL"),
+    ("emc_clock_mhz", "REAL"),
+    ("gpu_temp_c", "REAL"),
+    ("cpu_temp_c", "REAL"),
+    ("power_limit_w", "REAL"),
+    ("throttle_reasons", "TEXT"),
+    # Schema 2: how the energy figure was measured (runtime/energy/quality.py).
+    ("meter_kind", "TEXT"),
+    ("sample_period_s", "REAL"),
+    ("meter_update_period_s", "REAL"),
+    ("interpolation", "TEXT"),
+    ("idle_share", "REAL"),
+    ("samples", "INTEGER"),
+    # Schema 2: the API key's NAME from --api-keys (never the key itself).
+    ("key_name", "TEXT"),
 )
 """Ledger columns in export order. `plan` is JSON; `created_s`/`recorded_s` are Unix times.
 `measured_j` is every joule the request spent: `encode_j` (image preprocessing and vision tower),
-`prefill_j` (the LM prefill) and `decode_j`; `run_j` is prefill + decode. `margin` is the
-feasibility margin its plan was made with, `min_j` the smallest budget its policy would have
-accepted."""
-
-V1_ADDED = ("encode_j", "run_j", "margin", "min_j", "budget_exceeded")
-"""Columns schema 2 added to schema 1."""
+`prefill_j` (the LM prefill) and `decode_j`; `run_j` is prefill + decode; it is null when the meter
+gave no reading the hardware supports (never a false 0 J). `margin` is the feasibility margin its
+plan was made with, `min_j` the smallest budget its policy would have accepted."""
 
 COLUMN_NAMES = tuple(name for name, _ in COLUMNS)
 
@@ -74,11 +95,13 @@ def _plan_json(plan: Plan | None) -> str | None:
     return None if plan is None else json.dumps(dataclasses.asdict(plan), sort_keys=True)
 
 
-def _energy_fields(energy: EnergyReport | None) -> dict[str, Any]:
+def _energy_fields(energy: EnergyReport | None, quality: MeasurementQuality | None) -> dict[str, Any]:
     if energy is None:
         return {}
+    quality = quality or measurement_quality(energy)
     return {
-        "measured_j": energy.total_j,
+        **quality.ledger_fields(),
+        "measured_j": ledger_energy_j(energy),
         "encode_j": energy.encode_j,
         "prefill_j": energy.prefill_j,
         "decode_j": energy.decode_j,
@@ -137,9 +160,14 @@ class Ledger:
         cols = ",\n  ".join(f"{name} {decl}" for name, decl in COLUMNS)
         self._conn.execute("BEGIN IMMEDIATE")
         try:
+            self._conn.execute(f"CREATE TABLE IF NOT EXISTS requests (\n  {cols}\n)")
+            # An older ledger gains the newer columns (null in its existing rows).
+            have = {r[1] for r in self._conn.execute("PRAGMA table_info(requests)").fetchall()}
+            for name, decl in COLUMNS:
+                if name not in have:
+                    self._conn.execute(f"ALTER TABLE requests ADD COLUMN {name} {decl}")
             if version == 1:
                 self._migrate_v1()
-            self._conn.execute(f"CREATE TABLE IF NOT EXISTS requests (\n  {cols}\n)")
             self._conn.execute("CREATE INDEX IF NOT EXISTS requests_created ON requests(created_s)")
             self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             self._conn.execute("COMMIT")
@@ -154,9 +182,6 @@ class Ledger:
         into the note, `encode_j` and `prefill_j` become NULL (unknown), `run_j` stays NULL and
         `decode_j` and `measured_j` keep their meaning.
         """
-        decls = dict(COLUMNS)
-        for name in V1_ADDED:
-            self._conn.execute(f"ALTER TABLE requests ADD COLUMN {name} {decls[name]}")
         self._conn.execute(
             "UPDATE requests SET energy_note = trim(coalesce(energy_note || '; ', '') || "
             "'schema 1 row: encode + LM prefill ' || printf('%.6f', prefill_j) || ' J, not split'), "
@@ -174,8 +199,26 @@ class Ledger:
             # Autocommit mode: the statement is its own transaction, durable when execute returns.
             self._conn.execute(sql, [row[n] for n in names])
 
-    def record_result(self, result: ChatResult, *, status: RequestStatus = "ok") -> None:
-        """Record a finished request; the row is committed (fsynced) when this returns."""
+    def record_result(
+        self,
+        result: ChatResult,
+        *,
+        status: RequestStatus = "ok",
+        power_state: PowerState | None = None,
+        quality: MeasurementQuality | None = None,
+        key_name: str | None = None,
+    ) -> None:
+        """Record a finished request; the row is committed (fsynced) when this returns.
+
+        Args:
+            result: The finished request.
+            status: Its ledger status.
+            power_state: The power state it ran in (None: the columns stay null).
+            quality: Its measurement quality (`EnergyMonitor.quality`); None derives what the
+                report itself says.
+            key_name: The NAME of the API key it came with (never the key).
+
+        """
         gen = result.generation
         row: dict[str, Any] = {
             "id": result.request_id,
@@ -183,7 +226,9 @@ class Ledger:
             "recorded_s": time.time(),
             "model": result.model,
             **_plan_fields(result.plan),
-            **_energy_fields(result.energy),
+            **_energy_fields(result.energy, quality),
+            **(power_state.ledger_fields() if power_state is not None else {}),
+            "key_name": key_name,
             "prompt_tokens": gen.prefill_tokens,
             "visual_tokens_in": gen.visual_tokens_in,
             "visual_tokens_kept": gen.visual_tokens_kept,
@@ -207,11 +252,15 @@ class Ledger:
         created_s: float | None = None,
         policy: str | None = None,
         budget_j: float | None = None,
+        power_state: PowerState | None = None,
+        quality: MeasurementQuality | None = None,
+        key_name: str | None = None,
     ) -> None:
         """Record a request without a result (refused, aborted, failed), with whatever energy it spent.
 
         `created_s` is the request's Unix arrival time when known (else now); `policy` and
-        `budget_j` name the request's when there is no plan (a refusal).
+        `budget_j` name the request's when there is no plan (a refusal); `power_state`, `quality`
+        and `key_name` as in `record_result`.
         """
         now = time.time()
         row: dict[str, Any] = {
@@ -222,7 +271,9 @@ class Ledger:
             "policy": policy,
             "budget_j": budget_j,
             **_plan_fields(plan),
-            **_energy_fields(energy),
+            **_energy_fields(energy, quality),
+            **(power_state.ledger_fields() if power_state is not None else {}),
+            "key_name": key_name,
             "stop_reason": "aborted" if status == "aborted" else None,
             "status": status,
             "error": error or None,
@@ -261,9 +312,31 @@ class Ledger:
     def _to_dict(row: sqlite3.Row) -> dict[str, Any]:
         out = {name: row[name] for name in COLUMN_NAMES}
         out["plan"] = json.loads(out["plan"]) if out["plan"] else None
-        for name in ("interpolated", "budget_exceeded"):
+        for name in ("interpolated", "budget_exceeded", "jetson_clocks"):
             out[name] = bool(out[name]) if out[name] is not None else None
         return out
+
+    def prune(self, max_rows: int | None = None, max_days: float | None = None) -> int:
+        """Delete rows created more than `max_days` ago, then the oldest beyond `max_rows`.
+
+        Freed pages are reused by later rows (the file does not shrink). None: no such limit.
+
+        Returns:
+            Rows deleted.
+
+        """
+        deleted = 0
+        with self._lock:
+            if max_days is not None:
+                cutoff = time.time() - float(max_days) * 86400.0
+                deleted += self._conn.execute("DELETE FROM requests WHERE created_s < ?", (cutoff,)).rowcount
+            if max_rows is not None:
+                deleted += self._conn.execute(
+                    "DELETE FROM requests WHERE rowid IN (SELECT rowid FROM requests "
+                    "ORDER BY created_s DESC, rowid DESC LIMIT -1 OFFSET ?)",
+                    (max(0, int(max_rows)),),
+                ).rowcount
+        return int(deleted)
 
     def count(self) -> int:
         """Return the number of rows."""

@@ -10,10 +10,13 @@ Two of them steer the budget contract:
 
 Both follow the measured relative overshoot `measured / predicted - 1` of recent warm runs. A
 high quantile of a long window ratchets: one cold request or one noise spike sets it for the whole
-window. So the estimate is robust instead: the window's median plus `z` robust standard deviations
-(1.4826 x the median absolute deviation), which one outlier in a window of 50 barely moves, which
-comes back down as soon as the error falls, and which is clamped to `[floor, cap]`. For normally
-distributed errors, `z = 2.33` covers 99% of runs.
+window. So the estimate is robust instead: the window's median (the prediction's bias, which may be
+negative: a prediction that runs high is corrected down) plus a safety of `z` robust standard
+deviations (1.4826 x the median absolute deviation) but at least `floor`. One outlier in a window of
+50 barely moves it, it comes back down as soon as the error falls, and it is clamped to
+`[LOWEST, cap]`. A budget at the stated minimum then holds within the meter's noise (for normal
+errors, `z = 1.28` leaves about one in ten answers at exactly the minimum a little over; budgets
+above the minimum leave the governor room).
 """
 
 from __future__ import annotations
@@ -26,22 +29,24 @@ import numpy as np
 
 MAD_TO_SIGMA = 1.4826
 """Median absolute deviation to standard deviation, for normally distributed errors."""
+LOWEST = -0.5
+"""The least value: a prediction that runs high is corrected by at most half."""
 
 
 class RobustOvershoot:
-    """Median + z robust sigmas of the recent relative overshoots, clamped.
+    """Median + max(z robust sigmas, floor) of the recent relative overshoots, clamped.
 
     Args:
-        floor: Smallest value ever returned (also the value before `min_samples` observations).
+        floor: Least safety above the median (also the value before `min_samples` observations).
         cap: Largest value ever returned (a meter glitch must not refuse every budget).
-        z: Robust standard deviations above the median (2.33: about 99% of normal errors).
+        z: Robust standard deviations above the median (1.28: about 90% of normal errors).
         window: Recent observations remembered.
         min_samples: Observations needed before they are used.
 
     """
 
     def __init__(
-        self, floor: float, cap: float, z: float = 2.33, window: int = 50, min_samples: int = 5
+        self, floor: float, cap: float, z: float = 1.28, window: int = 50, min_samples: int = 5
     ) -> None:
         if not 0.0 <= floor <= cap:
             raise ValueError(f"need 0 <= floor <= cap, got {floor}, {cap}")
@@ -66,7 +71,7 @@ class RobustOvershoot:
                 x = np.fromiter(self._overshoot, float)
                 median = float(np.median(x))
                 sigma = MAD_TO_SIGMA * float(np.median(np.abs(x - median)))
-                self._value = min(self.cap, max(self.floor, median + self.z * sigma))
+                self._value = min(self.cap, max(LOWEST, median + max(self.floor, self.z * sigma)))
 
     def value(self) -> float:
         """The current estimate."""

@@ -16,6 +16,9 @@ Exposed series (all names prefixed `joulecap_`):
 - `envelope_level_joules`: joules left in the shared power envelope.
 - `feasibility_margin{model}`: the margin budgets are accepted with now (relative).
 - `first_step_premium{model}`: the governor's premium on the first decode step (relative).
+
+Operations series (prediction error, phase energy, keys, power state, meter power) are in
+`runtime/metrics_ops.py`, on the same registry (`Metrics.ops`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from joulecap.runtime.metrics_ops import OperationsMetrics
 from joulecap.runtime.types import ChatResult, EnergyReport, RequestStatus
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -105,6 +109,8 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        # Operations block (runtime/metrics_ops.py): new series only, existing ones unchanged.
+        self.ops = OperationsMetrics(r)
 
     def observe_result(self, result: ChatResult, status: RequestStatus = "ok") -> None:
         """Count one finished request's energy, tokens and budget outcome."""
@@ -123,6 +129,7 @@ class Metrics:
             ("visual_kept", gen.visual_tokens_kept),
         ):
             self.tokens.labels(model, kind).inc(max(0, n))
+        self.ops.observe_result(result)
 
     def observe_spent(
         self, model: str, policy: str, energy: EnergyReport | None, status: RequestStatus

@@ -59,14 +59,30 @@ def setup_profile(
     paths: Paths,
     learning: LearningConfig,
     calibration: CalibrationConfig,
+    power_mode: str = "",
 ) -> ProfileSetup:
-    """Load the profile for the engine's model, calibrating first when there is none and it may."""
+    """Load the profile for the engine's model in this power mode, calibrating first when there is none.
+
+    Profiles are kept per (model, device, dtype, power mode); `power_mode` is "" where the mode is
+    unknown (a CPU). A mode without its own profile uses the mode-less one, flagged in every
+    response's note until `joulecap calibrate` runs in that mode.
+    """
     info = engine.info
     opts = {"forgetting": learning.rls_forgetting, "speed_alpha": learning.speed_alpha}
-    data, why = read_profile(paths.profile_dir, info.model, info.device, info.dtype)
+    data, why = read_profile(paths.profile_dir, info.model, info.device, info.dtype, power_mode)
     if data is not None:
         log.info("%s: loaded (source %s)", why, data.get("source"))
         return ProfileSetup(predictor_from(data, **opts), "loaded", why, "", encode_seed(data))
+    if power_mode:
+        data, base = read_profile(paths.profile_dir, info.model, info.device, info.dtype)
+        if data is not None:
+            flag = (
+                f"no energy profile for power mode {power_mode}; predictions use {base} "
+                "until `joulecap calibrate` runs in this mode"
+            )
+            log.warning("%s", flag)
+            predictor = predictor_from(data, **opts)
+            return ProfileSetup(predictor, "loaded (other power mode)", base, flag, encode_seed(data))
     if not calibration.auto_calibrate:
         log.warning("%s; --no-auto-calibrate: serving on the uncalibrated default", why)
         predictor = load_default(info.params_b, **opts)
@@ -83,9 +99,15 @@ def setup_profile(
             log.info("calibration: %d/%d runs", done, n)
 
     _, path = calibrate_and_save(
-        engine, monitor, paths.profile_dir, quick=True, forgetting=learning.rls_forgetting, progress=progress
+        engine,
+        monitor,
+        paths.profile_dir,
+        quick=True,
+        forgetting=learning.rls_forgetting,
+        progress=progress,
+        power_mode=power_mode,
     )
-    data, why = read_profile(paths.profile_dir, info.model, info.device, info.dtype)
+    data, why = read_profile(paths.profile_dir, info.model, info.device, info.dtype, power_mode)
     if data is None:  # pragma: no cover - the profile was just written
         raise RuntimeError(f"calibration wrote {path}, but it cannot be read back: {why}")
     log.info("calibrated at start-up in %.1f s: %s", time.monotonic() - started_s, path)

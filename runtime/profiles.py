@@ -31,9 +31,10 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text).strip("._") or "x"
 
 
-def profile_path(profile_dir: str | Path, model: str, device: str, dtype: str) -> Path:
-    """Where the profile of (model, device, dtype) lives."""
-    return Path(profile_dir) / f"{_slug(model)}__{_slug(device)}__{_slug(dtype)}.json"
+def profile_path(profile_dir: str | Path, model: str, device: str, dtype: str, power_mode: str = "") -> Path:
+    """Where the profile of (model, device, dtype[, power mode]) lives."""
+    mode = f"__{_slug(power_mode)}" if power_mode else ""
+    return Path(profile_dir) / f"{_slug(model)}__{_slug(device)}__{_slug(dtype)}{mode}.json"
 
 
 def load_default(params_b: float, *, forgetting: float = 0.98, speed_alpha: float = 0.0) -> Predictor:
@@ -110,10 +111,10 @@ def load_profile(
 
 
 def read_profile(
-    profile_dir: str | Path, model: str, device: str, dtype: str
+    profile_dir: str | Path, model: str, device: str, dtype: str, power_mode: str = ""
 ) -> tuple[dict[str, Any] | None, str]:
     """The profile's data, or None with why there is none usable (absent, corrupt, foreign)."""
-    path = profile_path(profile_dir, model, device, dtype)
+    path = profile_path(profile_dir, model, device, dtype, power_mode)
     if not path.exists():
         return None, f"no energy profile at {path}"
     try:
@@ -158,9 +159,10 @@ def save_profile(
     *,
     params_b: float,
     extra: dict[str, Any] | None = None,
+    power_mode: str = "",
 ) -> Path:
     """Write the profile atomically (temp file in the same directory, then `os.replace`)."""
-    path = profile_path(profile_dir, model, device, dtype)
+    path = profile_path(profile_dir, model, device, dtype, power_mode)
     path.parent.mkdir(parents=True, exist_ok=True)
     b_j, in_j, out_j = predictor.coefficients
     data: dict[str, Any] = {
@@ -169,6 +171,7 @@ def save_profile(
         "model": model,
         "device": device,
         "dtype": dtype,
+        "power_mode": power_mode or None,
         "params_b": params_b,
         "created_s": time.time(),
         "source": predictor.source,

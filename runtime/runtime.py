@@ -28,6 +28,7 @@ from joulecap.runtime.energy.accounting import EncodeFailed, RunMeter, make_acco
 from joulecap.runtime.energy.base import Meter
 from joulecap.runtime.energy.factory import create_meter
 from joulecap.runtime.energy.monitor import EnergyMonitor
+from joulecap.runtime.energy.power_state import profile_key_suffix
 from joulecap.runtime.engines.base import Engine, RunHooks
 from joulecap.runtime.engines.factory import create_engine
 from joulecap.runtime.envelope import PowerEnvelope, Reservation
@@ -37,8 +38,10 @@ from joulecap.runtime.images import ImagePolicy
 from joulecap.runtime.learning import Learner, Outcome
 from joulecap.runtime.ledger import Ledger
 from joulecap.runtime.metrics import Metrics
+from joulecap.runtime.operations import RuntimeOperations
 from joulecap.runtime.paths import Paths
 from joulecap.runtime.profile_setup import setup_profile
+from joulecap.runtime.profiles import profile_path
 from joulecap.runtime.requests import (
     ImageLike,
     RequestLimits,
@@ -96,7 +99,15 @@ class Runtime:
         self.meter = meter or create_meter(cfg.energy)
         self.monitor = EnergyMonitor(self.meter, cfg.energy)
         self.monitor.start()
-        self.profile = setup_profile(self.engine, self.monitor, self.paths, cfg.learning, cfg.calibration)
+        self.ledger = Ledger(self.paths.ledger_path)
+        self.metrics = Metrics()
+        # Retention, the power-state reader, per-key quotas and measurement quality per row.
+        self.operations = RuntimeOperations(cfg.energy, cfg.ledger, self.ledger, self.monitor, self.metrics)
+        self.power_mode = profile_key_suffix(self.operations.power_state())
+        self._power_mode_changes = self.operations.power.mode_changes
+        self.profile = setup_profile(
+            self.engine, self.monitor, self.paths, cfg.learning, cfg.calibration, self.power_mode
+        )
         self.predictor = self.profile.predictor
         self.learner = Learner(self.predictor, cfg.learning, encode_seed=self.profile.encode_seed)
         self.scheduler = Scheduler(cfg.scheduler, self.predictor, self.learner)
@@ -107,9 +118,6 @@ class Runtime:
         self.envelope: PowerEnvelope | None = None
         if env.power_envelope_w is not None and env.power_envelope_j is not None:
             self.envelope = PowerEnvelope(env.power_envelope_w, env.power_envelope_j)
-        self.ledger = Ledger(self.paths.ledger_path)
-        log.info("ledger: %s", self.paths.ledger_path)
-        self.metrics = Metrics()
         self.metrics.set_learning(self.info.model, self.predictor, self.learner)
         server = cfg.server
         self.images_policy = ImagePolicy(
@@ -267,7 +275,8 @@ class Runtime:
             raise self._failed(prepared.request, plan, energy, exc, record) from exc
         result = self._result(prepared, plan, generation, meter)
         if record:
-            self._record(result, "aborted" if generation.stop_reason == "aborted" else "ok")
+            status: RequestStatus = "aborted" if generation.stop_reason == "aborted" else "ok"
+            self._record(result, status, prepared.request.key_name)
             first_step = governor.first_step_observation(result.completion_tokens, result.energy.decode_j)
             self.learner.observe(Outcome.of(result, first_step, meter.start_s))
             self.metrics.set_learning(self.info.model, self.predictor, self.learner)
@@ -285,7 +294,7 @@ class Runtime:
         request = prepared.request
         return ChatResult(
             request.request_id, self.info.model, generation.text, generation, plan,
-            meter.report(generation.times, predicted), request.created_s or time.time(), self.profile.note,
+            meter.report(generation.times, predicted), request.created_s or time.time(), self._profile_note(),
         )  # fmt: skip
 
     def execute(
@@ -326,8 +335,26 @@ class Runtime:
             self.envelope.settle(reservation, energy.total_j)
             self.metrics.set_envelope_level_j(self.envelope.level_j())
 
-    def _record(self, result: ChatResult, status: RequestStatus) -> None:
-        self.ledger.record_result(result, status=status)
+    def profile_keys(self) -> tuple[str, list[str]]:
+        """The mode-less profile key of this model and the keys of the profiles calibrated for it."""
+        base = profile_path(self.paths.profile_dir, self.info.model, self.info.device, self.info.dtype).stem
+        return base, sorted(p.stem for p in self.paths.profile_dir.glob(base + "*.json"))
+
+    def _profile_note(self) -> str:
+        """The profile's note, and a flag when the power mode changed since the profile was chosen."""
+        changes = self.operations.power.mode_changes
+        if changes == self._power_mode_changes:
+            return self.profile.note
+        now = profile_key_suffix(self.operations.power_state()) or "unknown"
+        flag = (
+            f"power mode changed since start-up ({self.power_mode or 'unknown'} -> {now}); predictions "
+            "use the start-up profile until the server restarts in this mode"
+        )
+        return "; ".join(n for n in (self.profile.note, flag) if n)
+
+    def _record(self, result: ChatResult, status: RequestStatus, key_name: str | None) -> None:
+        ops = self.operations.account(result.energy, key_name)
+        self.ledger.record_result(result, status=status, **ops)
         self.metrics.observe_result(result, status)
 
     def _failed(
@@ -362,7 +389,7 @@ class Runtime:
         self.ledger.record_failure(
             request.request_id, self.info.model, plan, energy, status=status, error=error,
             created_s=request.created_s or None, policy=request.policy or self.config.scheduler.policy,
-            budget_j=request.energy_budget_j,
+            budget_j=request.energy_budget_j, **self.operations.account(energy, request.key_name),
         )  # fmt: skip
         policy = plan.policy if plan is not None else (request.policy or self.config.scheduler.policy)
         self.metrics.observe_spent(self.info.model, policy, energy, status)
@@ -444,6 +471,7 @@ class Runtime:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.monitor.stop()
         self.meter.close()
+        self.operations.close()
         self.ledger.close()
         self.engine.close()
 

@@ -15,6 +15,9 @@ class ServerConfig:
     """TCP port."""
     api_key: str | None = None
     """Require `Authorization: Bearer <key>`; also read from `JOULECAP_API_KEY`."""
+    api_keys: str | None = None
+    """Keys file: one `KEY NAME [DAILY_QUOTA_J]` per line, `#` comments; re-read on SIGHUP. Each
+    key's NAME is recorded in the ledger and metrics; a key past its daily joule quota gets 429."""
     allow_local_files: str | None = None
     """Directory from which `file://` or plain-path images may be read; none by default."""
     allow_remote_images: bool = False

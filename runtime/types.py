@@ -80,6 +80,7 @@ class Request:
         tau: E-AdaPrune spectral-energy fraction override (else the policy's default).
         stream: Whether the client wants server-sent events.
         created_s: Unix time the request was accepted.
+        key_name: The NAME of the API key it came with (`--api-keys`), never the key.
 
     """
 
@@ -93,6 +94,7 @@ class Request:
     tau: float | None = None
     stream: bool = False
     created_s: float = 0.0
+    key_name: str | None = None
 
 
 @dataclass(frozen=True, eq=False)

@@ -18,7 +18,20 @@ def _flags(*argv: str, capsys: pytest.CaptureFixture[str]) -> set[str]:
 
 
 def test_ledger_export_lists_only_ledger_options(capsys: pytest.CaptureFixture[str]) -> None:
-    assert _flags("ledger", capsys=capsys) == {"--help", "--format", "--out", "--cache-dir", "--ledger-path"}
+    assert _flags("ledger", "export", capsys=capsys) == {
+        "--help",
+        "--format",
+        "--out",
+        "--cache-dir",
+        "--ledger-path",
+    }
+    assert _flags("ledger", "prune", capsys=capsys) == {
+        "--help",
+        "--ledger-max-rows",
+        "--ledger-max-days",
+        "--cache-dir",
+        "--ledger-path",
+    }
 
 
 def test_calibrate_lists_engine_energy_and_calibration_options_only(

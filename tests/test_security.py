@@ -18,7 +18,7 @@ import pytest
 from _factories import free_port, serve_cmd
 from PIL import Image
 
-from joulecap.runtime.api import middleware
+from joulecap.runtime import keys as api_keys
 from joulecap.runtime.api.app import create_app
 from joulecap.runtime.api.server import BackgroundServer
 from joulecap.runtime.runtime import Runtime
@@ -115,13 +115,13 @@ def test_key_comparison_goes_through_compare_digest_for_every_attempt(
     # Behaviour, not source reading: every presented key (right, wrong, prefix, longer,
     # non-ASCII) reaches hmac.compare_digest with the configured key, and only the right one passes.
     calls: list[tuple[bytes, bytes]] = []
-    real = middleware.hmac.compare_digest
+    real = api_keys.hmac.compare_digest
 
     def spy(a: Any, b: Any) -> bool:
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(middleware.hmac, "compare_digest", spy)
+    monkeypatch.setattr(api_keys.hmac, "compare_digest", spy)
     server, _ = serve(server={"api_key": KEY})
     attempts = {
         KEY: 200,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import threading
@@ -27,6 +28,7 @@ from joulecap.runtime.errors import (
     ModelNotFound,
     RequestTimeout,
 )
+from joulecap.runtime.operations import guard_options
 from joulecap.runtime.runtime import Runtime
 from joulecap.runtime.types import ChatResult, Plan, PreparedRequest, Request, RequestStatus
 
@@ -110,7 +112,9 @@ def create_app(runtime: Runtime) -> FastAPI:
                 param="model",
                 code="model_not_found",
             )
-        return to_request(body, header_budget=http.headers.get(BUDGET_HEADER), limits=runtime.limits)
+        request = to_request(body, header_budget=http.headers.get(BUDGET_HEADER), limits=runtime.limits)
+        # The guard middleware names the API key (never the key itself) for the ledger and quotas.
+        return dataclasses.replace(request, key_name=getattr(http.state, "key_name", None))
 
     async def _to_request_off_loop(body: ChatCompletionRequest, http: HttpRequest) -> Request:
         # Decoding a large image takes a while: off the event loop, so /health and other
@@ -300,7 +304,11 @@ def create_app(runtime: Runtime) -> FastAPI:
             **runtime.predictor.stats(),
             "profile": {"how": profile.how, "detail": profile.detail, "note": profile.note or None},
             **runtime.learner.stats(),
+            **runtime.operations.profile_status(*runtime.profile_keys()),
         }
 
-    app.add_middleware(GuardMiddleware, api_key=server.api_key, max_body_bytes=server.max_body_bytes)
+    guard = guard_options(
+        server, runtime.metrics, ledger_path=runtime.paths.ledger_path, operations=runtime.operations
+    )
+    app.add_middleware(GuardMiddleware, max_body_bytes=server.max_body_bytes, **guard)
     return app

@@ -1,12 +1,25 @@
-"""ASGI middleware: API-key check and request-body size limit, both answering OpenAI errors."""
+"""ASGI middleware: API keys, per-key joule quotas and the request-body size limit (OpenAI errors).
+
+Keys come from a `KeyStore` (`--api-keys FILE` and/or `--api-key`). An authenticated request
+carries its key's NAME to the handlers in `scope["state"]["key_name"]` (FastAPI:
+`request.state.key_name`); the key itself goes no further than this module.
+
+A key whose daily quota is spent gets 429 with `Retry-After` on the endpoints that spend
+energy (`QUOTA_PATHS`); it can still read `/v1/models`, `/metrics` and the ledger.
+"""
 
 from __future__ import annotations
 
-import hmac
 import json
-from typing import Any
+import math
+from typing import TYPE_CHECKING, Any
 
 from joulecap.runtime.errors import JoulecapError, PayloadTooLarge, Unauthorized
+from joulecap.runtime.keys import ApiKey, KeyStore
+from joulecap.runtime.quota import QuotaBook, QuotaExceeded
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from joulecap.runtime.metrics import Metrics
 
 Scope = dict[str, Any]
 Receive = Any
@@ -14,6 +27,11 @@ Send = Any
 
 OPEN_PATHS = frozenset({"/health"})
 """Paths served without an API key (liveness probes)."""
+
+QUOTA_PATHS = frozenset({"/v1/chat/completions", "/chat", "/v1/energy/estimate"})
+"""Paths refused once a key's quota is spent: they run the model (the estimate runs the encoder)."""
+
+ENERGY_USED_HEADER = b"x-energy-used-j"
 
 
 async def send_error(send: Send, error: JoulecapError) -> None:
@@ -26,30 +44,81 @@ async def send_error(send: Send, error: JoulecapError) -> None:
 
 
 class GuardMiddleware:
-    """Refuse unauthenticated requests (401) and bodies over `max_body_bytes` (413).
+    """Refuse unauthenticated requests (401), spent quotas (429) and bodies over `max_body_bytes` (413).
 
-    The key is compared in constant time; `/health` stays open.
+    Args:
+        app: The ASGI app to guard.
+        api_key: The single `--api-key` (used when `keys` is None).
+        max_body_bytes: Largest request body.
+        keys: The key store (`--api-keys` and `--api-key`); None builds one from `api_key`.
+        quotas: The quota book; None builds one over `keys`' quotas.
+        metrics: Where per-key energy and refusals are counted, if anywhere.
+        charge_from_headers: Charge each response's `X-Energy-Used-J` to its key. On by
+            default; a runtime that charges the book itself (streams and failed requests
+            included) turns it off so nothing is counted twice.
+
     """
 
-    def __init__(self, app: Any, *, api_key: str | None, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: Any,
+        *,
+        api_key: str | None = None,
+        max_body_bytes: int,
+        keys: KeyStore | None = None,
+        quotas: QuotaBook | None = None,
+        metrics: Metrics | None = None,
+        charge_from_headers: bool = True,
+    ) -> None:
         self.app = app
-        self.api_key = api_key.encode() if api_key else None
+        self.keys = keys if keys is not None else KeyStore(single_key=api_key)
+        self.quotas = quotas if quotas is not None else QuotaBook(self.keys.quota_j)
+        self.metrics = metrics
+        self.charge_from_headers = charge_from_headers
         self.max_body_bytes = max_body_bytes
 
-    def _authorized(self, scope: Scope) -> bool:
-        if self.api_key is None or scope["path"] in OPEN_PATHS:
-            return True
+    def _authenticate(self, scope: Scope) -> tuple[bool, ApiKey | None]:
+        if not self.keys.enabled or scope["path"] in OPEN_PATHS:
+            return True, None
         headers = dict(scope.get("headers") or [])
         auth = headers.get(b"authorization", b"")
         token = auth[7:].strip() if auth[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
-        return hmac.compare_digest(token, self.api_key)
+        key = self.keys.lookup(token)
+        return key is not None, key
+
+    def _quota_error(self, key: ApiKey, scope: Scope) -> QuotaExceeded | None:
+        if scope["path"] not in QUOTA_PATHS or not self.quotas.exhausted(key.name):
+            return None
+        quota = self.keys.quota_j(key.name) or 0.0
+        if self.metrics is not None:
+            self.metrics.ops.observe_quota_refusal(key.name)
+        return QuotaExceeded(key.name, quota, self.quotas.spent_j(key.name), self.quotas.retry_after_s())
+
+    def _charging_send(self, send: Send, key: ApiKey) -> Send:
+        async def wrapped(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                for name, value in message.get("headers") or []:
+                    if name.lower() == ENERGY_USED_HEADER:
+                        try:
+                            joules = float(value)
+                        except ValueError:
+                            break
+                        if math.isfinite(joules):
+                            self.quotas.charge(key.name, joules)
+                            if self.metrics is not None:
+                                self.metrics.ops.observe_key_energy(key.name, joules)
+                        break
+            await send(message)
+
+        return wrapped
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Check the key and the body size, then pass the request on."""
+        """Check the key, its quota and the body size, then pass the request on."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if not self._authorized(scope):
+        ok, key = self._authenticate(scope)
+        if not ok:
             await send_error(
                 send,
                 Unauthorized(
@@ -59,6 +128,14 @@ class GuardMiddleware:
                 ),
             )
             return
+        if key is not None:
+            refused = self._quota_error(key, scope)
+            if refused is not None:
+                await send_error(send, refused)
+                return
+            scope.setdefault("state", {})["key_name"] = key.name
+            if self.charge_from_headers:
+                send = self._charging_send(send, key)
         too_large = PayloadTooLarge(
             f"Request body exceeds {self.max_body_bytes} bytes (server option --max-body-bytes).",
             code="body_too_large",

@@ -56,6 +56,11 @@ class EnergyConfig:
     """Shortest idle gap between requests used to refresh the idle baseline."""
     sample_history_s: float = 600.0
     """How many seconds of samples the sampler keeps for window integration."""
+    power_state: Literal["auto", "jetson", "nvml", "none"] = "auto"
+    """Where each request's power state (nvpmodel mode, clocks, power limit) is read: `auto`
+    tries the Jetson sysfs tree, then NVML; `none` records no power state."""
+    power_state_ttl_s: float = 1.0
+    """Longest a read power state is reused before it is read again (0: on every request)."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.sample_hz) and 0.0 < self.sample_hz <= MAX_SAMPLE_HZ):
@@ -64,6 +69,8 @@ class EnergyConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0.0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if not (math.isfinite(self.power_state_ttl_s) and self.power_state_ttl_s >= 0.0):
+            raise ValueError(f"power_state_ttl_s must be a finite number >= 0, got {self.power_state_ttl_s}")
         if self.tegrastats_interval_ms <= 0:
             raise ValueError(f"tegrastats_interval_ms must be > 0, got {self.tegrastats_interval_ms}")
         if not self.jtop_interval_s > 0:

@@ -28,6 +28,13 @@ from typing import TypeVar
 
 from joulecap.runtime.energy.base import Meter
 from joulecap.runtime.energy.config import EnergyConfig
+from joulecap.runtime.energy.quality import (
+    NOTE_FROM_POWER,
+    NOTE_SCALED,
+    MeasurementQuality,
+    MeterKind,
+    measurement_quality,
+)
 from joulecap.runtime.energy.sampler import Sampler, WindowEnergy
 from joulecap.runtime.types import EnergyReport, PhaseTimes
 
@@ -131,15 +138,13 @@ class EnergyMonitor:
         if self.sampler.reports_power:
             mean_w, n = self.sampler.mean_power(t0_s, t1_s)
             if math.isfinite(mean_w):
-                return WindowEnergy(
-                    mean_w * duration, n, True, f"{why}: integrated from power readings", "power"
-                )
+                return WindowEnergy(mean_w * duration, n, True, f"{why}: {NOTE_FROM_POWER}", "power")
         # No power readings: take one update period around the window and scale it down.
         mid = (t0_s + t1_s) / 2.0
         wide = self.sampler.integrate(mid - period / 2.0, mid + period / 2.0)
         inside = self.sampler.integrate(t0_s, t1_s).samples
         return WindowEnergy(
-            wide.energy_j * duration / period, inside, True, f"{why}: scaled from one update period", "scaled"
+            wide.energy_j * duration / period, inside, True, f"{why}: {NOTE_SCALED}", "scaled"
         )
 
     @property
@@ -254,6 +259,17 @@ class EnergyMonitor:
                 prefill_j, decode_j = prefill_j * scale, total.energy_j - prefill_j * scale
         duration = end - start
         total_j = prefill_j + decode_j
+        if self.meter.source == "measured" and duration > 0 and not total_j > 0:
+            # Powered hardware never draws 0 W: a counter that did not move over a real window
+            # is a reading the device does not support (a vGPU, a MIG slice), not a free request.
+            return self._fallback(
+                start,
+                first,
+                end,
+                pp,
+                pd,
+                f"meter reported 0 J over {duration * 1e3:.1f} ms (a reading this hardware does not support)",
+            )
         self._after_request(start, end)
         idle_j = min(self._idle_w * duration, total_j)
         return EnergyReport(
@@ -350,6 +366,26 @@ class EnergyMonitor:
             self._idle_measured = True
             self._idle_until = gap_end
         log.debug("idle baseline %.2f W -> %.2f W (gap of %.1f s)", old, self._idle_w, t1 - t0)
+
+    def quality(self, report: EnergyReport) -> MeasurementQuality:
+        """Measurement quality of a report this monitor produced (for the ledger row).
+
+        A fallback report (the meter failed) is an estimate whatever the meter is.
+        """
+        fallback = report.meter.startswith("estimate:") and report.meter != self.meter.name
+        kind = None if fallback else self.meter_kind
+        return measurement_quality(
+            report,
+            meter_kind=kind,
+            sample_period_s=self.sampler.period_s,
+            meter_update_period_s=float(getattr(self.meter, "update_period_s", 0.0) or 0.0),
+        )
+
+    @property
+    def meter_kind(self) -> MeterKind | None:
+        """`counter` or `power` once the first sample told which (None before any sample)."""
+        counter = self.sampler.counter
+        return None if counter is None else ("counter" if counter else "power")
 
     def describe(self) -> dict[str, object]:
         """Meter facts plus sampling state, for `/v1/energy/meter`-style endpoints."""

@@ -232,6 +232,11 @@ class Sampler:
     def __len__(self) -> int:
         return len(self._ring)
 
+    @property
+    def counter(self) -> bool | None:
+        """True for a counter meter, False for a power meter, None before the first sample."""
+        return self._counter
+
     def oldest_t(self) -> float | None:
         """Return the time of the oldest sample kept, or None."""
         with self._lock:
