@@ -34,6 +34,7 @@ from joulecap.runtime.engines.base import EngineInfo, RunHooks
 from joulecap.runtime.engines.config import EngineConfig
 from joulecap.runtime.engines.decoding import StreamDetokenizer, TokenChooser, finish_run, stop_after_token
 from joulecap.runtime.engines.factory import ModelLoadError
+from joulecap.runtime.engines.processors import load_processor
 from joulecap.runtime.errors import InvalidRequest
 from joulecap.runtime.tiny_models import MARKER
 from joulecap.runtime.types import (
@@ -100,10 +101,10 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype) -> tuple[An
         ModelLoadError: Not loadable; the message names the fix.
 
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     def load(source: str, local_only: bool) -> tuple[Any, Any]:
-        processor = AutoProcessor.from_pretrained(source, local_files_only=local_only)
+        processor = load_processor(source, local_files_only=local_only)
         net: Any = AutoModelForImageTextToText.from_pretrained(
             source, dtype=dtype, local_files_only=local_only
         )
