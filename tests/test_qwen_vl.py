@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -69,7 +70,7 @@ def _processor_inputs(engine: TransformersEngine, request: Request) -> Any:
 
 
 # ---------------------------------------------------------------------------------------- (a)
-@pytest.mark.parametrize("n_images", [0, 1, 2])
+@pytest.mark.parametrize("n_images", [0, 2])
 def test_all_tokens_kept_matches_generate(engine: TransformersEngine, n_images: int) -> None:
     req = _request(n_images)
     prepared = engine.prepare(req)
@@ -221,6 +222,23 @@ def test_extreme_aspect_ratio_is_an_invalid_request(engine: TransformersEngine) 
     )
     with pytest.raises(InvalidRequest, match="aspect ratio"):
         engine.prepare(req)
+
+
+def test_context_is_checked_on_the_unpruned_prompt(
+    engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Images that fit only after pruning are refused before the vision tower runs; pruning never
+    makes a prompt that fits stop fitting."""
+    full = int(_processor_inputs(engine, _request(2))["input_ids"].shape[1])
+    monkeypatch.setattr(engine, "info", replace(engine.info, context_length=full))  # full + 1 > context
+    with pytest.raises(InvalidRequest) as info:
+        engine.prepare(_request(2))
+    assert info.value.code == "context_length_exceeded"
+    monkeypatch.setattr(engine, "info", replace(engine.info, context_length=full + 2))
+    prepared = engine.prepare(_request(2))
+    for keep in (prepared.visual_tokens, (1, 1)):
+        result = engine.run(prepared, _plan(prepared, keep, max_new=8), RunHooks())
+        assert result.prefill_tokens + len(result.token_ids) <= full + 2
 
 
 def test_reserved_vision_tokens_in_text_are_invalid(engine: TransformersEngine) -> None:
