@@ -281,6 +281,19 @@ def test_eadaprune_budgets_each_image(runtime: Any) -> None:
     assert result.generation.prefill_tokens == prepared.input_tokens - sum(prepared.visual_tokens) + sum(want)
 
 
+def test_every_policy_runs(runtime: Any) -> None:
+    from joulecap.policies import available_policies
+
+    for policy in available_policies():
+        result = runtime.chat(
+            "What is in the picture?", list(IMAGES), policy=policy, max_tokens=3, energy_budget_j=50.0
+        )
+        generation = result.generation
+        assert result.plan.policy == policy
+        assert 0 < generation.visual_tokens_kept <= generation.visual_tokens_in, policy
+        assert 0 < len(generation.token_ids) <= 3, policy
+
+
 def test_serves_joint_over_http(runtime: Any, png: Any) -> None:
     from joulecap.runtime.api.app import create_app
     from joulecap.runtime.api.server import BackgroundServer
