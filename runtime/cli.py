@@ -124,8 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = command("serve", _serve, "Serve the OpenAI-style API (demo model unless --model).")
     _add(serve, "serve", SERVE)
 
+    from joulecap.runtime.tiny_models import tiny_archs
+
     tiny = command("make-tiny-model", _make_tiny_model, "Build a tiny random-weight VLM locally.")
-    tiny.add_argument("--arch", choices=["idefics3", "llava"], default="idefics3")
+    tiny.add_argument("--arch", choices=tiny_archs(), default="idefics3")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("dir", help="Output directory")
 

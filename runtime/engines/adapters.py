@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -20,8 +21,66 @@ ADAPTERS: dict[str, str] = {
     "idefics3": "joulecap.runtime.engines.idefics3:Idefics3Adapter",
     "smolvlm": "joulecap.runtime.engines.idefics3:Idefics3Adapter",
     "llava": "joulecap.runtime.engines.llava:LlavaAdapter",
+    "qwen2_vl": "joulecap.runtime.engines.qwen2_vl:Qwen2VLAdapter",
+    "qwen2_5_vl": "joulecap.runtime.engines.qwen2_vl:Qwen2VLAdapter",
+    "qwen3_vl": "joulecap.runtime.engines.qwen3_vl:Qwen3VLAdapter",
 }
 """Hugging Face `model_type` -> `module:Class` of its adapter (imported on first use)."""
+
+
+@dataclass(frozen=True)
+class EncodedImages:
+    """What the vision tower produced for a prompt's images.
+
+    Attributes:
+        features: Per image, `[N_i, D]` post-projector features (what pruning selects among).
+        extras: Anything else a family's LM needs per visual token (e.g. Qwen3-VL's deepstack
+            features), handed back unchanged to `FamilyAdapter.lm_inputs`; None for most families.
+
+    """
+
+    features: tuple[torch.Tensor, ...]
+    extras: Any = None
+
+
+@dataclass(frozen=True)
+class LMInputs:
+    """Forward inputs beyond the embeddings that must follow the kept tokens.
+
+    Attributes:
+        prefill: Extra keyword arguments of the prefill forward (e.g. `position_ids` gathered at
+            the kept tokens, `token_type_ids`), each already cut to the kept prompt.
+        decode: Called before each decode step with the number of tokens already in the KV
+            cache; returns that step's extra keyword arguments. None: the step needs none.
+
+    """
+
+    prefill: dict[str, Any] = field(default_factory=dict)
+    decode: Callable[[int], dict[str, Any]] | None = None
+
+    def step(self, past_length: int) -> dict[str, Any]:
+        """Extra keyword arguments of the decode step after `past_length` cached tokens."""
+        return {} if self.decode is None else self.decode(past_length)
+
+
+def keep_mask(length: int, positions: Sequence[torch.Tensor], keep: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`[length]` bool mask of the prompt tokens that stay: all text, the kept visual tokens.
+
+    Args:
+        length: Prompt length with every visual placeholder present.
+        positions: Per image, the placeholder positions in the prompt.
+        keep: Per image, sorted indices (into that image's placeholders) of the tokens kept.
+
+    """
+    device = positions[0].device if positions else None
+    mask = torch.ones(length, dtype=torch.bool, device=device)
+    for pos, kept in zip(positions, keep, strict=True):
+        if pos.numel() == 0:
+            continue
+        dropped = torch.ones(pos.numel(), dtype=torch.bool, device=pos.device)
+        dropped[kept.to(pos.device)] = False
+        mask[pos[dropped]] = False
+    return mask
 
 
 class FamilyAdapter(ABC):
@@ -86,6 +145,45 @@ class FamilyAdapter(ABC):
         ids.update(vocab[t] for t in self.extra_stop_tokens if t in vocab)
         return frozenset(int(i) for i in ids)
 
+    def encode(self, inputs: Mapping[str, Any], positions: Sequence[torch.Tensor]) -> EncodedImages:
+        """Run the vision tower once: per-image features, plus any family extras.
+
+        Families whose LM needs more than the features (Qwen3-VL's deepstack) override this.
+        """
+        return EncodedImages(self.encode_images(inputs, positions))
+
+    def lm_inputs(
+        self,
+        input_ids: torch.Tensor,
+        kept: torch.Tensor,
+        image_inputs: Mapping[str, Any],
+        extras: Any,
+    ) -> LMInputs:
+        """Extra forward inputs for the kept prompt and each decode step (default: none).
+
+        The hook for families whose LM takes more than embeddings: multimodal rotary positions
+        (Qwen: computed on the whole prompt, gathered at the kept tokens), token types (Gemma-3),
+        per-token visual extras. Family code stays in the family's module.
+
+        Args:
+            input_ids: `[L]` prompt ids with every visual placeholder present (the ids spliced).
+            kept: `[L]` bool mask of the prompt tokens that stay (`keep_mask`).
+            image_inputs: The processor's outputs for the prompt besides `input_ids` and
+                `attention_mask` (pixel values, grids, ...), on the model's device.
+            extras: `EncodedImages.extras` of the prompt's images.
+
+        """
+        return LMInputs()
+
+    def forward(self, **kwargs: Any) -> Any:
+        """One LM forward (prefill or decode step): the model's own, unless a family needs more.
+
+        Returns:
+            An output with `.logits` and `.past_key_values`.
+
+        """
+        return self.model(**kwargs)
+
     def encode_images(
         self, inputs: Mapping[str, Any], positions: Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor, ...]:
@@ -124,15 +222,11 @@ class FamilyAdapter(ABC):
         """
         with torch.inference_mode():
             embeds = self.model.get_input_embeddings()(input_ids.unsqueeze(0))[0]
-            keep_mask = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-            for pos, feats, kept in zip(positions, features, keep, strict=True):
-                if pos.numel() == 0:
-                    continue
-                embeds[pos] = feats.to(embeds.dtype)
-                dropped = torch.ones(pos.numel(), dtype=torch.bool, device=pos.device)
-                dropped[kept.to(pos.device)] = False
-                keep_mask[pos[dropped]] = False
-            return embeds[keep_mask].unsqueeze(0)
+            for pos, feats in zip(positions, features, strict=True):
+                if pos.numel():
+                    embeds[pos] = feats.to(embeds.dtype)
+            mask = keep_mask(input_ids.shape[0], positions, keep).to(embeds.device)
+            return embeds[mask].unsqueeze(0)
 
 
 def get_adapter(model: Any, processor: Any) -> FamilyAdapter:

@@ -7,6 +7,8 @@ embeddings (dropped tokens' placeholders are removed, so the LM input really is 
 prefills and decodes token by token with the model's KV cache. The decode loop is our own rather
 than `generate()` so the stop hook, cancellation and streaming act exactly between two tokens; with
 every visual token kept it is token-for-token identical to `generate(**processor(...))` (tested).
+Families whose LM takes more than embeddings (M-RoPE positions, token types, deepstack features)
+add it through their adapter's `lm_inputs` hook, cut to the kept tokens, at prefill and each step.
 
 Concurrency: one request at a time (`max_concurrency = 1`). The `Runtime` queues requests in
 arrival order in front of the engine; a lock also serialises direct callers.
@@ -29,11 +31,12 @@ import torch
 
 from joulecap.kernels import leverage_basis, select_tokens
 from joulecap.runtime.brevity import RESERVE_SIZES, brevity_hint
-from joulecap.runtime.engines.adapters import FamilyAdapter, get_adapter
+from joulecap.runtime.engines.adapters import FamilyAdapter, LMInputs, get_adapter, keep_mask
 from joulecap.runtime.engines.base import EngineInfo, RunHooks
 from joulecap.runtime.engines.config import EngineConfig
 from joulecap.runtime.engines.decoding import StreamDetokenizer, TokenChooser, finish_run, stop_after_token
 from joulecap.runtime.engines.factory import ModelLoadError
+from joulecap.runtime.engines.processors import load_processor
 from joulecap.runtime.errors import InvalidRequest
 from joulecap.runtime.tiny_models import MARKER
 from joulecap.runtime.types import (
@@ -100,10 +103,10 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype) -> tuple[An
         ModelLoadError: Not loadable; the message names the fix.
 
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     def load(source: str, local_only: bool) -> tuple[Any, Any]:
-        processor = AutoProcessor.from_pretrained(source, local_files_only=local_only)
+        processor = load_processor(source, local_files_only=local_only)
         net: Any = AutoModelForImageTextToText.from_pretrained(
             source, dtype=dtype, local_files_only=local_only
         )
@@ -138,10 +141,14 @@ class _Payload:
     input_ids: torch.Tensor
     positions: tuple[torch.Tensor, ...]
     images: tuple[Any, ...]
+    image_inputs: dict[str, Any]
+    """The processor's outputs besides ids, mask and pixels (grids, token types), on the device."""
+    extras: Any = None
+    """`EncodedImages.extras`: per-token visual extras a family's LM needs (e.g. deepstack)."""
 
 
 class TransformersEngine:
-    """Embedded VLM engine (Idefics3/SmolVLM and LLaVA families) executing joulecap plans.
+    """Embedded VLM engine executing joulecap plans (the families in `adapters.ADAPTERS`).
 
     Args:
         config: Engine settings; `config.model` must already be resolved (a path or hub id).
@@ -278,13 +285,15 @@ class TransformersEngine:
             except ValueError as exc:
                 raise InvalidRequest(f"Could not place the images in the prompt: {exc}") from exc
             features: tuple[torch.Tensor, ...] = ()
+            extras: Any = None
+            pixel_inputs = {
+                k: (v.to(self.device) if isinstance(v, torch.Tensor) else v)
+                for k, v in inputs.items()
+                if k not in ("input_ids", "attention_mask")
+            }
             if images:
-                pixel_inputs = {
-                    k: (v.to(self.device) if isinstance(v, torch.Tensor) else v)
-                    for k, v in inputs.items()
-                    if k not in ("input_ids", "attention_mask")
-                }
-                features = self.adapter.encode_images(pixel_inputs, positions)
+                encoded = self.adapter.encode(pixel_inputs, positions)
+                features, extras = encoded.features, encoded.extras
             decompose = bases and self.config.leverage_basis
             image_bases = tuple(leverage_basis(f) for f in features) if decompose else ()
         visual = tuple(int(p.numel()) for p in positions)
@@ -294,7 +303,14 @@ class TransformersEngine:
             visual_tokens=visual,
             features=features,
             context_length=self.info.context_length,
-            payload=_Payload(input_ids=input_ids, positions=tuple(positions), images=images),
+            payload=_Payload(
+                input_ids=input_ids,
+                positions=tuple(positions),
+                images=images,
+                # The LM-side hooks need grids and token types, not the pixels (already encoded).
+                image_inputs={k: v for k, v in pixel_inputs.items() if not k.startswith("pixel_")},
+                extras=extras,
+            ),
             hint_tokens=self.hint_tokens,
             bases=image_bases,
         )
@@ -354,7 +370,13 @@ class TransformersEngine:
         keep = self._keep_indices(prepared, plan)
         input_ids, positions = self._prompt_ids(prepared, plan)
         ids = input_ids.to(self.device)
-        embeds = self.adapter.splice(ids, [p.to(self.device) for p in positions], prepared.features, keep)
+        device_positions = [p.to(self.device) for p in positions]
+        embeds = self.adapter.splice(ids, device_positions, prepared.features, keep)
+        payload = prepared.payload
+        assert isinstance(payload, _Payload)
+        extra: LMInputs = self.adapter.lm_inputs(
+            ids, keep_mask(int(ids.shape[0]), device_positions, keep), payload.image_inputs, payload.extras
+        )
         prefill_tokens = int(embeds.shape[1])
         self._check_context(prefill_tokens)
         visual_in = sum(prepared.visual_tokens)
@@ -369,10 +391,10 @@ class TransformersEngine:
             reason = "length"
         first_token_s: float | None = None
         past = None
-        step_kwargs: dict[str, Any] = {"inputs_embeds": embeds}
+        step_kwargs: dict[str, Any] = {"inputs_embeds": embeds, **extra.prefill}
         length = prefill_tokens
         while reason is None:
-            out = self.model(
+            out = self.adapter.forward(
                 **step_kwargs,
                 attention_mask=mask[:, :length],
                 past_key_values=past,
@@ -390,7 +412,8 @@ class TransformersEngine:
             delta = detok.push(token, final=reason is not None)
             if hooks.on_token is not None:
                 hooks.on_token(token, delta)
-            step_kwargs = {"input_ids": torch.tensor([[token]], device=self.device)}
+            # `length` tokens are in the cache now; the new token goes at index `length`.
+            step_kwargs = {"input_ids": torch.tensor([[token]], device=self.device), **extra.step(length)}
             length += 1
         return finish_run(
             detok,
