@@ -25,7 +25,7 @@ CORE = (
     "joulecap.runtime.paths",
 )
 ENERGY = ("joulecap.runtime.energy",)
-ENGINES = ("joulecap.runtime.engines", "joulecap.runtime.tiny_models")
+ENGINES = ("joulecap.runtime.engines", "joulecap.runtime.tiny_models", "joulecap.runtime.tiny_families")
 POLICIES = ("joulecap.policies",)
 API = ("joulecap.runtime.api",)
 CLI = ("joulecap.runtime.cli",)
