@@ -15,8 +15,8 @@ the MAPE, `held_out_mape` therefore measures two floors on the same requests:
   whole pass exactly but not how fast the machine is running at each moment. Unlike the
   back-to-back repeat, this includes drift over seconds.
 
-When these floors are above the target, the target cannot be shown on this machine by any
-predictor of this form; the benchmark reports them beside the MAPE so a reader can tell.
+No predictor of this form can score much below these floors on this machine; the benchmark
+reports them beside the MAPE so a reader can tell the predictor's error from the machine's noise.
 
 Besides the frozen calibrated predictor, `online` predictors (copies that learn from each
 held-out measurement after predicting it, as a server's predictor does) are scored on the same

@@ -35,12 +35,11 @@ class PlanContext:
         budget_j: The request's joule budget, if any (already validated).
         encode_j: Energy the request has already spent when it is planned (the measured image
             preprocessing and vision encoder). Policies plan the run within `left_j`.
-        encode_estimate_j: The encode's expected energy on this server (learned from earlier
-            requests; this request's own measurement until there are any). The feasibility rule
-            uses it instead of `encode_j`, so that the stated minimum does not move with one
-            encode's noise: a retry at the stated minimum is accepted.
-        margin: The feasibility margin: the relative error the unstoppable part of a run (encode
-            and prefill to the first token) is allowed (the learned margin, `runtime/margin.py`).
+        margin: The feasibility margin: the relative error the part of a run the governor cannot
+            stop (the LM prefill to the first tokens) is allowed (learned, `runtime/margin.py`).
+        promised_min_j: The minimum this server stated for the same request earlier (a 422 or an
+            estimate), if it is still held: a retry at it is accepted even when this attempt's
+            encode came out dearer (`runtime/promises.py`).
 
     """
 
@@ -50,8 +49,8 @@ class PlanContext:
     max_tokens: int | None = None
     budget_j: float | None = None
     encode_j: float = 0.0
-    encode_estimate_j: float = 0.0
     margin: float = 0.0
+    promised_min_j: float | None = None
 
     @property
     def left_j(self) -> float | None:
@@ -185,15 +184,24 @@ def lower_visual(keep: Sequence[int], floors: Sequence[int], total: int) -> tupl
 def minimum_j(prepared: PreparedRequest, ctx: PlanContext, visual_kept: int) -> float:
     """The feasibility rule: the smallest budget accepted for a minimum answer with `visual_kept`.
 
-    The part of a run the governor cannot stop (the encode and the LM prefill up to the first
-    `min_output_tokens`) must fit with the feasibility margin:
-    `(encode_estimate_j + predicted run of the minimum answer) * (1 + margin)`, rounded up to
-    `MIN_J_RESOLUTION`. Admission (`fits`), the 422's message and `X-Energy-Min-J`, and
-    `/v1/energy/estimate` all read this one number.
+    The encode is spent and measured when a request is planned; the part of the run the governor
+    cannot stop (the LM prefill up to the first `min_output_tokens`) must fit with the feasibility
+    margin: `encode_j + predicted run of the minimum answer * (1 + margin)`, rounded up to
+    `MIN_J_RESOLUTION`. A policy states and admits with `stated_min_j` (this at its smallest plan,
+    or the minimum already stated for the same request if lower); admission (`fits`), the 422's
+    message and `X-Energy-Min-J`, and `/v1/energy/estimate` all read that one number.
     """
     run = ctx.predictor.predict(text_tokens(prepared, ctx), visual_kept, ctx.config.min_output_tokens)
-    raw = (ctx.encode_estimate_j + run.total_j) * (1.0 + ctx.margin)
+    raw = ctx.encode_j + run.total_j * (1.0 + ctx.margin)
     return math.ceil(raw / MIN_J_RESOLUTION - 1e-6) * MIN_J_RESOLUTION
+
+
+def stated_min_j(prepared: PreparedRequest, ctx: PlanContext, visual_kept: int) -> float:
+    """The minimum a policy states for its smallest plan (`visual_kept` tokens): `minimum_j`, or the
+    minimum this server already stated for the same request if that is lower (a retry at a stated
+    minimum is accepted even when its encode came out dearer)."""
+    min_j = minimum_j(prepared, ctx, visual_kept)
+    return min_j if ctx.promised_min_j is None else min(min_j, ctx.promised_min_j)
 
 
 def fits(ctx: PlanContext, min_j: float) -> bool:
@@ -209,8 +217,7 @@ def visual_for(prepared: PreparedRequest, ctx: PlanContext) -> int:
     """
     if ctx.budget_j is None or ctx.left_j is None:
         raise ValueError("visual_for needs a budget")
-    run_j = ctx.budget_j / (1.0 + ctx.margin) - ctx.encode_estimate_j
-    run_j = min(run_j, ctx.left_j - ctx.budget_j * ctx.config.budget_headroom)
+    run_j = min(ctx.left_j / (1.0 + ctx.margin), ctx.left_j - ctx.budget_j * ctx.config.budget_headroom)
     if run_j <= 0:
         return -1
     return ctx.predictor.max_visual_tokens(run_j, text_tokens(prepared, ctx), ctx.config.min_output_tokens)

@@ -15,6 +15,7 @@ from joulecap.policies.base import (
     minimum_j,
     output_cap,
     spectral_keep,
+    stated_min_j,
     too_small,
     visual_for,
 )
@@ -34,7 +35,7 @@ class Joint(Policy):
         """Plan under the budget; see the module docstring."""
         keep = spectral_keep(prepared, ctx)
         floors = tuple(min(k, ctx.config.visual_floor_tokens) for k in keep)
-        min_j = minimum_j(prepared, ctx, sum(floors))
+        min_j = stated_min_j(prepared, ctx, sum(floors))
         if ctx.budget_j is None:
             cap = output_cap(prepared, ctx, sum(keep))
             return self.make_plan(prepared, ctx, keep, cap, f"joint: no budget, tau {ctx.tau:g}", min_j=min_j)

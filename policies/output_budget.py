@@ -7,8 +7,8 @@ from joulecap.policies.base import (
     Policy,
     all_visual,
     fits,
-    minimum_j,
     output_cap,
+    stated_min_j,
     text_tokens,
     too_small,
 )
@@ -41,7 +41,7 @@ class OutputBudget(Policy):
         """Fit the output to the budget (422 with the minimum joules when even the minimum does not fit)."""
         keep = all_visual(prepared)
         cap = output_cap(prepared, ctx, sum(keep))
-        min_j = minimum_j(prepared, ctx, sum(keep))
+        min_j = stated_min_j(prepared, ctx, sum(keep))
         if ctx.budget_j is None:
             reason = "output_budget: no budget, output capped only"
             return self.make_plan(prepared, ctx, keep, cap, reason, min_j=min_j)

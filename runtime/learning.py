@@ -3,12 +3,11 @@
 After every run the runtime hands the learner an `Outcome`; the learner updates
 
 - the predictor (RLS and speed factor) with the run's measured energy,
-- the encode estimate with the measured encode,
-- the feasibility margin with how far the unstoppable part (encode + prefill to the first token)
-  exceeded what the plan assumed for it,
+- the feasibility margin with how far the part of a run the governor cannot stop (the LM
+  prefill to the first token) exceeded its prediction,
 - the governor's first-step premium with the first decode step's priced and measured cost.
 
-Only warm runs teach the margins and the encode estimate: the first run after start-up and the
+Only warm runs teach the margins: the first run after start-up and the
 first after `cold_idle_s` of idleness pay for caches and clocks that later requests do not, and
 would hold the margin up for the whole window. Replayed or interpolated energy teaches nothing
 (it describes another device, or leans on the predictor itself).
@@ -21,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from joulecap.runtime.margin import EncodeEstimate, RobustOvershoot
+from joulecap.runtime.margin import RobustOvershoot
 from joulecap.runtime.predictor import Predictor
 from joulecap.runtime.types import ChatResult, EnergyReport
 
@@ -42,7 +41,7 @@ class LearningConfig:
     (0 = off; 0.2 weighs the last ~5 requests)."""
     feasibility_margin: float = 0.1
     """The feasibility margin's least safety: a budget is accepted only when the predicted
-    unstoppable part of its minimum answer (encode and prefill to the first token) times
+    unstoppable part of its minimum answer (the LM prefill to the first token) times
     (1 + margin) fits. The margin follows the measured error of that part over the last 50 warm
     runs: its median plus `feasibility_z` robust sigmas, the latter at least this (and this alone
     until 5 runs are seen)."""
@@ -110,25 +109,21 @@ class Outcome:
 
 
 class Learner:
-    """Owns the predictor's updates, the feasibility margin, the first-step premium and the encode estimate.
+    """Owns the predictor's updates, the feasibility margin and the first-step premium.
 
     Args:
         predictor: The served model's energy model (updated in place).
         config: Learning settings.
-        encode_seed: Encode energy per visual token measured by the calibration sweep, if any.
 
     """
 
-    def __init__(
-        self, predictor: Predictor, config: LearningConfig, encode_seed: float | None = None
-    ) -> None:
+    def __init__(self, predictor: Predictor, config: LearningConfig) -> None:
         self.predictor = predictor
         self.config = config
         self.margin = RobustOvershoot(
             config.feasibility_margin, config.feasibility_margin_max, z=config.feasibility_z
         )
         self.first_step = RobustOvershoot(0.0, FIRST_STEP_PREMIUM_CAP)
-        self.encode = EncodeEstimate(seed_j_per_visual_token=encode_seed)
         self._last_active_s: float | None = None
         self._lock = threading.Lock()
 
@@ -157,22 +152,13 @@ class Learner:
         )
         if not warm or outcome.output_tokens == 0:
             return
-        # The encode the feasibility rule assumed for this request, before this measurement.
-        assumed_j = self.encode.estimate_j(outcome.visual_tokens_in, energy.encode_j)
-        self.margin.observe(assumed_j + first, energy.encode_j + energy.prefill_j)
-        if energy.encode_j > 0:
-            self.encode.observe(outcome.visual_tokens_in, energy.encode_j)
+        self.margin.observe(first, energy.prefill_j)
         if outcome.first_step is not None:
             self.first_step.observe(*outcome.first_step)
 
-    def encode_estimate_j(self, visual_tokens: int, measured_j: float) -> float:
-        """The encode the feasibility rule assumes for a request (see `EncodeEstimate`)."""
-        return self.encode.estimate_j(visual_tokens, measured_j)
-
     def stats(self) -> dict[str, object]:
-        """Margins and encode estimate, for `/v1/energy/profile`."""
+        """The margins, for `/v1/energy/profile`."""
         return {
             "margin": self.margin.stats(),
             "first_step_premium": self.first_step.stats(),
-            "encode": self.encode.stats(),
         }

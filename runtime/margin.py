@@ -2,9 +2,10 @@
 
 Two of them steer the budget contract:
 
-- the **feasibility margin**: how much the part of a run that cannot be stopped (the encode and
-  the LM prefill up to the first token) may exceed its prediction. A budget is accepted only when
-  that part's prediction times `1 + margin` fits it (`joulecap.policies.base.minimum_j`);
+- the **feasibility margin**: how much the part of a run that cannot be stopped (the LM prefill
+  up to the first token; the encode before it is measured) may exceed its prediction. A budget is
+  accepted only when the encode plus that part's prediction times `1 + margin` fits it
+  (`joulecap.policies.base.minimum_j`);
 - the governor's **first-step premium**: how much the first decode step costs over the steady
   per-token cost the predictor learns.
 
@@ -82,50 +83,3 @@ class RobustOvershoot:
         with self._lock:
             n = len(self._overshoot)
         return {"value": self.value(), "samples": n, "floor": self.floor, "cap": self.cap, "z": self.z}
-
-
-class EncodeEstimate:
-    """Expected encode energy of a request: a robust running joules-per-visual-token.
-
-    The encode (image preprocessing and vision tower) is measured before planning. The
-    feasibility rule plans with its *expected* cost rather than this request's own reading, so
-    that the stated minimum is a property of the server and the request's shape, not of one
-    encode's noise. Requests without images count only their text preparation (`text_j`).
-    """
-
-    def __init__(self, window: int = 50, seed_j_per_visual_token: float | None = None) -> None:
-        self._per_token: deque[float] = deque(maxlen=window)
-        self._text: deque[float] = deque(maxlen=window)
-        self._lock = threading.Lock()
-        # The calibration sweep measures encodes too: a calibrated server starts from its rate.
-        if seed_j_per_visual_token is not None and seed_j_per_visual_token > 0:
-            self._per_token.append(seed_j_per_visual_token)
-        self._per_token_j: float | None = seed_j_per_visual_token if self._per_token else None
-        self._text_j: float | None = None
-
-    def observe(self, visual_tokens: int, encode_j: float) -> None:
-        """Record one warm request's measured encode."""
-        if not (math.isfinite(encode_j) and encode_j >= 0):
-            return
-        with self._lock:
-            if visual_tokens > 0:
-                self._per_token.append(encode_j / visual_tokens)
-                self._per_token_j = float(np.median(np.fromiter(self._per_token, float)))
-            else:
-                self._text.append(encode_j)
-                self._text_j = float(np.median(np.fromiter(self._text, float)))
-
-    def estimate_j(self, visual_tokens: int, measured_j: float) -> float:
-        """Expected encode joules for `visual_tokens`; `measured_j` until anything was observed."""
-        rate = self._per_token_j if visual_tokens > 0 else self._text_j
-        if rate is None:
-            return measured_j
-        return rate * visual_tokens if visual_tokens > 0 else rate
-
-    def stats(self) -> dict[str, float | int | None]:
-        """Current per-visual-token and text-only estimates."""
-        return {
-            "j_per_visual_token": self._per_token_j,
-            "text_only_j": self._text_j,
-            "samples": len(self._per_token) + len(self._text),
-        }

@@ -22,7 +22,7 @@ from joulecap.runtime.engines.base import Engine
 from joulecap.runtime.learning import LearningConfig
 from joulecap.runtime.paths import Paths
 from joulecap.runtime.predictor import Predictor
-from joulecap.runtime.profiles import encode_seed, load_default, predictor_from, read_profile
+from joulecap.runtime.profiles import load_default, predictor_from, read_profile
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,6 @@ class ProfileSetup:
             `/v1/energy/profile`.
         detail: The file, or why there is none.
         note: What every response's `note` says about it ("" when calibrated).
-        encode_seed: Encode joules per visual token from the calibration sweep, if known.
 
     """
 
@@ -50,7 +49,6 @@ class ProfileSetup:
     how: str
     detail: str
     note: str
-    encode_seed: float | None
 
 
 def setup_profile(
@@ -72,7 +70,7 @@ def setup_profile(
     data, why = read_profile(paths.profile_dir, info.model, info.device, info.dtype, power_mode)
     if data is not None:
         log.info("%s: loaded (source %s)", why, data.get("source"))
-        return ProfileSetup(predictor_from(data, **opts), "loaded", why, "", encode_seed(data))
+        return ProfileSetup(predictor_from(data, **opts), "loaded", why, "")
     if power_mode:
         data, base = read_profile(paths.profile_dir, info.model, info.device, info.dtype)
         if data is not None:
@@ -82,11 +80,11 @@ def setup_profile(
             )
             log.warning("%s", flag)
             predictor = predictor_from(data, **opts)
-            return ProfileSetup(predictor, "loaded (other power mode)", base, flag, encode_seed(data))
+            return ProfileSetup(predictor, "loaded (other power mode)", base, flag)
     if not calibration.auto_calibrate:
         log.warning("%s; --no-auto-calibrate: serving on the uncalibrated default", why)
         predictor = load_default(info.params_b, **opts)
-        return ProfileSetup(predictor, "default", why, UNCALIBRATED_NOTE, None)
+        return ProfileSetup(predictor, "default", why, UNCALIBRATED_NOTE)
     n = len(QUICK.points())
     log.info("%s: calibrating now (quick sweep, %d runs; --no-auto-calibrate to skip)", why, n)
     started_s = time.monotonic()
@@ -111,6 +109,4 @@ def setup_profile(
     if data is None:  # pragma: no cover - the profile was just written
         raise RuntimeError(f"calibration wrote {path}, but it cannot be read back: {why}")
     log.info("calibrated at start-up in %.1f s: %s", time.monotonic() - started_s, path)
-    return ProfileSetup(
-        predictor_from(data, **opts), "calibrated at start-up", str(path), "", encode_seed(data)
-    )
+    return ProfileSetup(predictor_from(data, **opts), "calibrated at start-up", str(path), "")

@@ -144,12 +144,6 @@ def predictor_from(data: dict[str, Any], *, forgetting: float = 0.98, speed_alph
     )
 
 
-def encode_seed(data: dict[str, Any] | None) -> float | None:
-    """The calibration sweep's measured encode joules per visual token, when the profile has it."""
-    value = (data or {}).get("encode", {}).get("j_per_visual_token") if isinstance(data, dict) else None
-    return float(value) if isinstance(value, int | float) and math.isfinite(value) and value > 0 else None
-
-
 def save_profile(
     profile_dir: str | Path,
     model: str,

@@ -109,7 +109,7 @@ class Runtime:
             self.engine, self.monitor, self.paths, cfg.learning, cfg.calibration, self.power_mode
         )
         self.predictor = self.profile.predictor
-        self.learner = Learner(self.predictor, cfg.learning, encode_seed=self.profile.encode_seed)
+        self.learner = Learner(self.predictor, cfg.learning)
         self.scheduler = Scheduler(cfg.scheduler, self.predictor, self.learner)
         self.accounting = make_accounting(
             self.monitor, getattr(self.engine, "work_log", None), self.predictor.token_costs
@@ -149,17 +149,12 @@ class Runtime:
         # The path a real first request takes (image decode, processor, vision tower, decomposition,
         # planning, prefill, decode under the governor's meter reads), twice: the first pays for
         # lazy initialisation, the second for what the first left cold. Not recorded.
-        # The last, warm encode seeds the expected encode, so that the feasibility rule states the
-        # same minimum for a request and its retry from the first request on.
         started_s = time.monotonic()
         for policy in dict.fromkeys((self.config.scheduler.policy, "joint")):
             request = warmup_request(self.limits, policy)
             for _ in range(2):
                 prepared, plan = self.plan(request, record=False)
                 self.run_planned(prepared, plan, record=False)
-        self.learner.encode.observe(sum(prepared.visual_tokens), prepared.encode_j)
-        text_only, _ = self.plan(warmup_request(self.limits, None), record=False)
-        self.learner.encode.observe(0, text_only.encode_j)
         self.learner.mark_active()
         log.info("engine warm-up took %.3f s", time.monotonic() - started_s)
 
@@ -220,6 +215,8 @@ class Runtime:
         plan, refusal = None, None
         try:
             plan = self.scheduler.plan(prepared)
+            if plan.min_j is not None:  # stated to the client: a request at it is accepted
+                self.scheduler.promises.hold(request, plan.min_j)
         except BudgetTooSmall as exc:
             refusal = exc
         finally:

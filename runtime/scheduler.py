@@ -1,15 +1,17 @@
 """`Scheduler`: asks a request's policy for a `Plan`, with what the server has learned.
 
 Requests reach it validated (`joulecap.runtime.requests`); it adds the planning context: the
-predictor, the learned feasibility margin and the expected encode energy.
+predictor, the learned feasibility margin and the minimums it has stated (`promises`).
 """
 
 from __future__ import annotations
 
 from joulecap.policies import PlanContext, get_policy, policy_instance
 from joulecap.policies.config import SchedulerConfig
+from joulecap.runtime.errors import BudgetTooSmall
 from joulecap.runtime.learning import Learner
 from joulecap.runtime.predictor import Predictor
+from joulecap.runtime.promises import Promises
 from joulecap.runtime.types import Plan, PreparedRequest, Request
 
 
@@ -31,6 +33,7 @@ class Scheduler:
         self.config = config
         self.predictor = predictor
         self.learner = learner
+        self.promises = Promises()
 
     def policy_name(self, request: Request) -> str:
         """The request's own policy, or the configured default."""
@@ -50,8 +53,8 @@ class Scheduler:
             max_tokens=request.max_tokens,
             budget_j=request.energy_budget_j,
             encode_j=prepared.encode_j,
-            encode_estimate_j=self.learner.encode_estimate_j(sum(prepared.visual_tokens), prepared.encode_j),
             margin=self.learner.margin.value(),
+            promised_min_j=self.promises.get(request),
         )
 
     def plan(self, prepared: PreparedRequest) -> Plan:
@@ -63,4 +66,8 @@ class Scheduler:
 
         """
         policy = policy_instance(self.policy_name(prepared.request))
-        return policy.plan(prepared, self.context(prepared))
+        try:
+            return policy.plan(prepared, self.context(prepared))
+        except BudgetTooSmall as exc:
+            self.promises.hold(prepared.request, exc.min_j)  # a retry at this minimum is accepted
+            raise

@@ -203,7 +203,7 @@ class Plan:
             and included in `predicted_j`.
         predicted_prefill_j: Predicted LM prefill of the run (prompt tokens as planned).
         min_j: The smallest budget this policy accepts for this request (the feasibility rule,
-            `joulecap.policies.feasibility`); None for policies that never refuse.
+            `joulecap.policies.base.stated_min_j`); None for policies that never refuse.
         margin: The feasibility margin the plan was made with (relative, 0.2 = 20%).
 
     """

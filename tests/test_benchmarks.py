@@ -182,7 +182,7 @@ def test_pareto_front_keeps_only_undominated_points(bench: Any) -> None:
 def _run(script: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
-        "JOULECAP_CACHE": str(tmp_path / "cache"),
+        "JOULECAP_CACHE_DIR": str(tmp_path / "cache"),
         "HF_HUB_OFFLINE": "1",
         "MPLBACKEND": "Agg",
     }
@@ -300,7 +300,7 @@ def test_stability_benchmark_writes_its_table(
 ) -> None:
     from benchmarks import stability
 
-    monkeypatch.setenv("JOULECAP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("JOULECAP_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "stability.json"
     threads = torch.get_num_threads()
     try:
@@ -313,33 +313,82 @@ def test_stability_benchmark_writes_its_table(
     assert data["model"]["meter"]["source"] == "estimated" and data["model"]["major_faults"] >= 0
 
 
-def _scheduler_result(
-    used_j: list[float], budget_j: float, use_pct: float, binding: int, server_mape: float | None
-) -> dict[str, Any]:
-    """The part of a scheduler benchmark JSON that benchmarks/pool.py reads (older runs: no server)."""
-    held: dict[str, Any] = {"mape_pct": 12.0, "repeat_ape_pct": 3.0, "refit_loo_mape_pct": 6.0}
-    if server_mape is not None:
-        held["online"] = {"server": {"mape_pct": server_mape}, "rls_only": {"mape_pct": 11.0}}
-        held["reference_ape_pct"] = 9.0
-    rows = [{"refused": False, "used_j": u, "budget_j": budget_j} for u in used_j]
-    rows.append({"refused": True, "used_j": 0.0, "budget_j": 0.1})  # a 422 is not a request run
+def _ran(used_j: float, budget_j: float) -> dict[str, Any]:
     return {
-        "machine": {"label": "test machine"},
-        "requests": {"joint": rows},
-        "policies": {
-            "joint": {"max_overshoot_pct": 0.0, "binding": binding, "mean_use_binding_pct": use_pct}
-        },
-        "heldout": held,
-        "planning": {
-            "joint": {"besides_spectral_p50_ms": 0.03},
-            "baseline": {"besides_spectral_p50_ms": 0.5},
-            "n": 3,
-        },
+        "budget_j": budget_j,
+        "refused": False,
+        "used_j": used_j,
+        "tokens": 4,
+        "visual_kept": 16,
+        "stop_reason": "length",
     }
 
 
+def _refused(budget_j: float, min_plan_j: float, min_j: float) -> dict[str, Any]:
+    return {"budget_j": budget_j, "refused": True, "min_j": min_j, "min_plan_j": min_plan_j}
+
+
+def test_scheduler_summary_counts_both_sides_of_the_budget(bench: Any) -> None:
+    from benchmarks.scheduler import judge_targets, summarise
+
+    rows = [
+        _ran(0.9, 1.0),  # within, binding
+        _ran(1.0, 1.0),  # at the budget is within
+        _ran(1.1, 1.0),  # 10% over, binding
+        _ran(0.5, 2.0),  # within, not binding
+        _refused(0.5, 0.6, 0.7),  # a right refusal: the smallest plan cost more than the budget
+        _refused(0.65, 0.6, 0.7),  # a false one: the smallest plan would have fitted
+        _refused(0.6, 0.6, 0.7),  # at the true minimum is false too
+        _refused(0.1, 0.6, 0.7),
+    ]
+    binds = [True, True, True, False, False, False, False, False]
+    s = summarise(rows, binds)
+    assert (s["requests"], s["ran"], s["refused_422"], s["within_budget"]) == (8, 4, 4, 3)
+    assert s["within_budget_pct"] == pytest.approx(75.0)
+    assert s["mean_use_binding_pct"] == pytest.approx(100 * (0.9 + 1.0 + 1.1) / 3)
+    assert s["max_overshoot_pct"] == pytest.approx(10.0)
+    assert s["false_refusals"] == 2 and s["false_refusals_pct_of_requests"] == pytest.approx(25.0)
+    assert s["refusals_above_true_minimum"] == 2
+    assert s["false_refusal_budget_over_true_min"] == pytest.approx([1.0, 0.65 / 0.6])
+    assert s["stated_over_true_min_median"] == pytest.approx(0.7 / 0.6)
+    lo, hi = s["within_budget_wilson95_pct"]
+    assert lo < 75.0 < hi
+    assert judge_targets(s["within_budget_pct"], s["false_refusals_pct_of_requests"], 2) == {
+        "joint_within_budget_pct>=99": False,
+        "joint_false_refusals_pct_of_requests<=2": False,
+        "joint_every_refusal_below_true_minimum": False,
+    }
+    # Nothing ran, nothing refused: no figure is made up.
+    empty = summarise([_refused(0.1, 0.6, 0.7)], [False])
+    assert math.isnan(empty["within_budget_pct"]) and empty["false_refusals"] == 0
+
+
+def test_scheduler_targets_are_judged_at_their_edges(bench: Any) -> None:
+    from benchmarks.scheduler import judge_targets
+
+    assert all(judge_targets(99.0, 2.0, 0).values())
+    assert judge_targets(98.99, 0.0, 0)["joint_within_budget_pct>=99"] is False
+    assert judge_targets(100.0, 2.01, 0)["joint_false_refusals_pct_of_requests<=2"] is False
+    assert judge_targets(100.0, 0.0, 1)["joint_every_refusal_below_true_minimum"] is False
+
+
+def test_scheduler_budgets_span_the_scale_range_log_uniformly(bench: Any) -> None:
+    from benchmarks.scheduler import workload
+
+    scales = np.array([i.budget_scale for i in workload(2000, 3, (0.1, 2.0))])
+    assert scales.min() >= 0.1 and scales.max() <= 2.0
+    # Log-uniform: as many budgets below the geometric middle as above, and a decade below 0.3x.
+    middle = math.sqrt(0.1 * 2.0)
+    assert 0.45 < np.mean(scales < middle) < 0.55
+    assert 0.30 < np.mean(scales < 0.3) < 0.44  # ln(3)/ln(20) = 0.37
+    assert np.mean(scales > 1.0) > 0.15  # some budgets do not bind
+    assert [i.budget_scale for i in workload(5, 1)] == [i.budget_scale for i in workload(5, 1)]
+    with pytest.raises(ValueError):
+        workload(1, 0, (0.0, 1.0))
+
+
 def test_wilson_interval_brackets_the_proportion_and_narrows_with_n(bench: Any) -> None:
-    from benchmarks.pool import wilson
+    from benchmarks.scheduler import wilson
 
     lo, hi = wilson(99, 100)
     assert lo < 99.0 < hi <= 100.0
@@ -351,82 +400,56 @@ def test_wilson_interval_brackets_the_proportion_and_narrows_with_n(bench: Any) 
     assert wilson(8, 10) == pytest.approx((49.016, 94.332), abs=1e-2)
 
 
-def test_pool_weights_runs_by_their_requests_and_skips_missing_figures(bench: Any) -> None:
-    from benchmarks.pool import pool, run_figures
+@pytest.mark.slow
+def test_scheduler_benchmark_smoke_measures_refusals_against_the_true_minimum(
+    tmp_path: Path, bench: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from benchmarks import scheduler
+    from benchmarks.scheduler import false_refusal, judge_targets, summarise
+    from joulecap.policies.config import SchedulerConfig
 
-    a = run_figures(_scheduler_result([1.0] * 9 + [1.2], 1.1, use_pct=80.0, binding=1, server_mape=4.0))
-    b = run_figures(_scheduler_result([1.0] * 30, 1.1, use_pct=90.0, binding=3, server_mape=None))
-    assert a["ran"] == 10 and a["within"] == 9 and b["within"] == 30
-    assert a["planning_besides_spectral_p50_ms"] == 0.5  # the slowest policy, as the benchmark judges
-    assert b["heldout_mape_pct"]["server"] is None and b["heldout_mape_pct"]["frozen"] == 12.0
-    p = pool({"a": a, "b": b})
-    assert p["ran"] == 40 and p["within"] == 39 and p["within_budget_pct"] == pytest.approx(97.5)
-    assert p["mean_use_binding_pct"] == pytest.approx((80.0 * 1 + 90.0 * 3) / 4)
-    assert p["heldout_mape_pct"]["server"] == 4.0  # the mean over the runs that have it
-    assert p["heldout_mape_pct"]["floor_reference"] == 9.0 and p["mape_judged_on"] == "server"
-    # A run without the server figure cannot meet the MAPE target on it; the other run does.
-    assert p["runs_meeting_target"]["calibrated_heldout_mape_pct<=5"] == 1
-    assert p["runs_meeting_target"]["joint_within_budget_pct>=99"] == 1  # b alone (100%); a is 90%
-    assert p["pooled_targets"] == {
-        "joint_within_budget_pct>=99": False,
-        "joint_mean_use_binding_pct>=85": True,
-        "calibrated_heldout_mape_pct<=5": True,
-        "planning_besides_spectral_p50_ms<=1": True,
-    }
-    with pytest.raises(ValueError):
-        pool({})
-
-
-def test_pool_cli_writes_json_and_refuses_a_foreign_file(bench: Any, tmp_path: Path) -> None:
-    from benchmarks import pool
-
-    run = tmp_path / "run.json"
-    run.write_text(json.dumps(_scheduler_result([1.0, 1.0], 1.1, use_pct=86.0, binding=2, server_mape=7.0)))
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "run.json").write_text(
-        json.dumps(_scheduler_result([1.0, 1.2], 1.1, use_pct=84.0, binding=2, server_mape=9.0))
-    )
-    out = tmp_path / "pooled.json"
-    assert pool.main([str(run), str(other / "run.json"), "--out", str(out)]) == 0
+    monkeypatch.setenv("JOULECAP_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "scheduler.json"
+    # Seed 0's four budget scales in [0.02, 4]: 0.025 (below any answer), 1.49, 0.95, 2.84.
+    args = ["--requests", "4", "--heldout", "3", "--quick-calibration", "--brevity-slice", "1"]
+    args += ["--budget-scales", "0.02", "4", "--policies", "joint", "output_budget", "--out", str(out)]
+    threads = torch.get_num_threads()
+    try:
+        assert scheduler.main(args) == 0
+    finally:
+        torch.set_num_threads(threads)  # the benchmark pins torch threads process-wide
     data = json.loads(out.read_text())
-    assert set(data["runs"]) == {str(run), str(other / "run.json")}  # same name, two runs
-    assert data["pooled"]["runs"] == 2 and data["pooled"]["within"] == 3
-    assert data["pooled"]["heldout_mape_pct"]["server"] == 8.0
-    with pytest.raises(SystemExit, match="named twice"):
-        pool.main([str(run), str(run)])
-    foreign = tmp_path / "foreign.json"
-    foreign.write_text(json.dumps({"benchmark": "kernels"}))
-    with pytest.raises(SystemExit, match=r"foreign\.json: not a scheduler benchmark result"):
-        pool.main([str(foreign)])
-
-
-def test_pool_takes_a_run_where_nothing_bound_or_nothing_ran(bench: Any) -> None:
-    from benchmarks.pool import pool, run_figures
-
-    bound = run_figures(_scheduler_result([1.0], 1.1, use_pct=88.0, binding=1, server_mape=6.0))
-    idle = _scheduler_result([], 1.1, use_pct=0.0, binding=0, server_mape=6.0)
-    idle["policies"]["joint"]["mean_use_binding_pct"] = None  # as the benchmark writes NaN
-    figs = run_figures(idle)
-    assert figs["ran"] == 0 and math.isnan(figs["mean_use_binding_pct"])
-    p = pool({"bound": bound, "idle": figs})
-    assert p["mean_use_binding_pct"] == 88.0 and p["ran"] == 1
-    assert p["runs_meeting_target"]["joint_within_budget_pct>=99"] == 1  # a run with none ran meets nothing
-
-
-def test_pool_correlates_the_judged_mape_with_the_floors_run_by_run(bench: Any) -> None:
-    from benchmarks.pool import pool, run_figures
-
-    runs = {}
-    for i, (server, reference) in enumerate([(5.0, 4.0), (10.0, 9.0), (15.0, 13.0), (8.0, 7.0)]):
-        data = _scheduler_result([1.0], 1.1, use_pct=85.0, binding=1, server_mape=server)
-        data["heldout"]["reference_ape_pct"] = reference
-        data["heldout"]["repeat_ape_pct"] = 20.0 - server  # falls as the MAPE rises
-        runs[f"run{i}"] = run_figures(data)
-    corr = pool(runs)["mape_floor_correlation"]
-    assert corr["floor_reference"] > 0.99 and corr["floor_repeat"] == pytest.approx(-1.0)
-    assert corr["floor_refit"] is None  # the same in every run: no correlation to speak of
-    assert pool(dict(list(runs.items())[:2]))["mape_floor_correlation"]["floor_reference"] is None
+    assert data["date"] and "--requests 4" in data["command"] and "session_note" not in data
+    assert len(data["machine"]["load_avg_1_5_15"]) == 3 and len(data["load_avg_1_5_15_at_start"]) == 3
+    assert set(data["policies"]) == {"baseline", "joint", "output_budget"}
+    assert "ESTIMATED" in data["energy_source"] or "measured" in data["energy_source"]
+    assert data["heldout_mape_pct"] > 0
+    assert set(data["heldout_floors_pct"]) == {"repeat", "refit", "reference"}
+    assert data["planning"]["joint"]["p50_ms"] > 0
+    rows = data["requests"]["joint"]
+    assert len(rows) == 4
+    for row in rows:
+        assert row["budget_j"] == pytest.approx(row["free_j"] * row["budget_scale"], rel=1e-4)
+    refused = [r for r in rows if r["refused"]]
+    ran = [r for r in rows if not r["refused"]]
+    assert refused and ran  # both sides exercised
+    floor = SchedulerConfig().visual_floor_tokens
+    for r in refused:
+        # The smallest plan ran: one image at the visual floor, the minimum answer, its encode included.
+        assert r["min_plan_visual"] == floor and r["min_plan_tokens"] == SchedulerConfig().min_output_tokens
+        assert r["min_plan_j"] > r["encode_j"] > 0 and r["min_j"] > r["budget_j"]
+    for r in ran:
+        assert r["used_j"] > 0 and r["min_j"] <= r["budget_j"]
+    summary = data["policies"]["joint"]
+    assert summary["false_refusals"] == sum(false_refusal(r) for r in rows)
+    # The JSON's summary is what the rows say, and the targets are judged on it.
+    again = summarise(rows, [False] * len(rows))
+    assert again["within_budget"] == summary["within_budget"] and again["refused_422"] == len(refused)
+    assert data["targets"] == judge_targets(
+        summary["within_budget_pct"],
+        summary["false_refusals_pct_of_requests"],
+        summary["refusals_above_true_minimum"],
+    )
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "benchmarks").glob("[!_]*.py")))

@@ -9,22 +9,48 @@ from _factories import prepared
 
 from joulecap.kernels import spectral_budget
 from joulecap.policies import PlanContext, Policy, available_policies, get_policy, policy_instance, register
+from joulecap.policies.base import MIN_J_RESOLUTION, fits, minimum_j, stated_min_j, too_small, visual_for
 from joulecap.policies.config import SchedulerConfig
+from joulecap.runtime.brevity import brevity_hint
 from joulecap.runtime.errors import BudgetTooSmall, InvalidRequest
 from joulecap.runtime.predictor import Predictor
 from joulecap.runtime.types import Plan, PreparedRequest
 
 CFG = SchedulerConfig()
 PRED = Predictor(1.0, 0.01, 0.1)  # 1 J fixed, 0.01 J per input token, 0.1 J per output token
+MARGIN = 0.15  # a feasibility margin as the learner may hold it (relative)
 
 
 def ctx(
-    budget: float | None = None, max_tokens: int | None = None, spent: float = 0.0, **cfg: object
+    budget: float | None = None,
+    max_tokens: int | None = None,
+    encode: float = 0.0,
+    *,
+    promised: float | None = None,
+    margin: float = MARGIN,
+    **cfg: object,
 ) -> PlanContext:
     config = replace(CFG, **cfg)
     return PlanContext(
-        config=config, predictor=PRED, tau=config.tau, max_tokens=max_tokens, budget_j=budget, spent_j=spent
+        config=config,
+        predictor=PRED,
+        tau=config.tau,
+        max_tokens=max_tokens,
+        budget_j=budget,
+        encode_j=encode,
+        margin=margin,
+        promised_min_j=promised,
     )
+
+
+def stated_min(encode: float, visual: int, margin: float = MARGIN, text: int = 20) -> float:
+    """The feasibility rule written out: the encode spent + the minimum run x (1 + margin), up to 1 uJ."""
+    return encode + PRED.predict(text, visual, CFG.min_output_tokens).total_j * (1 + margin)
+
+
+def budgeted(budget: float, encode: float, visual: int, headroom: float = CFG.budget_headroom) -> int:
+    """Output tokens a budgeted plan gets: what is left after the encode and the headroom, >= 1."""
+    return max(CFG.min_output_tokens, PRED.max_output_tokens(budget - encode - budget * headroom, 20, visual))
 
 
 def plan(name: str, p: PreparedRequest, c: PlanContext) -> Plan:
@@ -62,9 +88,10 @@ def test_baseline_keeps_everything_and_ignores_budget() -> None:
     out = plan("baseline", p, ctx(budget=0.5))
     assert out.visual_keep == (64, 32)
     assert out.max_new_tokens == CFG.default_max_tokens
-    assert out.budget_j == 0.5 and out.policy == "baseline"
+    assert out.policy == "baseline"
+    # The budget is recorded (adherence can be measured) but not held, and never refused.
+    assert out.budget_j == 0.5 and out.holds_budget is False and out.min_j is None
     assert out.predicted_j == pytest.approx(PRED.predict(20, 96, CFG.default_max_tokens).total_j)
-    assert get_policy("baseline").holds_budget is False
 
 
 def test_client_max_tokens_and_context_limit_the_output() -> None:
@@ -123,14 +150,98 @@ def test_output_budget_fits_the_budget_with_headroom(budget: float) -> None:
     assert PRED.predict(20, 64, out.max_new_tokens + 1).total_j > budget * (1 - CFG.budget_headroom)
 
 
+def test_a_plan_carries_what_the_governor_and_the_response_need() -> None:
+    p = prepared(visual=(64,))
+    out = plan("output_budget", p, ctx(budget=10.0, encode=0.4, margin=0.2))
+    run = PRED.predict(20, 64, out.max_new_tokens)
+    assert out.holds_budget is True and out.budget_j == 10.0
+    assert out.encode_j == 0.4
+    assert out.predicted_prefill_j == pytest.approx(PRED.predict(20, 64, 0).prefill_j)  # 1.84 J
+    assert out.predicted_j == pytest.approx(0.4 + run.total_j)
+    assert out.margin == 0.2
+    # The stated minimum: the encode as spent, the minimum run with the margin.
+    assert out.min_j == pytest.approx(0.4 + PRED.predict(20, 64, 1).total_j * 1.2, abs=MIN_J_RESOLUTION)
+
+
 def test_output_budget_refuses_with_min_joules() -> None:
     p = prepared(visual=(64,))
     with pytest.raises(BudgetTooSmall) as err:
         plan("output_budget", p, ctx(budget=1.5))
-    min_j = (1 + CFG.feasibility_margin) * PRED.predict(20, 64, 1).total_j
-    assert err.value.min_j == pytest.approx(min_j)
-    assert f"needs at least {min_j:.4g} J" in err.value.message
-    assert err.value.http_status == 422
+    min_j = stated_min(0.0, 64)  # (1 + 0.64 + 0.1) J x 1.15 = 2.001 J
+    assert err.value.min_j == pytest.approx(min_j, abs=MIN_J_RESOLUTION)
+    assert f"needs at least {err.value.min_j:.6f} J" in err.value.message
+    assert "margin 0.150" in err.value.message and "already spent" not in err.value.message
+    assert err.value.http_status == 422 and err.value.param == "energy_budget_j"
+
+
+# ------------------------------------------------------------------ the feasibility rule
+
+
+@pytest.mark.parametrize("encode,margin", [(0.0, 0.0), (0.0, MARGIN), (0.37, 0.2), (1.234567, 0.61)])
+def test_minimum_j_is_the_rule_rounded_up_to_a_microjoule(encode: float, margin: float) -> None:
+    p = prepared(visual=(64,), text_tokens=23)
+    c = ctx(budget=None, encode=encode, margin=margin)
+    min_j = minimum_j(p, c, 41)
+    raw = stated_min(encode, 41, margin=margin, text=23)
+    # Up (a picojoule of float slack aside): the stated number is never below the rule.
+    assert raw - 1e-12 <= min_j < raw + MIN_J_RESOLUTION
+    assert min_j / MIN_J_RESOLUTION == pytest.approx(round(min_j / MIN_J_RESOLUTION), abs=1e-6)
+    # The encode is spent and measured: it counts once, without the margin.
+    assert minimum_j(p, replace(c, encode_j=encode + 1.0), 41) == pytest.approx(min_j + 1.0, abs=2e-6)
+
+
+def test_a_minimum_already_stated_for_the_request_caps_the_stated_minimum_only() -> None:
+    p = prepared(visual=(64,))
+    rule = minimum_j(p, ctx(encode=0.9), 64)
+    # A retry of a request refused at 2.5 J: its dearer encode does not raise the bar over 2.5 J.
+    assert stated_min_j(p, ctx(encode=0.9, promised=2.5), 64) == 2.5 < rule
+    # The rule itself (what larger plans are priced with) does not move.
+    assert minimum_j(p, ctx(encode=0.9, promised=2.5), 64) == rule
+    # A promise above what the rule says now changes nothing.
+    assert stated_min_j(p, ctx(encode=0.9, promised=rule + 1.0), 64) == rule
+
+
+def test_minimum_j_pays_for_the_brevity_hint_only_when_it_is_added() -> None:
+    p = prepared(visual=(64,), hint_tokens=40)
+    bare = minimum_j(p, ctx(), 64)
+    hinted = minimum_j(p, ctx(brevity=True), 64)
+    assert bare == pytest.approx(stated_min(0.0, 64), abs=MIN_J_RESOLUTION)
+    assert hinted == pytest.approx(stated_min(0.0, 64, text=60), abs=MIN_J_RESOLUTION)
+
+
+def test_fits_accepts_a_budget_at_the_minimum_and_anything_without_one() -> None:
+    assert fits(ctx(budget=None), 1e9)
+    assert fits(ctx(budget=2.5), 2.5)
+    assert not fits(ctx(budget=2.5 * (1 - 1e-9)), 2.5)
+
+
+@pytest.mark.parametrize("name", ["output_budget", "joint"])
+@pytest.mark.parametrize(
+    "encode,margin,headroom",
+    [(0.0, MARGIN, CFG.budget_headroom), (0.8, 0.3, CFG.budget_headroom), (0.3, 0.0, 0.5), (0.2, -0.2, 0.03)],
+)
+def test_a_budget_at_the_stated_minimum_is_accepted_and_just_below_it_refused(
+    name: str, encode: float, margin: float, headroom: float
+) -> None:
+    # The contract: the number a 422 states (and a plan carries) is itself accepted, and nothing
+    # below it is. Joint's stated minimum keeps only the visual floor.
+    p = prepared(visual=(64, 32), rank=12)
+    c = ctx(encode=encode, margin=margin, budget_headroom=headroom)
+    floor = 64 + 32 if name == "output_budget" else 2 * CFG.visual_floor_tokens
+    min_j = minimum_j(p, c, floor)
+    assert min_j == pytest.approx(stated_min(encode, floor, margin=margin), abs=MIN_J_RESOLUTION)
+
+    with pytest.raises(BudgetTooSmall) as err:
+        plan(name, p, replace(c, budget_j=min_j * (1 - 1e-6)))
+    assert err.value.min_j == min_j
+    assert f"needs at least {min_j:.6f} J" in err.value.message
+
+    ok = plan(name, p, replace(c, budget_j=min_j))
+    assert ok.min_j == min_j and ok.budget_j == min_j
+    assert sum(ok.visual_keep) == floor
+    # The margin's share is not held back from the answer: the run gets what is left.
+    assert ok.max_new_tokens == budgeted(min_j, encode, floor, headroom) >= CFG.min_output_tokens
+    assert ok.holds_budget is True and ok.margin == margin and ok.encode_j == encode
 
 
 def test_budget_within_the_feasibility_margin_is_refused() -> None:
@@ -140,17 +251,51 @@ def test_budget_within_the_feasibility_margin_is_refused() -> None:
     for name, visual in (("output_budget", 64), ("joint", spectral)):
         exact = PRED.predict(20, visual, 1).total_j  # the cheapest answer (joint: floor = spectral)
         with pytest.raises(BudgetTooSmall):
-            plan(name, p, ctx(budget=exact * (1 + CFG.feasibility_margin / 2), visual_floor_tokens=64))
-        budget = exact * (1 + CFG.feasibility_margin) * (1 + 1e-9)
+            plan(name, p, ctx(budget=exact * (1 + MARGIN / 2), visual_floor_tokens=64))
+        budget = exact * (1 + MARGIN) + MIN_J_RESOLUTION
         ok = plan(name, p, ctx(budget=budget, visual_floor_tokens=64))
         assert ok.max_new_tokens >= 1 and ok.predicted_j <= budget
+        # With no margin the point prediction itself is enough.
+        assert plan(name, p, ctx(budget=exact, margin=0.0, visual_floor_tokens=64)).max_new_tokens == 1
 
 
 def test_headroom_never_makes_a_feasible_budget_infeasible() -> None:
     p = prepared(visual=(64,))
-    exact = PRED.predict(20, 64, 1).total_j * (1 + CFG.feasibility_margin)  # the stated minimum
-    out = plan("output_budget", p, ctx(budget=exact * (1 + 1e-9), budget_headroom=0.5))
+    stated = minimum_j(p, ctx(budget_headroom=0.5), 64)
+    out = plan("output_budget", p, ctx(budget=stated, budget_headroom=0.5))
     assert out.max_new_tokens == 1
+
+
+def test_visual_for_is_the_inverse_of_the_rule_in_the_visual_tokens() -> None:
+    p = prepared(visual=(200,))
+    c = ctx(encode=0.5, margin=0.2, budget_headroom=0.0)
+    in_j = PRED.predict(0, 1, 0).total_j - PRED.predict(0, 0, 0).total_j  # 0.01 J per prompt token
+    for v in (0, 7, 40, 150):
+        # Half a token's worth above the stated minimum for v visual tokens: exactly v fit.
+        budget = minimum_j(p, c, v) + 0.5 * in_j * 1.2
+        assert visual_for(p, replace(c, budget_j=budget)) == v
+    # An encode that spent the budget leaves no visual token at all.
+    assert visual_for(p, replace(c, budget_j=0.5)) == -1
+    # The headroom, when tighter than the margin, is left unplanned too.
+    budget = minimum_j(p, c, 150) + 0.005
+    tighter = replace(c, budget_j=budget, config=replace(CFG, budget_headroom=0.3))
+    left = budget - 0.5
+    assert left - 0.3 * budget < left / 1.2
+    assert visual_for(p, tighter) == PRED.max_visual_tokens(left - 0.3 * budget, 20, 1) < 150
+    with pytest.raises(ValueError, match="budget"):
+        visual_for(p, c)
+
+
+def test_too_small_states_the_minimum_the_margin_and_the_encode_spent() -> None:
+    err = too_small(ctx(budget=1.0, encode=0.25, margin=0.3), 2.1234567, "the smallest run")
+    assert err.min_j == 2.1234567 and err.http_status == 422
+    assert err.message == (
+        "Energy budget 1.000000 J is too small: the smallest run needs at least 2.123457 J "
+        "(margin 0.300) (0.250000 J already spent on encoding the images)."
+    )
+
+
+# ------------------------------------------------------------------ joint
 
 
 def test_joint_prunes_first_then_spends_the_rest_on_output() -> None:
@@ -162,15 +307,18 @@ def test_joint_prunes_first_then_spends_the_rest_on_output() -> None:
     ob = plan("output_budget", p, ctx(budget=budget))
     assert out.max_new_tokens > ob.max_new_tokens  # pruning freed joules for the answer
     assert out.predicted_j <= budget * (1 - CFG.budget_headroom) + 1e-9
-    assert get_policy("joint").holds_budget is True
+    assert out.holds_budget is True
 
 
 def test_joint_lowers_visual_tokens_toward_the_floor_when_tight() -> None:
     p = prepared(visual=(200, 100), rank=64)
     spectral = plan("eadaprune", p, ctx()).visual_keep
-    tight = PRED.predict(20, 40, 1).total_j  # room for ~40 visual tokens and one output token
+    tight = PRED.predict(20, 40, 1).total_j  # 1.7 J: with the margin, room for 17 visual tokens
     out = plan("joint", p, ctx(budget=tight, visual_floor_tokens=4))
-    assert sum(out.visual_keep) < sum(spectral)
+    assert sum(spectral) > 40
+    assert visual_for(p, ctx(budget=tight, visual_floor_tokens=4)) == 17
+    # Lowered proportionally, rounding each image's cut up: at most one token under the target each.
+    assert 17 - 2 < sum(out.visual_keep) <= 17
     assert all(k >= 4 for k in out.visual_keep)
     assert out.max_new_tokens >= 1
     assert out.predicted_j <= tight + 1e-9
@@ -181,12 +329,14 @@ def test_joint_422_states_the_minimum_at_the_floor() -> None:
     p = prepared(visual=(200, 100), rank=64)
     with pytest.raises(BudgetTooSmall) as err:
         plan("joint", p, ctx(budget=1.0, visual_floor_tokens=4))
-    min_j = (1 + CFG.feasibility_margin) * PRED.predict(20, 8, 1).total_j
-    assert err.value.min_j == pytest.approx(min_j)
-    assert f"needs at least {min_j:.4g} J" in err.value.message
+    min_j = stated_min(0.0, 8)
+    assert err.value.min_j == pytest.approx(min_j, abs=MIN_J_RESOLUTION)
+    assert f"needs at least {err.value.min_j:.6f} J" in err.value.message
+    assert "8 visual token(s)" in err.value.message
     # and the minimum it states is indeed accepted
-    ok = plan("joint", p, ctx(budget=err.value.min_j * (1 + 1e-9), visual_floor_tokens=4))
-    assert sum(ok.visual_keep) >= 8 and ok.max_new_tokens >= 1 and ok.predicted_j <= ok.budget_j
+    ok = plan("joint", p, ctx(budget=err.value.min_j, visual_floor_tokens=4))
+    assert ok.visual_keep == (4, 4) and ok.predicted_j <= ok.budget_j
+    assert ok.max_new_tokens == budgeted(err.value.min_j, 0.0, 8) >= 1
 
 
 @pytest.mark.parametrize("name", ["output_budget", "joint"])
@@ -195,10 +345,11 @@ def test_energy_already_spent_on_encoding_is_taken_off_the_budget(name: str) -> 
     p = prepared(visual=(64,))
     budget, spent = 6.0, 2.5
     fresh = plan(name, p, ctx(budget=budget))
-    after = plan(name, p, ctx(budget=budget, spent=spent))
+    after = plan(name, p, ctx(budget=budget, encode=spent))
     assert after.max_new_tokens < fresh.max_new_tokens
     run_j = PRED.predict(20, sum(after.visual_keep), after.max_new_tokens).total_j
     assert after.predicted_j == pytest.approx(spent + run_j)  # the plan's figure is the whole request
+    assert after.encode_j == spent
     assert run_j <= budget - spent - budget * CFG.budget_headroom + 1e-9
     # one more token would not fit what is left
     assert PRED.predict(20, sum(after.visual_keep), after.max_new_tokens + 1).total_j > (
@@ -210,14 +361,31 @@ def test_energy_already_spent_on_encoding_is_taken_off_the_budget(name: str) -> 
 def test_422_when_the_encode_alone_spent_the_budget(name: str) -> None:
     p = prepared(visual=(64,))
     with pytest.raises(BudgetTooSmall) as err:
-        plan(name, p, ctx(budget=2.0, spent=2.5))
-    # what was spent plus the cheapest run, both with the margin (a retry encodes again); joint's
-    # cheapest run keeps only the visual floor
+        plan(name, p, ctx(budget=2.0, encode=2.5))
+    # The encode spent plus the cheapest run with the margin; joint's cheapest run keeps only the
+    # visual floor.
     cheapest_visual = 64 if name == "output_budget" else CFG.visual_floor_tokens
-    margin = 1 + CFG.feasibility_margin
-    run_min_j = PRED.predict(20, cheapest_visual, 1).total_j
-    assert err.value.min_j == pytest.approx(margin * 2.5 + margin * run_min_j)
-    assert "already spent on encoding" in err.value.message
+    assert err.value.min_j == pytest.approx(stated_min(2.5, cheapest_visual), abs=MIN_J_RESOLUTION)
+    assert "2.500000 J already spent on encoding" in err.value.message
+
+
+@pytest.mark.parametrize("name", ["output_budget", "joint"])
+def test_a_retry_at_the_stated_minimum_is_accepted_when_its_encode_came_out_dearer(name: str) -> None:
+    # Refused with an encode of 0.5 J, the client retries at the stated minimum; this time the
+    # encode cost 0.9 J. The server holds what it stated (the scheduler's promises): accepted, with
+    # the minimum answer (the governor holds the budget from there).
+    p = prepared(visual=(64,))
+    floor = 64 if name == "output_budget" else CFG.visual_floor_tokens
+    stated = minimum_j(p, ctx(encode=0.5), floor)
+    with pytest.raises(BudgetTooSmall):  # without the promise, the dearer encode raises the bar
+        plan(name, p, ctx(budget=stated, encode=0.9))
+    dear = plan(name, p, ctx(budget=stated, encode=0.9, promised=stated))
+    assert dear.min_j == stated and dear.max_new_tokens == CFG.min_output_tokens
+    # It plans the minimum answer the promise was made for, not more.
+    assert sum(dear.visual_keep) == floor and dear.predicted_j <= stated + 0.9 - 0.5
+    with pytest.raises(BudgetTooSmall) as err:
+        plan(name, p, ctx(budget=stated * (1 - 1e-6), encode=0.9, promised=stated))
+    assert err.value.min_j == stated
 
 
 def test_joint_without_budget_is_eadaprune_with_the_output_cap() -> None:
@@ -225,6 +393,8 @@ def test_joint_without_budget_is_eadaprune_with_the_output_cap() -> None:
     out = plan("joint", p, ctx(max_tokens=17))
     assert out.max_new_tokens == 17 and out.budget_j is None
     assert out.visual_keep == plan("eadaprune", p, ctx()).visual_keep
+    # Without a budget it still states its minimum (for /v1/energy/estimate): the floor's.
+    assert out.min_j == minimum_j(p, ctx(), CFG.visual_floor_tokens)
 
 
 def test_brevity_hint_is_sized_to_the_plan() -> None:
@@ -232,9 +402,9 @@ def test_brevity_hint_is_sized_to_the_plan() -> None:
     assert plan("joint", p, ctx(budget=5.0)).brevity_hint is None
     short = plan("joint", p, ctx(budget=2.0, brevity=True))
     long = plan("joint", p, ctx(budget=30.0, brevity=True))
-    assert short.brevity_hint and long.brevity_hint
-    words = [int(s) for s in short.brevity_hint.split() if s.isdigit()]
-    assert words and words[0] <= max(1, short.max_new_tokens)
+    assert short.max_new_tokens < long.max_new_tokens
+    assert short.brevity_hint == brevity_hint(short.max_new_tokens)
+    assert long.brevity_hint == brevity_hint(long.max_new_tokens)
     assert short.brevity_hint != long.brevity_hint
 
 
@@ -243,7 +413,7 @@ def test_brevity_hint_is_paid_for_and_only_where_the_engine_adds_it() -> None:
     budget = ctx(budget=3.0, brevity=True)
     hinted, bare = plan("joint", with_hint, budget), plan("joint", without, budget)
     # An engine that cannot add hints (hint_tokens 0) gets plans without one.
-    assert hinted.brevity_hint and bare.brevity_hint is None
+    assert hinted.brevity_hint == brevity_hint(hinted.max_new_tokens) and bare.brevity_hint is None
     # The hint's prompt tokens are in the prediction, so the answer gets fewer tokens for the same joules.
     assert hinted.max_new_tokens < bare.max_new_tokens
     assert hinted.predicted_j <= 3.0 and bare.predicted_j <= 3.0
@@ -254,8 +424,11 @@ def test_brevity_hint_is_paid_for_and_only_where_the_engine_adds_it() -> None:
 
 
 def test_images_without_tokens_and_no_images() -> None:
-    assert plan("joint", prepared(visual=()), ctx(budget=5.0)).visual_keep == ()
-    assert plan("joint", prepared(visual=(0, 16)), ctx(budget=5.0)).visual_keep[0] == 0
+    text_only = plan("joint", prepared(visual=()), ctx(budget=5.0))
+    assert text_only.visual_keep == ()
+    assert text_only.min_j == pytest.approx(stated_min(0.0, 0), abs=MIN_J_RESOLUTION)
+    empty_first = plan("joint", prepared(visual=(0, 16)), ctx(budget=5.0))
+    assert empty_first.visual_keep == (0, plan("eadaprune", prepared(visual=(0, 16)), ctx()).visual_keep[1])
 
 
 def test_prunes_visual_says_which_policies_may_keep_fewer_visual_tokens() -> None:

@@ -12,15 +12,32 @@ import numpy as np
 import pytest
 
 from joulecap.runtime.predictor import Predictor, fit_per_model, fit_universal
-from joulecap.runtime.profiles import load_default, load_profile, profile_path, save_profile
+from joulecap.runtime.profiles import load_default, load_profile, predictor_from, profile_path, save_profile
+from joulecap.runtime.types import Prediction
 
 
 def test_predict_is_linear_and_split() -> None:
     p = Predictor(2.0, 0.01, 0.5)
     pred = p.predict(100, 50, 10)
-    assert pred.prefill_j == pytest.approx(2.0 + 0.01 * 150)
-    assert pred.decode_j == pytest.approx(5.0)
-    assert pred.total_j == pytest.approx(pred.prefill_j + pred.decode_j)
+    assert pred == Prediction(pytest.approx(2.0 + 0.01 * 150), pytest.approx(5.0), pytest.approx(8.5))
+    assert p.decode_j_per_token() == 0.5
+
+
+def test_token_costs_are_the_per_token_joules_with_the_speed_factor() -> None:
+    # What the batched energy accounting weighs one request's tokens against another's with.
+    p = Predictor(1.0, 0.01, 0.2, calibrated=True, speed_alpha=1.0)
+    assert p.token_costs() == pytest.approx((0.01, 0.2))
+    p.update(20, 30, 10, 1.5 * p.predict(20, 30, 10).total_j)  # the device runs dearer
+    _, in_j, out_j = p.coefficients
+    assert p.speed_factor == pytest.approx(1.5)
+    assert p.token_costs() == pytest.approx((1.5 * in_j, 1.5 * out_j))
+    assert p.token_costs()[1] == pytest.approx(p.decode_j_per_token())
+
+
+def test_a_zero_decode_cost_never_makes_a_token_free() -> None:
+    p = Predictor(1.0, 0.01, 0.0)
+    assert 0.0 < p.decode_j_per_token() <= 1e-12
+    assert p.token_costs() == (0.01, 0.0)  # the accounting then splits by plain token counts
 
 
 @pytest.mark.parametrize("budget", [3.0, 3.49, 3.5, 10.0, 100.0])
@@ -171,6 +188,21 @@ def test_profile_round_trip(tmp_path: Path) -> None:
     assert q.coefficients == pytest.approx(p.coefficients)
     assert q.stats()["r2"] == 0.99
     assert q.source == "calibration:rapl"
+
+
+def test_profiles_load_with_the_learning_settings(tmp_path: Path) -> None:
+    # The server's LearningConfig reaches the predictor it plans with, loaded or default.
+    saved = Predictor(0.3, 2e-4, 3e-3, calibrated=True)
+    save_profile(tmp_path, "m", "cpu", "float32", saved, params_b=0.1)
+    data = json.loads(profile_path(tmp_path, "m", "cpu", "float32").read_text())
+    for p in (predictor_from(data, speed_alpha=1.0), load_default(0.1, speed_alpha=1.0)):
+        p.update(20, 30, 10, 1.5 * p.predict(20, 30, 10).total_j)
+        assert p.speed_factor == pytest.approx(1.5)
+    still = load_default(0.1)  # speed factor off unless asked for
+    still.update(20, 30, 10, 1.5 * still.predict(20, 30, 10).total_j)
+    assert still.speed_factor == 1.0
+    with pytest.raises(ValueError, match="forgetting"):
+        load_default(0.1, forgetting=0.0)
 
 
 def test_absent_profile_gives_default(tmp_path: Path) -> None:

@@ -107,8 +107,8 @@ def sincos_positions(model: Any, norm: float) -> None:
     """Re-initialise the vision tower's patch position embeddings as 2-D sin/cos waves of `norm`.
 
     A training choice, not an architecture change (the weights stay CLIP's learned position
-    embeddings). With CLIP's default init (std 0.02) the patch content drowns the position: in
-    session 5's model no linear probe could tell where a visual token lies (R2 below 0 after
+    embeddings). With CLIP's default init (std 0.02) the patch content drowns the position: in a
+    model trained from it no linear probe could tell where a visual token lies (R2 below 0 after
     the encoder, 0.75 before it), so "is the circle left of the square?" stayed at chance.
     Half the channels follow x and half y, each as sines and cosines of geometrically spaced
     frequencies (the slow ones are nearly linear in the coordinate); row 0 (CLS) is left alone.

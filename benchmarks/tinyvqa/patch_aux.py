@@ -1,7 +1,7 @@
 """Training-only dense supervision of the visual tokens (the head is discarded after training).
 
 Question answering alone teaches the vision tower slowly: a batch of 16 images carries 64 answers, and
-shape recognition got little signal (the session-4 diagnosis: shape-dependent questions at 46-58%).
+shape recognition got little signal (without this loss, shape-dependent questions stayed at 46-58%).
 The generator knows which object covers every pixel, so each visual token gets its own targets: the
 shape and colour of the object covering most of its patch (or background), whether the patch holds
 that object's centre (so instances can be counted), and where that centre lies (so positions can be

@@ -6,9 +6,9 @@ For held-out position questions ("is the circle left of the red square?"), at ev
   answer recovers the two named objects' offset (first minus second centre, x and y);
 * `shape_word_centre_r2`: the same for each shape word's hidden state and its object's centre.
 
-Probes are fitted on two thirds of the questions and scored (R^2) on the rest. Session 6 found the
-shape words grounded and the answer step empty (R^2 below 0 at every layer) in a model that answered
-position at chance; `ref_aux.relation_target` is the loss that fills it.
+Probes are fitted on two thirds of the questions and scored (R^2) on the rest. In a model trained
+without `ref_aux.relation_target` that answered position at chance, they found the shape words
+grounded and the answer step empty (R^2 below 0 at every layer); that loss is what fills it.
 
     python -m benchmarks.tinyvqa.probe --model DIR [--n 450]
 """

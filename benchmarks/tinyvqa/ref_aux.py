@@ -1,8 +1,8 @@
 """Training-only grounding of the question's objects and of their offset (the heads are discarded).
 
-Session 5's model answered position questions ("is the circle left of the red square?") at 51%, a
-constant "no". The LM has to carry each named object's coordinates from its visual tokens to the
-question, then compare two of them. Two losses ask for the two halves directly:
+Trained on answers alone, the model answered position questions ("is the circle left of the red
+square?") at 51%, a constant "no". The LM has to carry each named object's coordinates from its
+visual tokens to the question, then compare two of them. Two losses ask for the two halves directly:
 
 * `--ref-weight` (`referents`): at every shape word of a colour or position question ("circle" in
   "the red circle"), a linear head reads the LM's hidden state after layer `--ref-layer` and must
@@ -10,12 +10,12 @@ question, then compare two of them. Two losses ask for the two halves directly:
   object and get no target. It cannot work unless the visual tokens say where they are: with
   CLIP's default position embeddings they did not (see `model.sincos_positions`), and this loss
   alone moved from 0.21 to 0.13 in 30 minutes while position answers stayed at chance.
-* `--rel-weight` (`relation_target`): with the first loss alone (session 6), the shape words held
+* `--rel-weight` (`relation_target`): with the first loss alone, the shape words held
   their object's centre (probe R^2 0.88 / 0.78) but the step that emits the answer held nothing of
   the two objects' offset (R^2 below 0 at every layer). So at that step of a position question a
   head on layer `--rel-layer` must predict the first named centre minus the second; the last layer
   then only has to read the sign the relation word picks. With it, position went from chance to
-  98.6% (session 7; `python -m benchmarks.tinyvqa.probe` measures both R^2).
+  98.6% (`python -m benchmarks.tinyvqa.probe` measures both R^2).
 
 Nothing of it ships.
 """
