@@ -118,7 +118,10 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     async def _to_request_off_loop(body: ChatCompletionRequest, http: HttpRequest) -> Request:
         # Decoding a large image takes a while: off the event loop, so /health and other
-        # requests stay responsive while it runs.
+        # requests stay responsive while it runs. Text alone is validated in place (a thread hop
+        # would cost more than the work).
+        if not any(isinstance(m.content, list) and len(m.content) > 0 for m in body.messages):
+            return _to_request(body, http)
         return await asyncio.to_thread(_to_request, body, http)
 
     def _abandon_late(future: Any, status: RequestStatus, reason: str) -> None:
@@ -152,35 +155,32 @@ def create_app(runtime: Runtime) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, http: HttpRequest) -> Response:
         deadline_s = time.monotonic() + server.request_timeout_s
         request = await _to_request_off_loop(body, http)
-        prepared, plan = await _plan(request, deadline_s)
         if request.stream:
+            prepared, plan = await _plan(request, deadline_s)
             return StreamingResponse(
                 _stream(prepared, plan, deadline_s),
                 media_type="text/event-stream",
                 headers={"X-Energy-Predicted-J": f"{plan.predicted_j:.6f}", "Cache-Control": "no-cache"},
             )
+        # Plan and run as one job on the engine pool: one thread hop, and a request still queued
+        # when its client leaves or its time runs out is dropped before it spends anything.
         cancelled = threading.Event()
-        future = _submit_run(prepared, plan, cancelled=cancelled)
-        watcher = asyncio.create_task(_cancel_on_disconnect(http, future, cancelled, prepared, plan))
+        future = runtime.submit(runtime.execute, request, cancelled=cancelled)
+        watcher = asyncio.create_task(_cancel_on_disconnect(http, future, cancelled))
         try:
             result: ChatResult = await _await(future, deadline_s, cancelled)
-        except RequestTimeout:
-            _cancel_run(future, prepared, plan, "timed out while queued")
-            raise
         finally:
             watcher.cancel()
         return JSONResponse(responses.completion_body(result), headers=responses.energy_headers(result))
 
-    async def _cancel_on_disconnect(
-        http: HttpRequest, future: Any, cancelled: threading.Event, prepared: PreparedRequest, plan: Plan
-    ) -> None:
+    async def _cancel_on_disconnect(http: HttpRequest, future: Any, cancelled: threading.Event) -> None:
         # A client that hangs up (or gives up on its own timeout) before the answer stops the
         # generation: nobody would read it, so spending more joules on it is waste. The energy
         # spent so far is still recorded (as an aborted request).
         while not future.done():
             if await http.is_disconnected():
                 cancelled.set()
-                _cancel_run(future, prepared, plan, "client disconnected while queued")
+                future.cancel()  # still queued: it never runs, nothing was spent
                 return
             await asyncio.sleep(DISCONNECT_POLL_S)
 
