@@ -37,6 +37,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:
+    if args.shape is not None:
+        from joulecap.runtime.shapes import build_shape_model
+
+        path = build_shape_model(args.shape, args.dir, seed=args.seed)
+        print(f"built {args.shape}-shaped model (random weights, real dimensions) in {path}")
+        return 0
     from joulecap.runtime.tiny_models import build_tiny_model
 
     path = build_tiny_model(args.arch, args.dir, seed=args.seed)
@@ -91,8 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve = command("serve", _serve, "Serve the OpenAI-style API (demo model unless --model).")
     cfgmod.add_args(serve)
 
+    from joulecap.runtime.shapes import SHAPE_NAMES
+    from joulecap.runtime.tiny_models import tiny_arches
+
     tiny = command("make-tiny-model", _make_tiny_model, "Build a tiny random-weight VLM locally.")
-    tiny.add_argument("--arch", choices=["idefics3", "llava"], default="idefics3")
+    tiny.add_argument("--arch", choices=tiny_arches(), default="idefics3")
+    tiny.add_argument(
+        "--shape",
+        choices=SHAPE_NAMES,
+        default=None,
+        help="instead of a tiny model: random weights with a released model's real dimensions "
+        "(float32: ~1 GB for smolvlm-256m, ~17 GB for gemma-3-4b)",
+    )
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("dir", help="Output directory")
 

@@ -23,7 +23,14 @@ from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
-Arch = Literal["idefics3", "llava"]
+Arch = Literal["idefics3", "llava", "gemma3", "internvl"]
+
+FAMILY_BUILDERS: dict[str, str] = {
+    "gemma3": "joulecap.runtime.tiny_gemma3:build_tiny_gemma3",
+    "internvl": "joulecap.runtime.tiny_internvl:build_tiny_internvl",
+}
+"""Families whose tiny builder lives in its own module, with its own tokenizer: `module:function`
+taking `(out_dir, seed)` (imported on first use)."""
 
 MARKER = "joulecap.json"
 """Marker file written beside the weights: `{"random_weights": true, "arch": ..., "seed": ...}`."""
@@ -204,11 +211,16 @@ def _build_llava(tokenizer: Any) -> tuple[Any, Any]:
 _BUILDERS = {"idefics3": _build_idefics3, "llava": _build_llava}
 
 
+def tiny_arches() -> list[str]:
+    """Every architecture `build_tiny_model` accepts."""
+    return sorted({*_BUILDERS, *FAMILY_BUILDERS})
+
+
 def build_tiny_model(arch: Arch, out_dir: Path | str, *, seed: int = 0) -> Path:
     """Build a tiny random-weight VLM of a real architecture and save it with `save_pretrained`.
 
     Args:
-        arch: `idefics3` (SmolVLM architecture) or `llava`.
+        arch: One of `tiny_arches()`: `idefics3` (SmolVLM architecture), `llava`, `gemma3`, ...
         out_dir: Directory to write (created; existing files are overwritten).
         seed: Seed of the random weights; the same seed gives the same weights.
 
@@ -219,10 +231,15 @@ def build_tiny_model(arch: Arch, out_dir: Path | str, *, seed: int = 0) -> Path:
         ValueError: Unknown architecture.
 
     """
+    import importlib
+
     import torch
 
+    if arch in FAMILY_BUILDERS:
+        module, function = FAMILY_BUILDERS[arch].split(":")
+        return Path(getattr(importlib.import_module(module), function)(out_dir, seed))
     if arch not in _BUILDERS:
-        raise ValueError(f"Unknown tiny-model architecture {arch!r}; choose one of {sorted(_BUILDERS)}.")
+        raise ValueError(f"Unknown tiny-model architecture {arch!r}; choose one of {tiny_arches()}.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = _build_tokenizer()

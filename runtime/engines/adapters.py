@@ -21,6 +21,8 @@ ADAPTERS: dict[str, str] = {
     "idefics3": "joulecap.runtime.engines.idefics3:Idefics3Adapter",
     "smolvlm": "joulecap.runtime.engines.idefics3:Idefics3Adapter",
     "llava": "joulecap.runtime.engines.llava:LlavaAdapter",
+    "gemma3": "joulecap.runtime.engines.gemma3:Gemma3Adapter",
+    "internvl": "joulecap.runtime.engines.internvl:InternVLAdapter",
 }
 """Hugging Face `model_type` -> `module:Class` of its adapter (imported on first use)."""
 
