@@ -28,6 +28,7 @@ the token sweep's groups), `--outs`, `--keeps` and `--prompts` choose the token 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -420,6 +421,15 @@ FULL = {
 }
 
 
+def model_marker(path: str) -> dict[str, Any] | None:
+    """The `joulecap.json` marker of a locally built model (None for a released checkpoint)."""
+    marker = Path(path) / "joulecap.json"
+    if not marker.is_file():
+        return None
+    data = json.loads(marker.read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else None
+
+
 def set_longest_edge(rt: Runtime, edge: int) -> None:
     """Resize an Idefics3/SmolVLM processor's images to `edge` px on the longest side.
 
@@ -460,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keeps", default=None, help="visual-token fractions kept, e.g. 0,1")
     parser.add_argument("--prompts", default="short,long", help="token sweep prompts: short,long")
     parser.add_argument("--warmup", type=int, default=3, help="warm-up requests before the sweeps")
+    parser.add_argument("--note", default="", help="free text saved in the JSON (conditions of the run)")
     parser.add_argument(
         "--longest-edge",
         type=int,
@@ -534,7 +545,11 @@ def main(argv: list[str] | None = None) -> int:
             "path": info.model_path,
             "family": info.family,
             "params_b": info.params_b,
+            # What built it (a tiny or realistic-shape model's joulecap.json: shape, source, seed).
+            "built": model_marker(info.model_path),
         },
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "note": args.note,
         "engine": info.engine,
         "quick": args.quick,
         "settings": {
