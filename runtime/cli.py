@@ -98,10 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     cfgmod.add_args(serve)
 
     from joulecap.runtime.shapes import SHAPE_NAMES
-    from joulecap.runtime.tiny_models import tiny_arches
+    from joulecap.runtime.tiny_models import tiny_archs
 
     tiny = command("make-tiny-model", _make_tiny_model, "Build a tiny random-weight VLM locally.")
-    tiny.add_argument("--arch", choices=tiny_arches(), default="idefics3")
+    tiny.add_argument("--arch", choices=tiny_archs(), default="idefics3")
     tiny.add_argument(
         "--shape",
         choices=SHAPE_NAMES,

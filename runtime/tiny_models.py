@@ -23,14 +23,14 @@ from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
-Arch = Literal["idefics3", "llava", "gemma3", "internvl"]
+Arch = Literal["idefics3", "llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "internvl"]
 
-FAMILY_BUILDERS: dict[str, str] = {
+SAVING_BUILDERS: dict[str, str] = {
     "gemma3": "joulecap.runtime.tiny_gemma3:build_tiny_gemma3",
     "internvl": "joulecap.runtime.tiny_internvl:build_tiny_internvl",
 }
-"""Families whose tiny builder lives in its own module, with its own tokenizer: `module:function`
-taking `(out_dir, seed)` (imported on first use)."""
+"""Families whose tiny builder lives in its own module and saves the model itself, with its own
+tokenizer: `module:function` taking `(out_dir, seed)` (imported on first use)."""
 
 MARKER = "joulecap.json"
 """Marker file written beside the weights: `{"random_weights": true, "arch": ..., "seed": ...}`."""
@@ -88,11 +88,14 @@ CHAT_TEMPLATE = (
 )
 
 
-def _build_tokenizer() -> Any:
-    """A byte-level tokenizer: 256 byte symbols plus the special tokens, no merges.
+def byte_tokenizer(
+    specials: list[str], *, bos: str | None, eos: str, pad: str, max_length: int, **extra: Any
+) -> Any:
+    """A byte-level tokenizer: 256 byte symbols plus `specials`, no merges.
 
     Byte-level means any text (any language, any byte) round-trips without an unknown token, and
-    building it needs no training corpus, so it is deterministic by construction.
+    building it needs no training corpus, so it is deterministic by construction. `specials` are
+    single tokens, in order, after the bytes; `extra` goes to the tokenizer (e.g. named tokens).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -102,16 +105,25 @@ def _build_tokenizer() -> Any:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
+    named = {bos, eos, pad} - {None}
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        bos_token=IM_START,
-        eos_token=EOS,
-        pad_token=EOS,
-        additional_special_tokens=SPECIALS[1:],
-        model_max_length=int(_TEXT["max_position_embeddings"]),
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        additional_special_tokens=[t for t in specials if t not in named],
+        model_max_length=max_length,
+        **extra,
     )
     fast.padding_side = "left"
     return fast
+
+
+def _build_tokenizer() -> Any:
+    """The Idefics3/LLaVA tokenizer: bytes plus SmolVLM's special tokens."""
+    return byte_tokenizer(
+        SPECIALS, bos=IM_START, eos=EOS, pad=EOS, max_length=int(_TEXT["max_position_embeddings"])
+    )
 
 
 def _text_config(tokenizer: Any) -> dict[str, Any]:
@@ -211,16 +223,20 @@ def _build_llava(tokenizer: Any) -> tuple[Any, Any]:
 _BUILDERS = {"idefics3": _build_idefics3, "llava": _build_llava}
 
 
-def tiny_arches() -> list[str]:
-    """Every architecture `build_tiny_model` accepts."""
-    return sorted({*_BUILDERS, *FAMILY_BUILDERS})
+def tiny_archs() -> list[str]:
+    """Every architecture `build_tiny_model` builds (`make-tiny-model --arch`), sorted."""
+    from joulecap.runtime.tiny_families import BUILDERS as FAMILY_BUILDERS
+
+    return sorted({*_BUILDERS, *FAMILY_BUILDERS, *SAVING_BUILDERS})
 
 
 def build_tiny_model(arch: Arch, out_dir: Path | str, *, seed: int = 0) -> Path:
     """Build a tiny random-weight VLM of a real architecture and save it with `save_pretrained`.
 
     Args:
-        arch: One of `tiny_arches()`: `idefics3` (SmolVLM architecture), `llava`, `gemma3`, ...
+        arch: `idefics3` (SmolVLM architecture), `llava`, a family of
+            `joulecap.runtime.tiny_families.BUILDERS` (`qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, ...),
+            or of `SAVING_BUILDERS` (`gemma3`, `internvl`).
         out_dir: Directory to write (created; existing files are overwritten).
         seed: Seed of the random weights; the same seed gives the same weights.
 
@@ -235,21 +251,27 @@ def build_tiny_model(arch: Arch, out_dir: Path | str, *, seed: int = 0) -> Path:
 
     import torch
 
-    if arch in FAMILY_BUILDERS:
-        module, function = FAMILY_BUILDERS[arch].split(":")
+    if arch not in tiny_archs():
+        raise ValueError(f"Unknown tiny-model architecture {arch!r}; choose one of {tiny_archs()}.")
+    if arch in SAVING_BUILDERS:
+        module, function = SAVING_BUILDERS[arch].split(":")
         return Path(getattr(importlib.import_module(module), function)(out_dir, seed))
-    if arch not in _BUILDERS:
-        raise ValueError(f"Unknown tiny-model architecture {arch!r}; choose one of {tiny_arches()}.")
+    from joulecap.runtime.tiny_families import BUILDERS as FAMILY_BUILDERS
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = _build_tokenizer()
     # Seed only around the weight initialisation, restoring the caller's RNG state afterwards.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model, processor = _BUILDERS[arch](tokenizer)
-    model.generation_config.eos_token_id = _stop_ids(tokenizer)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.bos_token_id = tokenizer.convert_tokens_to_ids(IM_START)
+        if arch in FAMILY_BUILDERS:
+            # These bring their own tokenizer and generation config (the family's special tokens).
+            model, processor = FAMILY_BUILDERS[arch]()
+        else:
+            tokenizer = _build_tokenizer()
+            model, processor = _BUILDERS[arch](tokenizer)
+            model.generation_config.eos_token_id = _stop_ids(tokenizer)
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+            model.generation_config.bos_token_id = tokenizer.convert_tokens_to_ids(IM_START)
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()

@@ -97,3 +97,17 @@ def test_processors_without_video_load_through_auto(tiny_idefics3: Path) -> None
     reference = AutoProcessor.from_pretrained(tiny_idefics3)
     assert type(processor) is type(reference)
     assert type(processor.image_processor) is type(reference.image_processor)
+
+
+def test_engine_names_the_missing_image_processor(tmp_path: Path) -> None:
+    from joulecap.runtime.engines.config import EngineConfig
+    from joulecap.runtime.engines.factory import ModelLoadError
+    from joulecap.runtime.engines.transformers_engine import TransformersEngine
+    from joulecap.runtime.tiny_models import build_tiny_model
+
+    path = build_tiny_model("qwen2_vl", tmp_path / "m")
+    config = json.loads((path / "processor_config.json").read_text())
+    del config["image_processor"]
+    (path / "processor_config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="needs an image processor"):
+        TransformersEngine(EngineConfig(model=str(path), device="cpu"))

@@ -237,12 +237,16 @@ def test_work_events_are_plain_frozen_data() -> None:
 
 
 # ---------------------------------------------------------------------------------------- vLLM engine helpers
-def test_mrope_families_refuse_pruning_but_run_unpruned() -> None:
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_mrope_families_refuse_every_image_plan(model_type: str) -> None:
     from joulecap.runtime.engines.vllm_engine import check_prunable
 
     with pytest.raises(InvalidRequest, match="M-RoPE"):
-        check_prunable("qwen2_vl", (64,), (32,))
-    check_prunable("qwen2_vl", (64, 16), (64, 16))  # every token kept: positions intact
+        check_prunable(model_type, (64,), (32,))
+    # Every token kept: prompt embeddings still lose the 3-D positions.
+    with pytest.raises(InvalidRequest, match="--engine transformers"):
+        check_prunable(model_type, (64, 16), (64, 16))
+    check_prunable(model_type, (), ())  # text only: token ids, positioned by vLLM itself
     check_prunable("idefics3", (64,), (1,))  # 1-D positions: prunes exactly
 
 

@@ -21,6 +21,9 @@ ADAPTERS: dict[str, str] = {
     "idefics3": "joulecap.runtime.engines.idefics3:Idefics3Adapter",
     "smolvlm": "joulecap.runtime.engines.idefics3:Idefics3Adapter",
     "llava": "joulecap.runtime.engines.llava:LlavaAdapter",
+    "qwen2_vl": "joulecap.runtime.engines.qwen2_vl:Qwen2VLAdapter",
+    "qwen2_5_vl": "joulecap.runtime.engines.qwen2_vl:Qwen2VLAdapter",
+    "qwen3_vl": "joulecap.runtime.engines.qwen3_vl:Qwen3VLAdapter",
     "gemma3": "joulecap.runtime.engines.gemma3:Gemma3Adapter",
     "internvl": "joulecap.runtime.engines.internvl:InternVLAdapter",
 }

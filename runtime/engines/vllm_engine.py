@@ -27,9 +27,11 @@ measured window among the requests that worked in it by token work. Known gap: a
 in several chunks (chunked prefill, long prompts under load) is logged at its last chunk.
 
 Families with multimodal rotary positions (Qwen2-VL, Qwen2.5-VL, Qwen3-VL: M-RoPE) lose their
-image positions when passed as plain prompt embeddings; pruning them is refused with a clear error
-(`check_prunable`), all-tokens plans would still run. Idefics3/SmolVLM and LLaVA use 1-D positions
-and prune exactly (token-for-token the transformers engine's greedy output, tested).
+image positions when passed as plain prompt embeddings, even with every visual token kept (vLLM
+then numbers the prompt 1-D); until this engine hands vLLM the positions, their image requests are
+refused for every plan with a clear error (`check_prunable`; text-only prompts go in as token ids
+and run). The transformers engine serves and prunes them. Idefics3/SmolVLM and LLaVA use 1-D
+positions and prune exactly (token-for-token the transformers engine's greedy output, tested).
 
 Distributed: `tensor_parallel_size`, `pipeline_parallel_size` and `distributed_executor_backend`
 (`mp` on one node, `ray` across nodes) are passed through to vLLM. The meters cover the GPUs of
@@ -66,7 +68,7 @@ log = logging.getLogger(__name__)
 MROPE_MODEL_TYPES = frozenset(
     {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen2_5_omni", "qwen3_omni_moe"}
 )
-"""Model types with multimodal rotary positions: their visual tokens cannot be pruned here."""
+"""Model types with multimodal rotary positions: their image prompts cannot run here yet."""
 
 CPU_DEFAULT_KV_CACHE_GIB = 1.0
 """KV cache on CPU when `kv_cache_gib` is unset (vLLM would otherwise reserve 90% of RAM)."""
@@ -86,21 +88,27 @@ def is_available() -> tuple[bool, str]:
 
 
 def check_prunable(model_type: str, visual_tokens: Sequence[int], visual_keep: Sequence[int]) -> None:
-    """Refuse plans that prune visual tokens of an M-RoPE model.
+    """Refuse every plan of an M-RoPE model whose prompt has visual tokens.
+
+    Prompt embeddings carry no positions, so vLLM numbers them 1-D: an M-RoPE model's image
+    positions are lost whether or not tokens are dropped. Text-only prompts (no visual tokens)
+    go in as token ids, which vLLM positions natively, and are allowed.
 
     Raises:
-        InvalidRequest: The plan drops visual tokens of a model whose image positions are
-            multimodal (3-D) rotary positions, which plain prompt embeddings cannot carry.
+        InvalidRequest: The model's image positions are multimodal (3-D) rotary positions and the
+            prompt has visual tokens.
 
     """
-    if model_type in MROPE_MODEL_TYPES and any(
-        k < n for k, n in zip(visual_keep, visual_tokens, strict=True)
-    ):
+    if len(visual_keep) != len(visual_tokens):
+        raise ValueError(
+            f"Plan keeps tokens for {len(visual_keep)} images; the request has {len(visual_tokens)}."
+        )
+    if model_type in MROPE_MODEL_TYPES and sum(visual_tokens) > 0:
         raise InvalidRequest(
-            f"Visual-token pruning is not supported for {model_type} on the vLLM engine: its multimodal "
-            "rotary positions (M-RoPE) would be lost through prompt embeddings. Use a policy that keeps "
-            "every visual token (e.g. `output_budget` or `baseline`) or `--engine transformers`.",
-            param="policy",
+            f"Images are not supported yet for {model_type} on the vLLM engine: its multimodal rotary "
+            "positions (M-RoPE) would be lost through prompt embeddings, with or without pruning. "
+            "Serve this model with `--engine transformers`, which prunes it with its positions kept.",
+            param="messages",
         )
 
 
