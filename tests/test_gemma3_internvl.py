@@ -257,6 +257,16 @@ def test_end_of_turn_stops(engine: TransformersEngine) -> None:
     assert engine.tokenizer.convert_tokens_to_ids(end) in engine.stop_ids
 
 
+def test_vllm_refuses_gemma3_images_but_not_internvl() -> None:
+    """Prompt embeddings would run Gemma-3's image block causally on vLLM: refused, not silent."""
+    from joulecap.runtime.engines.vllm_engine import check_prunable
+
+    with pytest.raises(InvalidRequest, match="bidirectionally"):
+        check_prunable("gemma3", (256,), (256,))
+    check_prunable("gemma3", (), ())  # text only goes in as token ids
+    check_prunable("internvl", (64, 192), (10, 20))  # 1-D positions: prunes exactly
+
+
 # ---------------------------------------------------------------------------------------- (d), serving
 @pytest.fixture(scope="module")
 def runtime(engine: TransformersEngine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
