@@ -17,11 +17,18 @@ then statements about time, not energy: the output says so next to each of them.
 
     python benchmarks/paper.py --quick
     python benchmarks/paper.py --model DIR --reps 5 --out benchmarks/results/paper_gpu.json
+
+On a slow device and a realistic-shape model (`joulecap make-tiny-model --shape NAME DIR`), the
+sweep can be cut down: `--power-reps 0` skips the power sweep (power variation is then read from
+the token sweep's groups), `--outs`, `--keeps` and `--prompts` choose the token sweep's points, and
+`--longest-edge` sets an Idefics3/SmolVLM processor's resize edge (SmolVLM's documented
+`size={"longest_edge": N*512}`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -152,15 +159,24 @@ def power_sweep(rt: Runtime, reps: int, n_out: int, seed: int, bar: tqdm) -> lis
     return recs
 
 
+PROMPTS = {"short": SHORT_PROMPT, "long": LONG_PROMPT}
+
+
 def token_sweep(
-    rt: Runtime, reps: int, outs: tuple[int, ...], keeps: tuple[float, ...], seed: int, bar: tqdm
+    rt: Runtime,
+    reps: int,
+    outs: tuple[int, ...],
+    keeps: tuple[float, ...],
+    seed: int,
+    bar: tqdm,
+    prompts: tuple[str, ...] = ("short", "long"),
 ) -> list[dict[str, Any]]:
     """Findings 2-5: visual tokens kept x prompt length x output length, in a seeded random order."""
     points = [
-        (rep, keep, name, prompt, n_out)
+        (rep, keep, name, PROMPTS[name], n_out)
         for rep in range(reps)
         for keep in keeps
-        for name, prompt in (("short", SHORT_PROMPT), ("long", LONG_PROMPT))
+        for name in prompts
         for n_out in outs
     ]
     random.Random(seed + 1).shuffle(points)
@@ -178,11 +194,13 @@ def _m(recs: list[dict[str, Any]], key: str) -> float:
     return common.mean([float(r[key]) for r in recs])
 
 
-def power_variation(recs: list[dict[str, Any]]) -> dict[str, Any]:
+def power_variation(
+    recs: list[dict[str, Any]], factors_used: tuple[str, ...] = ("size", "content", "prompt")
+) -> dict[str, Any]:
     """Mean power per group of each factor, and the spread of those means in % of the overall mean."""
     overall = _m(recs, "power_w")
     factors: dict[str, Any] = {}
-    for factor in ("size", "content", "prompt"):
+    for factor in factors_used:
         groups: dict[str, list[dict[str, Any]]] = {}
         for r in recs:
             groups.setdefault(str(r[factor]), []).append(r)
@@ -195,6 +213,7 @@ def power_variation(recs: list[dict[str, Any]]) -> dict[str, Any]:
         "cv_pct": 100.0 * float(np.std(powers)) / overall,
         "factors": factors,
         "max_spread_pct": max(f["spread_pct"] for f in factors.values()),
+        "factors_used": list(factors_used),
     }
 
 
@@ -350,7 +369,7 @@ def comparison(res: dict[str, Any], notes: dict[str, str]) -> list[dict[str, Any
             "caveat": notes.get("power", ""),
         },
         {
-            "finding": "power variation across sizes/content/prompts (%)",
+            "finding": f"power variation across {'/'.join(pv['factors_used'])} (%)",
             "this_device": f"{pv['max_spread_pct']:.1f} (CV {pv['cv_pct']:.1f})",
             "paper": PAPER["power_variation_pct"],
             "caveat": notes.get("power", ""),
@@ -402,6 +421,34 @@ FULL = {
 }
 
 
+def model_marker(path: str) -> dict[str, Any] | None:
+    """The `joulecap.json` marker of a locally built model (None for a released checkpoint)."""
+    marker = Path(path) / "joulecap.json"
+    if not marker.is_file():
+        return None
+    data = json.loads(marker.read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else None
+
+
+def set_longest_edge(rt: Runtime, edge: int) -> None:
+    """Resize an Idefics3/SmolVLM processor's images to `edge` px on the longest side.
+
+    Raises:
+        SystemExit: The served model's image processor has no `longest_edge` size.
+
+    """
+    from transformers.image_utils import SizeDict
+
+    image_processor = getattr(getattr(rt.engine, "processor", None), "image_processor", None)
+    size = getattr(image_processor, "size", None)
+    if getattr(size, "longest_edge", None) is None:  # a SizeDict in transformers 5
+        raise SystemExit("--longest-edge needs an Idefics3/SmolVLM model on the transformers engine")
+    tile = dict(getattr(image_processor, "max_image_size", None) or {}).get("longest_edge", 1)
+    if edge % int(tile):
+        raise SystemExit(f"--longest-edge must be a multiple of the tile size {tile}")
+    image_processor.size = SizeDict(longest_edge=edge)  # type: ignore[union-attr]  # checked above
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model dir or hub id (default: the demo model)")
@@ -418,12 +465,34 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="torch intra-op threads (default: torch's choice); 1 resists CPU contention from other jobs",
     )
+    parser.add_argument("--power-reps", type=int, default=None, help="power sweep reps (0: skip it)")
+    parser.add_argument("--outs", default=None, help="output lengths of the token sweep, e.g. 2,8,16")
+    parser.add_argument("--keeps", default=None, help="visual-token fractions kept, e.g. 0,1")
+    parser.add_argument("--prompts", default="short,long", help="token sweep prompts: short,long")
+    parser.add_argument("--warmup", type=int, default=3, help="warm-up requests before the sweeps")
+    parser.add_argument("--note", default="", help="free text saved in the JSON (conditions of the run)")
+    parser.add_argument(
+        "--longest-edge",
+        type=int,
+        default=None,
+        help="Idefics3/SmolVLM only: resize images to this longest edge (a multiple of the tile, 512 "
+        "for SmolVLM; the released default is 2048, i.e. 16 tiles plus a global image)",
+    )
     args = parser.parse_args(argv)
     common.set_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     preset: dict[str, Any] = dict(QUICK if args.quick else FULL)
     if args.reps is not None:
         preset.update(power_reps=args.reps, token_reps=args.reps)
+    if args.power_reps is not None:
+        preset["power_reps"] = args.power_reps
+    if args.outs:
+        preset["outs"] = tuple(int(x) for x in args.outs.split(","))
+    if args.keeps:
+        preset["keeps"] = tuple(float(x) for x in args.keeps.split(","))
+    prompts = tuple(p for p in args.prompts.split(",") if p)
+    if not prompts or any(p not in PROMPTS for p in prompts):
+        parser.error(f"--prompts takes a comma list of {sorted(PROMPTS)}")
     out = Path(args.out or f"benchmarks/results/paper_{'quick_' if args.quick else ''}run.json")
     scratch = tempfile.TemporaryDirectory(prefix="joulecap-paper-")  # profiles, calibration checkpoint
     work = Path(scratch.name)
@@ -431,27 +500,32 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model, engine=args.engine, meter=args.meter, work_dir=work, sample_hz=args.sample_hz
     )
     n_power = preset["power_reps"] * len(SIZES) * len(CONTENTS) * 2
-    n_tokens = preset["token_reps"] * len(preset["keeps"]) * 2 * len(preset["outs"])
+    n_tokens = preset["token_reps"] * len(preset["keeps"]) * len(prompts) * len(preset["outs"])
     started = time.time()
     load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     with Runtime(config) as rt, forced_length(rt.engine) as forced:
+        if args.longest_edge is not None:
+            set_longest_edge(rt, args.longest_edge)
         meter_facts = dict(rt.monitor.describe())
         label = common.energy_label(meter_facts)
         print(
             f"model {rt.info.model} ({rt.info.params_b * 1e3:.2f} M params, {rt.info.device}); energy {label}"
         )
-        for i in range(3):  # warm-up: caches, allocator, first-call costs
+        for i in range(args.warmup):  # warm-up: caches, allocator, first-call costs
             measure(rt, make_image(128, "shapes", i), SHORT_PROMPT, 1.0, 8, args.seed)
         with tqdm(total=n_power + n_tokens, desc="paper sweeps", unit="req") as bar:
             power_runs = power_sweep(rt, preset["power_reps"], preset["power_out"], args.seed, bar)
             token_runs = token_sweep(
-                rt, preset["token_reps"], preset["outs"], preset["keeps"], args.seed, bar
+                rt, preset["token_reps"], preset["outs"], preset["keeps"], args.seed, bar, prompts
             )
         info = rt.info
         online = rt.predictor.stats()
     n_max = max(preset["outs"])
     res: dict[str, Any] = {
-        "power": power_variation(power_runs),
+        # Without a power sweep, power is compared across the token sweep's own groups.
+        "power": power_variation(power_runs)
+        if power_runs
+        else power_variation(token_runs, ("keep_frac", "prompt") if len(prompts) > 1 else ("keep_frac",)),
         "decode_share": decode_share([r for r in token_runs if r["output_tokens"] >= 2]),
         "token_times": token_times(token_runs),
         "savings": savings(token_runs, n_max),
@@ -471,10 +545,20 @@ def main(argv: list[str] | None = None) -> int:
             "path": info.model_path,
             "family": info.family,
             "params_b": info.params_b,
+            # What built it (a tiny or realistic-shape model's joulecap.json: shape, source, seed).
+            "built": model_marker(info.model_path),
         },
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "note": args.note,
         "engine": info.engine,
         "quick": args.quick,
-        "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in preset.items()},
+        "settings": {
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in preset.items()},
+            "prompts": list(prompts),
+            "warmup": args.warmup,
+            "longest_edge": args.longest_edge,
+        },
+        "command": "python benchmarks/paper.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "forced_output_length": forced,
         "caveats": notes,
         "comparison": rows,

@@ -80,6 +80,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:
+    if args.shape is not None:
+        from joulecap.runtime.shapes import build_shape_model
+
+        path = build_shape_model(args.shape, args.dir, seed=args.seed)
+        print(f"built {args.shape}-shaped model (random weights, real dimensions) in {path}")
+        return 0
     from joulecap.runtime.tiny_models import build_tiny_model
 
     path = build_tiny_model(args.arch, args.dir, seed=args.seed)
@@ -124,10 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve = command("serve", _serve, "Serve the OpenAI-style API (demo model unless --model).")
     _add(serve, "serve", SERVE)
 
+    from joulecap.runtime.shapes import SHAPE_NAMES
     from joulecap.runtime.tiny_models import tiny_archs
 
     tiny = command("make-tiny-model", _make_tiny_model, "Build a tiny random-weight VLM locally.")
     tiny.add_argument("--arch", choices=tiny_archs(), default="idefics3")
+    tiny.add_argument(
+        "--shape",
+        choices=SHAPE_NAMES,
+        default=None,
+        help="instead of a tiny model: random weights with a released model's real dimensions "
+        "(float32: ~1 GB for smolvlm-256m, ~17 GB for gemma-3-4b)",
+    )
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("dir", help="Output directory")
 

@@ -23,7 +23,14 @@ from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
-Arch = Literal["idefics3", "llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+Arch = Literal["idefics3", "llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "internvl"]
+
+SAVING_BUILDERS: dict[str, str] = {
+    "gemma3": "joulecap.runtime.tiny_gemma3:build_tiny_gemma3",
+    "internvl": "joulecap.runtime.tiny_internvl:build_tiny_internvl",
+}
+"""Families whose tiny builder lives in its own module and saves the model itself, with its own
+tokenizer: `module:function` taking `(out_dir, seed)` (imported on first use)."""
 
 MARKER = "joulecap.json"
 """Marker file written beside the weights: `{"random_weights": true, "arch": ..., "seed": ...}`."""
@@ -220,15 +227,16 @@ def tiny_archs() -> list[str]:
     """Every architecture `build_tiny_model` builds (`make-tiny-model --arch`), sorted."""
     from joulecap.runtime.tiny_families import BUILDERS as FAMILY_BUILDERS
 
-    return sorted({*_BUILDERS, *FAMILY_BUILDERS})
+    return sorted({*_BUILDERS, *FAMILY_BUILDERS, *SAVING_BUILDERS})
 
 
 def build_tiny_model(arch: Arch, out_dir: Path | str, *, seed: int = 0) -> Path:
     """Build a tiny random-weight VLM of a real architecture and save it with `save_pretrained`.
 
     Args:
-        arch: `idefics3` (SmolVLM architecture), `llava`, or a family of
-            `joulecap.runtime.tiny_families.BUILDERS` (`qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, ...).
+        arch: `idefics3` (SmolVLM architecture), `llava`, a family of
+            `joulecap.runtime.tiny_families.BUILDERS` (`qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, ...),
+            or of `SAVING_BUILDERS` (`gemma3`, `internvl`).
         out_dir: Directory to write (created; existing files are overwritten).
         seed: Seed of the random weights; the same seed gives the same weights.
 
@@ -239,10 +247,15 @@ def build_tiny_model(arch: Arch, out_dir: Path | str, *, seed: int = 0) -> Path:
         ValueError: Unknown architecture.
 
     """
+    import importlib
+
     import torch
 
     if arch not in tiny_archs():
         raise ValueError(f"Unknown tiny-model architecture {arch!r}; choose one of {tiny_archs()}.")
+    if arch in SAVING_BUILDERS:
+        module, function = SAVING_BUILDERS[arch].split(":")
+        return Path(getattr(importlib.import_module(module), function)(out_dir, seed))
     from joulecap.runtime.tiny_families import BUILDERS as FAMILY_BUILDERS
 
     out = Path(out_dir)

@@ -24,6 +24,8 @@ ADAPTERS: dict[str, str] = {
     "qwen2_vl": "joulecap.runtime.engines.qwen2_vl:Qwen2VLAdapter",
     "qwen2_5_vl": "joulecap.runtime.engines.qwen2_vl:Qwen2VLAdapter",
     "qwen3_vl": "joulecap.runtime.engines.qwen3_vl:Qwen3VLAdapter",
+    "gemma3": "joulecap.runtime.engines.gemma3:Gemma3Adapter",
+    "internvl": "joulecap.runtime.engines.internvl:InternVLAdapter",
 }
 """Hugging Face `model_type` -> `module:Class` of its adapter (imported on first use)."""
 

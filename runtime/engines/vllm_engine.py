@@ -70,6 +70,10 @@ MROPE_MODEL_TYPES = frozenset(
 )
 """Model types with multimodal rotary positions: their image prompts cannot run here yet."""
 
+BIDIRECTIONAL_IMAGE_MODEL_TYPES = frozenset({"gemma3"})
+"""Model types whose image tokens attend to each other bidirectionally (token types), which plain
+prompt embeddings cannot carry either: their image prompts cannot run here yet."""
+
 CPU_DEFAULT_KV_CACHE_GIB = 1.0
 """KV cache on CPU when `kv_cache_gib` is unset (vLLM would otherwise reserve 90% of RAM)."""
 
@@ -88,15 +92,16 @@ def is_available() -> tuple[bool, str]:
 
 
 def check_prunable(model_type: str, visual_tokens: Sequence[int], visual_keep: Sequence[int]) -> None:
-    """Refuse every plan of an M-RoPE model whose prompt has visual tokens.
+    """Refuse every plan of an M-RoPE or Gemma-3 model whose prompt has visual tokens.
 
     Prompt embeddings carry no positions, so vLLM numbers them 1-D: an M-RoPE model's image
     positions are lost whether or not tokens are dropped. Text-only prompts (no visual tokens)
-    go in as token ids, which vLLM positions natively, and are allowed.
+    go in as token ids, which vLLM positions natively, and are allowed. Gemma-3's image tokens
+    attend bidirectionally through token types, which prompt embeddings lose the same way.
 
     Raises:
-        InvalidRequest: The model's image positions are multimodal (3-D) rotary positions and the
-            prompt has visual tokens.
+        InvalidRequest: The model's image positions are multimodal (3-D) rotary positions, or its
+            image tokens attend bidirectionally, and the prompt has visual tokens.
 
     """
     if len(visual_keep) != len(visual_tokens):
@@ -108,6 +113,13 @@ def check_prunable(model_type: str, visual_tokens: Sequence[int], visual_keep: S
             f"Images are not supported yet for {model_type} on the vLLM engine: its multimodal rotary "
             "positions (M-RoPE) would be lost through prompt embeddings, with or without pruning. "
             "Serve this model with `--engine transformers`, which prunes it with its positions kept.",
+            param="messages",
+        )
+    if model_type in BIDIRECTIONAL_IMAGE_MODEL_TYPES and sum(visual_tokens) > 0:
+        raise InvalidRequest(
+            f"Images are not supported yet for {model_type} on the vLLM engine: its image tokens attend "
+            "to each other bidirectionally, which prompt embeddings cannot carry (vLLM would run them "
+            "causally), with or without pruning. Serve this model with `--engine transformers`.",
             param="messages",
         )
 
