@@ -149,6 +149,100 @@ def test_all_tokens_kept_matches_vllms_own_image_path(vllm_engine: VLLMEngine) -
     assert len(out.prompt_token_ids) == ours.prefill_tokens
 
 
+# ---------------------------------------------------------------------------------------- native path
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_native_path_counts_without_the_vision_tower_and_matches_transformers(
+    hf: TransformersEngine, vllm_engine: VLLMEngine, n_images: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A policy that keeps every token: no features, the images go to vLLM, same greedy tokens."""
+    req = _request(n_images, rid=f"chatcmpl-native{n_images}")
+    expected_prepared = hf.prepare(req)
+    expected = hf.run(expected_prepared, _plan(expected_prepared), RunHooks())
+
+    def no_tower(*_a: Any, **_k: Any) -> Any:
+        raise AssertionError("the vision tower ran on the native path")
+
+    monkeypatch.setattr(vllm_engine._hf.adapter, "image_features", no_tower)
+    prepared = vllm_engine.prepare(req, bases=False)
+    assert prepared.features == ()
+    assert prepared.visual_tokens == expected_prepared.visual_tokens
+    assert prepared.text_tokens == expected_prepared.text_tokens
+    plan = _plan(prepared)
+    assert vllm_engine.uses_native_path(prepared, plan)
+    got = vllm_engine.run(prepared, plan, RunHooks())
+    assert got.token_ids == expected.token_ids
+    # vLLM's own processor expanded the placeholders to the count joulecap planned with.
+    assert got.prefill_tokens == expected.prefill_tokens == prepared.input_tokens
+    assert (got.visual_tokens_in, got.visual_tokens_kept) == (sum(prepared.visual_tokens),) * 2
+    mine = [e for e in vllm_engine.work_log.events() if e.request_id == req.request_id]
+    assert sum(e.prefill_tokens for e in mine) == got.prefill_tokens  # energy split sees vLLM's count
+    assert sum(e.decode_tokens for e in mine) == len(got.token_ids) - 1
+
+
+def test_native_path_with_a_brevity_hint(hf: TransformersEngine, vllm_engine: VLLMEngine) -> None:
+    req = _request(1, rid="chatcmpl-hint")
+    hint = "Answer in at most 5 words."
+    expected_prepared = hf.prepare(req)
+    expected = hf.run(expected_prepared, replace(_plan(expected_prepared), brevity_hint=hint), RunHooks())
+    prepared = vllm_engine.prepare(req, bases=False)
+    got = vllm_engine.run(prepared, replace(_plan(prepared), brevity_hint=hint), RunHooks())
+    assert got.prefill_tokens == expected.prefill_tokens > prepared.input_tokens
+    assert got.token_ids == expected.token_ids
+
+
+def test_which_plans_take_the_native_path(vllm_engine: VLLMEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    native = vllm_engine.prepare(_request(1), bases=False)
+    encoded = vllm_engine.prepare(_request(1), bases=True)
+    assert encoded.features and not native.features
+    assert vllm_engine.uses_native_path(native, _plan(native))
+    # Features exist and positions are 1-D: prompt embeddings (no second encode inside vLLM).
+    assert not vllm_engine.uses_native_path(encoded, _plan(encoded))
+    assert not vllm_engine.uses_native_path(encoded, _plan(encoded, (8,)))
+    with pytest.raises(ValueError, match="prepared without features"):
+        vllm_engine.uses_native_path(native, _plan(native, (8,)))
+    text_only = vllm_engine.prepare(_request(0), bases=False)
+    assert not vllm_engine.uses_native_path(text_only, _plan(text_only))
+    # M-RoPE: a keep-all plan goes native even when features exist; pruning it is refused.
+    monkeypatch.setattr(vllm_engine, "model_type", "qwen2_vl")
+    assert vllm_engine.uses_native_path(encoded, _plan(encoded))
+
+
+def test_mrope_keep_all_plan_runs_natively(
+    hf: TransformersEngine, vllm_engine: VLLMEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With M-RoPE (simulated: the model type says so), a keep-all plan is served through vLLM's
+    own processor (positions computed there), not as prompt embeddings."""
+    req = _request(1, rid="chatcmpl-mrope")
+    prepared = vllm_engine.prepare(req)
+    expected = hf.run(hf.prepare(req), _plan(hf.prepare(req)), RunHooks())
+    monkeypatch.setattr(vllm_engine, "model_type", "qwen2_vl")
+    prompts: list[dict[str, Any]] = []
+    original = vllm_engine._prompt
+
+    def spy(*args: Any) -> Any:
+        out = original(*args)
+        prompts.append(out[0])
+        return out
+
+    monkeypatch.setattr(vllm_engine, "_prompt", spy)
+    got = vllm_engine.run(prepared, _plan(prepared), RunHooks())
+    assert "multi_modal_data" in prompts[0] and "prompt_embeds" not in prompts[0]
+    assert got.token_ids == expected.token_ids
+
+
+def test_processor_rejection_is_the_same_on_both_paths(hf: TransformersEngine, vllm_engine: VLLMEngine) -> None:
+    """A 0x0 image fails in the processor: the native path fails exactly as the transformers engine."""
+    from PIL import Image
+
+    req = replace(_request(1, rid="chatcmpl-bad"), images=(Image.new("RGB", (0, 0)),))
+    with pytest.raises(Exception) as expected:
+        hf.prepare(req)
+    with pytest.raises(type(expected.value)):
+        vllm_engine.prepare(req, bases=False)
+    with pytest.raises(type(expected.value)):
+        vllm_engine.prepare(req, bases=True)
+
+
 def test_streaming_hooks(vllm_engine: VLLMEngine) -> None:
     prepared = vllm_engine.prepare(_request(1))
     deltas: list[str] = []
@@ -456,6 +550,26 @@ def test_lone_request_encode_is_charged_and_an_overlapping_one_is_not(
     finally:
         vllm_engine.work_log.end("chatcmpl-busy")
         monkeypatch.setattr(vllm_engine, "close", lambda: None)  # the module's engine outlives this runtime
+        rt.close()
+
+
+def test_runtime_plans_a_keep_all_policy_without_features(
+    vllm_engine: VLLMEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`output_budget` keeps every visual token: the runtime's prepare runs no vision tower and the
+    request is served on vLLM's native path; `joint` (may prune) still gets features."""
+    from joulecap.runtime.runtime import Runtime
+
+    rt = Runtime(_vllm_runtime_config(vllm_engine, tmp_path, policy="output_budget"), engine=vllm_engine)
+    try:
+        prepared, plan = rt.plan(_request(1, rid="chatcmpl-ob"))
+        assert prepared.features == () and vllm_engine.uses_native_path(prepared, plan)
+        result = rt.run_planned(prepared, replace(plan, max_new_tokens=4))
+        assert result.generation.visual_tokens_kept == 64 and result.energy.total_j > 0
+        joint, _ = rt.plan(replace(_request(1, rid="chatcmpl-joint"), policy="joint"))
+        assert len(joint.features) == 1
+    finally:
+        monkeypatch.setattr(vllm_engine, "close", lambda: None)
         rt.close()
 
 
