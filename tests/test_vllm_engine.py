@@ -230,7 +230,9 @@ def test_mrope_keep_all_plan_runs_natively(
     assert got.token_ids == expected.token_ids
 
 
-def test_processor_rejection_is_the_same_on_both_paths(hf: TransformersEngine, vllm_engine: VLLMEngine) -> None:
+def test_processor_rejection_is_the_same_on_both_paths(
+    hf: TransformersEngine, vllm_engine: VLLMEngine
+) -> None:
     """A 0x0 image fails in the processor: the native path fails exactly as the transformers engine."""
     from PIL import Image
 
