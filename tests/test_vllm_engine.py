@@ -417,6 +417,52 @@ def test_concurrent_requests_are_batched_and_energy_is_split_by_token_work(
         monitor.stop()
 
 
+def test_concurrent_pruned_requests_share_an_encode_batch(
+    hf: TransformersEngine, vllm_engine: VLLMEngine
+) -> None:
+    """Requests of a pruning policy arriving together share one vision-tower call; one whose client
+    left while its image was in the batch ends aborted with its share kept, the others answer."""
+    requests = [_request(1, f"Question {i}?", rid=f"chatcmpl-eb{i}") for i in range(4)]
+    keeps = [(20,), (64,), (8,), (33,)]
+    expected = [
+        hf.run(hf.prepare(r), _plan(hf.prepare(r), k, 12), RunHooks())
+        for r, k in zip(requests, keeps, strict=True)
+    ]
+    before = len(vllm_engine.encode_batch_sizes())
+    results: dict[int, Any] = {}
+    barrier = threading.Barrier(len(requests))
+    left = threading.Event()
+    left.set()  # request 2's client disconnected while it waited in the encode batch
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        prepared = vllm_engine.prepare(requests[i], bases=True)
+        hooks = RunHooks(cancelled=left) if i == 2 else RunHooks()
+        results[i] = (prepared, vllm_engine.run(prepared, _plan(prepared, keeps[i], 12), hooks))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(results) == len(requests)
+    sizes = vllm_engine.encode_batch_sizes()[before:]
+    assert max(sizes) >= 2 and sum(sizes) == len(requests)
+    shares = [vllm_engine.encode_share(results[i][0]) for i in range(len(requests))]
+    assert all(s is not None for s in shares)
+    by_batch: dict[int, float] = {}
+    for s in shares:
+        assert s is not None
+        by_batch[s.batch_id] = by_batch.get(s.batch_id, 0.0) + s.fraction
+    assert all(v == pytest.approx(1.0) for v in by_batch.values())
+    for i, exp in enumerate(expected):
+        got = results[i][1]
+        if i == 2:
+            assert got.stop_reason == "aborted" and got.token_ids == ()
+        else:
+            assert got.token_ids == exp.token_ids, f"request {i}"
+
+
 def test_whole_run_window_split_follows_token_counts(vllm_engine: VLLMEngine) -> None:
     """One window over a batch of requests, split by their total token work from the log."""
     prepared = [vllm_engine.prepare(_request(1, f"Question {i}?", rid=f"chatcmpl-w{i}")) for i in range(3)]

@@ -68,6 +68,7 @@ from typing import Any
 
 from joulecap.runtime.engines.base import EngineInfo, RunHooks
 from joulecap.runtime.engines.config import EngineConfig
+from joulecap.runtime.engines.encode_batch import EncodeShare
 from joulecap.runtime.engines.worklog import WorkLog
 from joulecap.runtime.errors import InvalidRequest
 from joulecap.runtime.types import (
@@ -223,6 +224,10 @@ class VLLMEngine:
             # intra-op thread each avoids oversubscribing the cores (measured: 32 prepares took
             # 3.5-11.6 s with 2 threads, 0.15-1.2 s with 1, beside a busy vLLM worker on 2 cores).
             torch.set_num_threads(1)
+        from joulecap.runtime.engines.vllm_encode import BatchEncoder
+
+        # Pruned-path encodes of concurrent requests share one vision-tower call (no global lock).
+        self._encoder = BatchEncoder(self._hf)
         self._ids = itertools.count()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="joulecap-vllm", daemon=True)
@@ -231,6 +236,7 @@ class VLLMEngine:
             self._llm = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result()
         except BaseException:
             self._stop_loop()
+            self._encoder.close()
             raise
         self.info: EngineInfo = replace(self._hf.info, engine="vllm")
 
@@ -285,6 +291,9 @@ class VLLMEngine:
             finally:
                 time.sleep(0.1)
                 self._stop_loop()
+        encoder = getattr(self, "_encoder", None)
+        if encoder is not None:
+            encoder.close()
         self._hf.close()
 
     # ------------------------------------------------------------------ prepare
@@ -305,9 +314,25 @@ class VLLMEngine:
                 prompt longer than the context (the transformers engine's errors).
 
         """
-        if bases or not request.images:
+        if not request.images:
             return self._hf.prepare(request, bases=bases)
+        if bases:
+            return self._encoder.prepare(request, bases=bases)
         return self._prepare_native(request)
+
+    def encode_share(self, prepared: PreparedRequest) -> EncodeShare | None:
+        """The request's part of the encode batch that computed its features.
+
+        None on the native path and for text-only requests. The runtime charges the request
+        `fraction` of the energy measured over `[t0_s, t1_s]` (`encode_batch.share_report`).
+        """
+        from joulecap.runtime.engines.vllm_encode import encode_share
+
+        return encode_share(prepared)
+
+    def encode_batch_sizes(self) -> list[int]:
+        """Sizes of the encode batches run so far (pruned path)."""
+        return self._encoder.batch_sizes()
 
     def _prepare_native(self, request: Request) -> PreparedRequest:
         import torch
