@@ -165,13 +165,15 @@ class _NativePayload:
 
     Attributes:
         images: The request's images in prompt order, handed to vLLM as `multi_modal_data`.
-        prompt_tokens: Prompt tokens with every visual token, as joulecap's processor counts them
-            (vLLM's own count comes back with the first output and is what `run` reports).
+        prompt_tokens: Prompt tokens with every visual token, as joulecap counts them (vLLM's
+            own count comes back with the first output and is what `run` reports).
+        text: The chat-template text (without a brevity hint).
 
     """
 
     images: tuple[Any, ...]
     prompt_tokens: int
+    text: str
 
 
 @dataclass(frozen=True)
@@ -337,34 +339,48 @@ class VLLMEngine:
     def _prepare_native(self, request: Request) -> PreparedRequest:
         import torch
 
+        from joulecap.runtime.engines.vllm_native import rule_counts
+
         hf = self._hf
         refs = [p.index for m in request.messages for p in m.parts if isinstance(p, ImagePart)]
         if any(not 0 <= i < len(request.images) for i in refs):
             raise InvalidRequest("A message refers to an image that was not supplied.", param="messages")
         images = tuple(request.images[i] for i in refs)
         with hf._lock, torch.inference_mode():  # HF fast tokenizers are not thread-safe
-            inputs = hf._tokenise(request.messages, images)  # pixel preprocessing, no vision tower
-            input_ids = inputs["input_ids"][0]
-            hf._check_context(int(input_ids.shape[0]))
-            try:
-                positions = hf.adapter.visual_positions(input_ids.tolist(), len(images))
-            except ValueError as exc:
-                raise InvalidRequest(f"Could not place the images in the prompt: {exc}") from exc
-        visual = tuple(int(p.numel()) for p in positions)
+            text = str(
+                hf.processor.apply_chat_template(
+                    hf._template_messages(request.messages), add_generation_prompt=True, tokenize=False
+                )
+            )
+            # The family's rule sizes the images without touching their pixels; else the processor
+            # (pixel preprocessing, still no vision tower) counts them.
+            counted = rule_counts(hf.adapter.family, hf.processor, text, images)
+            if counted is None:
+                inputs = hf._tokenise(request.messages, images)
+                input_ids = inputs["input_ids"][0]
+                try:
+                    positions = hf.adapter.visual_positions(input_ids.tolist(), len(images))
+                except ValueError as exc:
+                    raise InvalidRequest(f"Could not place the images in the prompt: {exc}") from exc
+                counted = (int(input_ids.shape[0]), tuple(int(p.numel()) for p in positions))
+        prompt_tokens, visual = counted
+        hf._check_context(prompt_tokens)
         return PreparedRequest(
             request=request,
-            text_tokens=int(input_ids.shape[0]) - sum(visual),
+            text_tokens=prompt_tokens - sum(visual),
             visual_tokens=visual,
             features=(),
             context_length=self.info.context_length,
-            payload=_NativePayload(images=images, prompt_tokens=int(input_ids.shape[0])),
+            payload=_NativePayload(images=images, prompt_tokens=prompt_tokens, text=text),
             hint_tokens=hf.hint_tokens,
         )
 
-    # ------------------------------------------------------------------ run
     def _chat_text(self, prepared: PreparedRequest, plan: Plan) -> str:
         """The chat-template text of the request (brevity hint first when the plan has one)."""
         messages = prepared.request.messages
+        payload = prepared.payload
+        if not plan.brevity_hint and isinstance(payload, _NativePayload):
+            return payload.text
         if plan.brevity_hint and prepared.input_tokens + prepared.hint_tokens + 1 <= self.info.context_length:
             # The hint is an optimisation: a prompt that only fits without it runs without it.
             messages = (ChatMessage("system", (TextPart(plan.brevity_hint),)), *messages)
