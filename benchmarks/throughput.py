@@ -48,7 +48,7 @@ from benchmarks._common import machine_info
 RESULTS = Path(__file__).parent / "results"
 TARGET_RATIO = 0.97
 BARE = "bare_vllm"
-SIDES = (BARE, "output_budget", "joint", "joint_unlocked")
+SIDES = (BARE, "output_budget", "joint", "joint_unlocked", "native_engine")
 """Result keys: bare vLLM, then joulecap rows named by policy (and variant)."""
 
 
@@ -182,6 +182,44 @@ def run_joulecap(
     return row
 
 
+def run_native_engine(
+    engine: Any, items: list[tuple[str, Image.Image]], concurrency: int, max_tokens: int
+) -> dict[str, Any]:
+    """Diagnostic: the engine's native path on `concurrency` threads, without the Runtime.
+
+    `prepare(bases=False)` + `run`, no planning, governor, energy or ledger: where joulecap's
+    overhead sits.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from joulecap.runtime.engines.base import RunHooks
+    from joulecap.runtime.types import ChatMessage, ImagePart, Plan, Request, TextPart
+
+    requests = [
+        Request(
+            f"native-{time.monotonic_ns()}-{i}",
+            (ChatMessage("user", (ImagePart(0), TextPart(q))),),
+            images=(img,),
+        )
+        for i, (q, img) in enumerate(items)
+    ]
+    t0 = time.monotonic()
+
+    def one(req: Request) -> tuple[float, int]:
+        prepared = engine.prepare(req, bases=False)
+        plan = Plan(prepared.visual_tokens, max_tokens, 0.0, "direct", "all visual tokens")
+        result = engine.run(prepared, plan, RunHooks())
+        return time.monotonic() - t0, len(result.token_ids)
+
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        done = list(pool.map(one, requests))
+    wall = time.monotonic() - t0
+    row = summarize("native_engine", wall, [d[0] for d in done], sum(d[1] for d in done))
+    row.update(policy=None, visual_tokens_in=0, visual_tokens_kept=0, plans_binding=0, encode_batch_sizes=[])
+    row.update(reported_energy_j=0.0, refused=0)
+    return row
+
+
 def add_meter_energy(monitor: Any, row: dict[str, Any], t0_s: float, t1_s: float) -> None:
     """Add the meter's energy over a run's wall window, and per completion token, to `row`."""
     try:
@@ -223,6 +261,8 @@ def side_summary(rows: Sequence[dict[str, Any]], side: str) -> dict[str, Any]:
     out["paired_ratios"] = paired
     out["paired_ratio_median"] = statistics.median(paired) if paired else None
     out["paired_ratio_range"] = [min(paired), max(paired)] if paired else None
+    if side == "native_engine":
+        return out
     out["visual_kept_fraction"] = sum(r["visual_tokens_kept"] for r in mine) / max(
         1, sum(r["visual_tokens_in"] for r in mine)
     )
@@ -279,7 +319,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "--joint-budget-fraction",
         type=float,
         default=None,
-        help="joint's budget (default: none, tau pruning only): this fraction of the way from its smallest plan to keep-all (binds below 1)",
+        help="joint's budget (default: none, tau pruning only): this fraction of the way from its "
+        "smallest plan to keep-all (binds below 1)",
     )
     parser.add_argument(
         "--sides", default=",".join(SIDES[1:]), help=f"joulecap sides to run beside bare vLLM: {SIDES[1:]}"
@@ -338,6 +379,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         t0 = time.monotonic()
         if side == BARE:
             row = run_bare(engine, items, args.concurrency, args.max_tokens)
+        elif side == "native_engine":
+            row = run_native_engine(engine, items, args.concurrency, args.max_tokens)
         elif side == "output_budget":
             row = run_joulecap(runtime, items, args.max_tokens, "output_budget")
         else:

@@ -10,8 +10,11 @@ How a request runs: two paths, chosen per plan (`uses_native_path`).
   processor, batched vision encoder, prefix and encoder caches, and, for M-RoPE families, its
   multimodal positions. A keep-all plan of an M-RoPE model whose features were computed anyway
   (a pruning policy that kept everything) also goes this way.
-- **Pruned path** (a plan that may prune). `prepare` is the transformers engine's: the vision tower
-  runs once per image (post-projector features, for the policies). The Hugging Face copy of the
+- **Pruned path** (a plan that may prune). `prepare` is the transformers engine's, with the vision
+  tower batched across concurrent callers (`vllm_encode.BatchEncoder`: a 4 ms collection window,
+  at most 8 requests per call, no global lock); each prepared request carries its share of the
+  batch's window (`encode_share`: its visual tokens over the batch's), which the runtime charges
+  so that a batch's shares sum to what the meter measured over it. The Hugging Face copy of the
   model keeps only what that needs (vision tower, projector, input embeddings); its decoder
   layers and LM head are dropped, because vLLM runs the language model. `run` keeps
   `plan.visual_keep[i]` visual tokens of image i (same selection as the transformers engine),
