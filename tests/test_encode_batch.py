@@ -131,6 +131,25 @@ def test_collector_a_job_error_fails_that_job_only() -> None:
         collector.close()
 
 
+def test_collector_flags_a_batch_that_overlapped_other_work_once() -> None:
+    asked: list[float] = []
+
+    def overlapped(t0_s: float) -> bool:
+        asked.append(t0_s)
+        return True
+
+    collector: EncodeCollector[int, int] = EncodeCollector(
+        lambda jobs: [(j, 1) for j in jobs], key=str, window_s=0.2, overlapped=overlapped
+    )
+    try:
+        outcomes = _concurrently(collector.submit, [1, 2, 3])
+        assert all(share.overlapped for _, share in outcomes)
+        assert len(asked) == len({share.batch_id for _, share in outcomes})  # once per batch
+        assert all(t0 == share.t0_s for t0, (_, share) in zip(asked, outcomes, strict=False))
+    finally:
+        collector.close()
+
+
 def test_collector_rejects_bad_settings() -> None:
     with pytest.raises(ValueError):
         EncodeCollector(lambda jobs: [], key=str, max_batch=0)

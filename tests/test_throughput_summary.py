@@ -53,3 +53,19 @@ def test_paired_ratios_are_per_repeat() -> None:
     assert joint["reported_j_per_token_median"] == pytest.approx(0.05)
     bare = side_summary(rows, BARE)
     assert "paired_ratios" not in bare and bare["tokens_per_s"] == 150.0
+
+
+def test_geomean_interval_and_target_verdicts() -> None:
+    from benchmarks.throughput import TARGET_RATIO, geomean_ci95, summarize_sides
+
+    assert geomean_ci95([1.0]) is None and geomean_ci95([1.0, -1.0]) is None
+    gm, lo, hi = geomean_ci95([0.5, 2.0, 1.0])  # type: ignore[misc]
+    assert gm == pytest.approx(1.0) and lo < 1.0 < hi
+    steady = [_row(BARE, k, 100.0) for k in range(4)] + [
+        _row("output_budget", k, 99.0 + k % 2) for k in range(4)
+    ]
+    result: dict[str, Any] = {"runs": steady, "machine": {"gpu": "no GPU available"}}
+    summarize_sides(result)
+    assert result["output_budget"]["target_met"] and result["output_budget"]["target_met_with_confidence"]
+    assert result["output_budget"]["paired_ratio_median"] >= TARGET_RATIO
+    assert "No GPU" in result["notes"] and "joint" not in result  # only the sides that ran

@@ -455,6 +455,8 @@ def test_concurrent_pruned_requests_share_an_encode_batch(
         assert s is not None
         by_batch[s.batch_id] = by_batch.get(s.batch_id, 0.0) + s.fraction
     assert all(v == pytest.approx(1.0) for v in by_batch.values())
+    for batch_id in by_batch:  # charged all together or not at all
+        assert len({s.overlapped for s in shares if s is not None and s.batch_id == batch_id}) == 1
     for i, exp in enumerate(expected):
         got = results[i][1]
         if i == 2:

@@ -53,6 +53,8 @@ class EncodeBatch:
         keys: The jobs' keys (request ids), in batch order.
         weights: Their visual tokens in the batch, same order.
         failed: The batched call raised (every job got the error).
+        overlapped: Other work (e.g. vLLM steps) ran during the batch, decided once for the whole
+            batch when it ended: its window's energy then lies in that work's measured windows too.
 
     """
 
@@ -62,6 +64,7 @@ class EncodeBatch:
     keys: tuple[str, ...]
     weights: tuple[int, ...]
     failed: bool = False
+    overlapped: bool = False
 
     @property
     def size(self) -> int:
@@ -75,7 +78,9 @@ class EncodeBatch:
 
     def share(self, index: int) -> EncodeShare:
         """Job `index`'s `EncodeShare`."""
-        return EncodeShare(self.t0_s, self.t1_s, self.fraction(index), self.size, self.batch_id)
+        return EncodeShare(
+            self.t0_s, self.t1_s, self.fraction(index), self.size, self.batch_id, self.overlapped
+        )
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,9 @@ class EncodeShare:
         fraction: The request's share of the window's energy (visual tokens over the batch's).
         batch_size: Requests in the batch.
         batch_id: The batch's sequence number.
+        overlapped: Other work ran during the batch (`EncodeBatch.overlapped`): the same for every
+            request of the batch, so charging the shares only when False keeps their sum equal
+            to the meter's window and never counts it twice.
 
     """
 
@@ -96,6 +104,7 @@ class EncodeShare:
     fraction: float
     batch_size: int
     batch_id: int
+    overlapped: bool = False
 
 
 def share_report(monitor: EnergyMonitor, share: EncodeShare) -> EnergyReport:
@@ -135,6 +144,8 @@ class EncodeCollector(Generic[J, R]):
         window_s: How long a batch stays open after its first job.
         max_batch: Most jobs per batch.
         name: Worker thread name.
+        overlapped: `t0_s -> bool`, asked once per batch as it ends: whether other work ran since
+            `t0_s` (the vLLM engine passes `WorkLog.idle_throughout`, negated).
 
     """
 
@@ -146,11 +157,13 @@ class EncodeCollector(Generic[J, R]):
         window_s: float = DEFAULT_WINDOW_S,
         max_batch: int = DEFAULT_MAX_BATCH,
         name: str = "joulecap-encode",
+        overlapped: Callable[[float], bool] | None = None,
     ) -> None:
         if max_batch < 1 or window_s < 0:
             raise ValueError("max_batch must be >= 1 and window_s >= 0.")
         self._encode = encode
         self._key = key
+        self._overlapped = overlapped
         self.window_s = window_s
         self.max_batch = max_batch
         self._queue: queue.Queue[_Pending[J] | None] = queue.Queue()
@@ -230,7 +243,10 @@ class EncodeCollector(Generic[J, R]):
             if not isinstance(exc, Exception):
                 raise
             return
-        record = EncodeBatch(batch_id, t0, time.monotonic(), keys, tuple(int(w) for _, w in outcomes))
+        overlapped = bool(self._overlapped(t0)) if self._overlapped is not None else False
+        record = EncodeBatch(
+            batch_id, t0, time.monotonic(), keys, tuple(int(w) for _, w in outcomes), overlapped=overlapped
+        )
         self._note(len(batch))
         for i, (p, (result, _)) in enumerate(zip(batch, outcomes, strict=True)):
             if isinstance(result, BaseException):

@@ -15,7 +15,7 @@ runtime uses to charge its part of the batch's measured window.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -98,6 +98,7 @@ class BatchEncoder:
         hf: The vLLM engine's Hugging Face copy (vision tower, projector, processor).
         window_s: The collector's batching window.
         max_batch: Most requests per vision-tower call.
+        overlapped: Whether other work ran since a batch's start (see `EncodeCollector`).
 
     """
 
@@ -107,11 +108,16 @@ class BatchEncoder:
         *,
         window_s: float = DEFAULT_WINDOW_S,
         max_batch: int = DEFAULT_MAX_BATCH,
+        overlapped: Callable[[float], bool] | None = None,
     ) -> None:
         self.hf = hf
         self.pad = hf.adapter.family in PADDABLE_FAMILIES
         self.collector: EncodeCollector[tuple[Request, bool], PreparedRequest] = EncodeCollector(
-            self._encode, key=lambda job: job[0].request_id, window_s=window_s, max_batch=max_batch
+            self._encode,
+            key=lambda job: job[0].request_id,
+            window_s=window_s,
+            max_batch=max_batch,
+            overlapped=overlapped,
         )
 
     def prepare(self, request: Request, *, bases: bool = True) -> PreparedRequest:

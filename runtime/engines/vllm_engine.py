@@ -232,7 +232,9 @@ class VLLMEngine:
         from joulecap.runtime.engines.vllm_encode import BatchEncoder
 
         # Pruned-path encodes of concurrent requests share one vision-tower call (no global lock).
-        self._encoder = BatchEncoder(self._hf)
+        # A batch that overlapped vLLM work lies in that work's measured windows: flagged once per
+        # batch so that the runtime charges all of its shares or none of them.
+        self._encoder = BatchEncoder(self._hf, overlapped=lambda t0: not self.work_log.idle_throughout(t0))
         self._ids = itertools.count()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="joulecap-vllm", daemon=True)
