@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed here; run `make test-vllm`")
 
 
-from _factories import make_config, marked_image
+from _factories import free_port, make_config, marked_image
 
 from joulecap.runtime.energy.attribution import TokenWork, split_by_token_work
 from joulecap.runtime.energy.config import EnergyConfig
@@ -674,6 +674,76 @@ def test_openai_api_over_vllm_reports_energy(
         stream = client.chat.completions.create(model="default", messages=messages, max_tokens=6, stream=True)
         text = "".join((chunk.choices[0].delta.content or "") for chunk in stream if chunk.choices)
         assert isinstance(text, str)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        monkeypatch.setattr(vllm_engine, "close", lambda: None)
+        rt.close()
+
+
+def test_failing_encode_batch_over_http_is_a_clear_error_and_the_server_keeps_serving(
+    vllm_engine: VLLMEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The vision tower raising inside an encode batch: every request in it gets an OpenAI-style
+    500, none hangs, and the next requests (native and pruned) are served."""
+    import base64
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+    import uvicorn
+
+    from joulecap.runtime.api.app import create_app
+    from joulecap.runtime.runtime import Runtime
+
+    rt = Runtime(_vllm_runtime_config(vllm_engine, tmp_path, policy="joint"), engine=vllm_engine)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(rt), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    adapter = vllm_engine._hf.adapter
+    original = adapter.image_features
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        buf = io.BytesIO()
+        IMAGES[0].save(buf, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        messages: Any = [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}],
+            }
+        ]
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60
+        )
+
+        def broken(_inputs: Any) -> Any:
+            raise RuntimeError("simulated device fault in the vision tower")
+
+        monkeypatch.setattr(adapter, "image_features", broken)
+
+        def ask(_i: int) -> Any:
+            try:
+                return client.chat.completions.create(model="default", messages=messages, max_tokens=4)
+            except openai.APIStatusError as exc:
+                return exc
+
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            outcomes = list(pool.map(ask, range(3)))
+        for exc in outcomes:
+            assert isinstance(exc, openai.InternalServerError), exc
+            body: Any = exc.body
+            assert "vision encoder failed" in str(body)
+        monkeypatch.setattr(adapter, "image_features", original)
+        ok = client.chat.completions.create(model="default", messages=messages, max_tokens=4)
+        assert ok.choices[0].message.content is not None
+        native = client.chat.completions.create(
+            model="default", messages=messages, max_tokens=4, extra_body={"policy": "output_budget"}
+        )
+        assert native.usage is not None and native.usage.completion_tokens <= 4
     finally:
         server.should_exit = True
         thread.join(timeout=30)
