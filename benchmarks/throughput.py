@@ -252,6 +252,68 @@ def geomean_ci95(ratios: Sequence[float]) -> list[float] | None:
     return [math.exp(mean), math.exp(mean - 1.96 * se), math.exp(mean + 1.96 * se)]
 
 
+def profile_runtime(runtime: Any, items: list[tuple[str, Image.Image]], max_tokens: int) -> dict[str, Any]:
+    """CPU time (this thread's, `time.thread_time`) per request of each part of the Runtime's path.
+
+    Wraps the parts of one `output_budget` batch in place: `plan`, `engine.run` (hooks included),
+    the batched energy split and the `windows()` cut inside it, the monitor's reads, the ledger,
+    learning, metrics and the governor's per-token check. Thread CPU time, unlike wall time, is
+    not inflated by other jobs on a shared machine.
+    """
+    import collections
+    import threading
+
+    import joulecap.runtime.engines.worklog as worklog_module
+    import joulecap.runtime.runtime as runtime_module
+    from joulecap.runtime.governor import Governor
+
+    cpu: dict[str, float] = collections.defaultdict(float)
+    calls: collections.Counter[str] = collections.Counter()
+    lock = threading.Lock()
+    undo: list[tuple[Any, str, Any, bool]] = []
+
+    def wrap(owner: Any, name: str, label: str) -> None:
+        original = getattr(owner, name)
+        own = name in vars(owner)  # a module's function or a class's method, not an instance's
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t = time.thread_time()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                with lock:
+                    cpu[label] += time.thread_time() - t
+                    calls[label] += 1
+
+        undo.append((owner, name, vars(owner).get(name), own))
+        setattr(owner, name, timed)
+
+    wrap(runtime, "execute", "execute (total)")
+    wrap(runtime, "plan", "plan")
+    wrap(runtime.engine, "run", "engine.run (hooks included)")
+    wrap(runtime_module, "batched_report", "batched_report")
+    wrap(worklog_module, "windows", "batched_report: windows()")
+    wrap(runtime.monitor, "energy_between", "monitor.energy_between")
+    wrap(runtime.ledger, "record_result", "ledger.record_result")
+    wrap(runtime, "_learn", "learn")
+    wrap(runtime.metrics, "observe_result", "metrics")
+    wrap(Governor, "should_stop", "governor.should_stop")
+    try:
+        run_joulecap(runtime, items, max_tokens, "output_budget")
+    finally:
+        for owner, name, original, own in reversed(undo):
+            if own:
+                setattr(owner, name, original)
+            else:
+                delattr(owner, name)  # the instance's wrapper: the class's method shows again
+    n = max(1, calls["execute (total)"])
+    return {
+        "requests": calls["execute (total)"],
+        "cpu_ms_per_request": {k: 1e3 * v / n for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])},
+        "calls": dict(calls),
+    }
+
+
 def cpu_notes(machine: dict[str, Any]) -> str:
     """What a reader must know about a run on a CPU without a GPU."""
     if machine.get("gpu") != "no GPU available":
@@ -367,6 +429,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--meter", default="auto")
     parser.add_argument("--out", type=Path, default=RESULTS / "throughput_cpu.json")
     parser.add_argument(
+        "--profile-runtime",
+        action="store_true",
+        help="after the repeats, one output_budget batch with the Runtime's parts timed (thread CPU)",
+    )
+    parser.add_argument(
         "--resummarize",
         type=Path,
         default=None,
@@ -454,6 +521,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 row["repeat"] = repeat
                 rows.append(row)
                 print(f"  {row['system']:<16} repeat {repeat}: {row['tokens_per_s']:8.1f} tok/s")
+        profile = (
+            profile_runtime(runtime, fresh(args.requests), args.max_tokens) if args.profile_runtime else None
+        )
     finally:
         runtime.close()
 
@@ -484,6 +554,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "runs": rows,
         "target_ratio": TARGET_RATIO,
     }
+    if profile is not None:
+        result["runtime_cpu_profile"] = profile
+        for label, ms in profile["cpu_ms_per_request"].items():
+            print(f"  {label:<30} {ms:8.3f} ms CPU per request")
     summarize_sides(result)
     ob = result.get("output_budget")
     print(f"\n{'side':<16} {'tok/s':>9} {'p50 s':>8} {'p99 s':>8} {'tokens':>7} {'paired':>7} {'J/token':>9}")
