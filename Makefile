@@ -10,7 +10,7 @@ PORT ?= 8000
 ARGS ?=
 PYTEST_FLAGS ?= -q
 
-.PHONY: serve test test-fast test-slow test-vllm lint format clean gpu-check
+.PHONY: serve test test-fast test-slow test-vllm lint format clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,13 +53,6 @@ test-vllm: $(VLLM_STAMP)
 	$(VLLM_VENV)/bin/pytest $(PYTEST_FLAGS) -p no:cacheprovider -m vllm tests/test_vllm_engine.py
 
 test: lint test-fast test-slow test-vllm
-
-# One command on one NVIDIA GPU (under 8 minutes, no network): gpu tests, NVML counter vs power
-# samples, energy under vLLM batching, throughput and kernel benchmarks -> benchmarks/results/gpu/.
-# The vLLM steps need CUDA vLLM in VLLM_PYTHON (`pip install 'joulecap[vllm]'`).
-VLLM_PYTHON ?= $(BIN)/python
-gpu-check: $(STAMP)
-	$(BIN)/python -m benchmarks.gpu_check --vllm-python $(VLLM_PYTHON) $(ARGS)
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
