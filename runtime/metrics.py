@@ -19,6 +19,14 @@ Exposed series (all names prefixed `joulecap_`):
 
 Operations series (prediction error, phase energy, keys, power state, meter power) are in
 `runtime/metrics_ops.py`, on the same registry (`Metrics.ops`).
+
+Serving series, named as vLLM's own (`vllm:*`) so that dashboards built for vLLM carry over:
+
+- `time_to_first_token_seconds{model}`: arrival at the runtime (queueing included) to first token.
+- `time_per_output_token_seconds{model}`: first to last token over the tokens after the first.
+- `e2e_request_latency_seconds{model}`: arrival to the last token.
+- `num_requests_running{model}`, `num_requests_waiting{model}`: requests executing, and queued.
+- `prompt_tokens_total{model}`, `generation_tokens_total{model}`: tokens prefilled and generated.
 """
 
 from __future__ import annotations
@@ -53,6 +61,33 @@ ENERGY_BUCKETS_J = (
     10000.0,
 )
 """Histogram buckets for per-request energy: a tiny CPU demo request to a long GPU answer."""
+
+TTFT_BUCKETS_S = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+)
+"""Time-to-first-token buckets (vLLM's, to 20 s)."""
+
+TPOT_BUCKETS_S = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+"""Time-per-output-token buckets (vLLM's)."""
+
+E2E_BUCKETS_S = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0)
+"""End-to-end latency buckets (vLLM's)."""
 
 
 class Metrics:
@@ -111,6 +146,7 @@ class Metrics:
         )
         # Operations block (runtime/metrics_ops.py): new series only, existing ones unchanged.
         self.ops = OperationsMetrics(r)
+        self._init_serving_series()
 
     def observe_result(self, result: ChatResult, status: RequestStatus = "ok") -> None:
         """Count one finished request's energy, tokens and budget outcome."""
@@ -166,3 +202,59 @@ class Metrics:
     def render(self) -> tuple[bytes, str]:
         """Return the exposition body and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    # ------------------------------------------------------------------ serving series (vLLM's)
+    def _init_serving_series(self) -> None:
+        r = self.registry
+        self.ttft_s = Histogram(
+            "joulecap_time_to_first_token_seconds",
+            "Arrival at the runtime (queueing included) to the first token.",
+            ["model"],
+            buckets=TTFT_BUCKETS_S,
+            registry=r,
+        )
+        self.tpot_s = Histogram(
+            "joulecap_time_per_output_token_seconds",
+            "First to last token, per output token after the first.",
+            ["model"],
+            buckets=TPOT_BUCKETS_S,
+            registry=r,
+        )
+        self.e2e_s = Histogram(
+            "joulecap_e2e_request_latency_seconds",
+            "Arrival at the runtime to the last token.",
+            ["model"],
+            buckets=E2E_BUCKETS_S,
+            registry=r,
+        )
+        self.running = Gauge("joulecap_num_requests_running", "Requests executing.", ["model"], registry=r)
+        self.waiting = Gauge("joulecap_num_requests_waiting", "Requests queued.", ["model"], registry=r)
+        self.prompt_tokens = Counter(
+            "joulecap_prompt_tokens", "Prompt tokens prefilled (after pruning).", ["model"], registry=r
+        )
+        self.generation_tokens = Counter(
+            "joulecap_generation_tokens", "Tokens generated.", ["model"], registry=r
+        )
+
+    def observe_latency(self, result: ChatResult, arrival_s: float) -> None:
+        """Record one finished request's latencies and token counts.
+
+        Args:
+            result: The finished request (its `generation.times` are `time.monotonic()` marks).
+            arrival_s: `time.monotonic()` when the request reached the runtime (before queueing).
+
+        """
+        model, gen = result.model, result.generation
+        times, n = gen.times, len(gen.token_ids)
+        if n > 0:
+            self.ttft_s.labels(model).observe(max(0.0, times.first_token_s - arrival_s))
+        if n > 1:
+            self.tpot_s.labels(model).observe(max(0.0, times.end_s - times.first_token_s) / (n - 1))
+        self.e2e_s.labels(model).observe(max(0.0, times.end_s - arrival_s))
+        self.prompt_tokens.labels(model).inc(max(0, gen.prefill_tokens))
+        self.generation_tokens.labels(model).inc(n)
+
+    def set_queue_state(self, model: str, running: int, waiting: int) -> None:
+        """Publish how many requests are executing and how many wait for a worker."""
+        self.running.labels(model).set(max(0, running))
+        self.waiting.labels(model).set(max(0, waiting))

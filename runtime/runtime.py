@@ -138,6 +138,7 @@ class Runtime:
             max_workers=self.max_concurrency, thread_name_prefix="joulecap-engine"
         )
         self._inflight = 0
+        self._executing = 0
         self._inflight_lock = threading.Lock()
         # Measured encode windows must not overlap, or two requests would count the same joules.
         self._prepare_lock = threading.Lock()
@@ -225,6 +226,17 @@ class Runtime:
 
     def _prepare(self, request: Request, record: bool) -> PreparedRequest:
         bases = self.scheduler.prunes_visual(request)  # images are decomposed only if they may be pruned
+        encode_share = getattr(self.engine, "encode_share", None)
+        if encode_share is not None:
+            # The engine batches concurrent encodes into one vision-tower call and measures each
+            # batch's window; the request is charged its share by visual tokens. No lock: the
+            # batches are what keeps windows from overlapping.
+            try:
+                prepared = self.engine.prepare(request, bases=bases)
+            except Exception as exc:
+                self._record_spent(request, None, None, exc, record=record)
+                raise
+            return dataclasses.replace(prepared, encode=self.accounting.share_of(encode_share(prepared)))
         with self._prepare_lock:
             try:
                 prepared, encode = self.accounting.measure_encode(
@@ -353,6 +365,9 @@ class Runtime:
         ops = self.operations.account(result.energy, key_name)
         self.ledger.record_result(result, status=status, **ops)
         self.metrics.observe_result(result, status)
+        # Arrival on the monotonic clock of the engine's marks, from the request's Unix arrival.
+        arrival_s = time.monotonic() - max(0.0, time.time() - result.created_s)
+        self.metrics.observe_latency(result, arrival_s)
 
     def _failed(
         self, request: Request, plan: Plan, energy: EnergyReport, exc: Exception, record: bool
@@ -404,8 +419,9 @@ class Runtime:
                     retry_after_s=1.0,
                 )
             self._inflight += 1
+            self._publish_queue()
         try:
-            future = self._pool.submit(fn, *args, **kwargs)
+            future = self._pool.submit(self._running, fn, *args, **kwargs)
         except RuntimeError as exc:
             with self._inflight_lock:
                 self._inflight -= 1
@@ -413,9 +429,24 @@ class Runtime:
         future.add_done_callback(self._release)
         return future
 
+    def _running(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        with self._inflight_lock:
+            self._executing += 1
+            self._publish_queue()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            with self._inflight_lock:
+                self._executing -= 1
+
+    def _publish_queue(self) -> None:
+        # Called with `_inflight_lock` held: running and waiting as vLLM's own gauges count them.
+        self.metrics.set_queue_state(self.info.model, self._executing, self._inflight - self._executing)
+
     def _release(self, _future: concurrent.futures.Future[Any]) -> None:
         with self._inflight_lock:
             self._inflight -= 1
+            self._publish_queue()
 
     @property
     def inflight(self) -> int:

