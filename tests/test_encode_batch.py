@@ -229,7 +229,7 @@ def test_batch_energy_shares_sum_to_the_meter(idefics3: TransformersEngine) -> N
         measured = sum(monitor.energy_between(t0, t1).energy_j for t0, t1 in windows)
         assert measured > 0
         assert sum(r.total_j for r in reports) == pytest.approx(measured, rel=1e-9)
-        assert all(r.prefill_j == r.total_j and r.decode_j == 0 for r in reports)
+        assert all(r.encode_j == r.total_j and r.prefill_j == r.decode_j == 0 for r in reports)
         assert all("encode batch" in r.note for r in reports)
     finally:
         encoder.close()

@@ -207,7 +207,14 @@ class BatchEncoder:
                     visual_tokens=visual,
                     features=feats,
                     context_length=hf.info.context_length,
-                    payload=EncodedPayload(s.input_ids, s.positions, s.images),
+                    # Batched encodes serve 1-D-position families: no extra LM inputs follow the
+                    # kept tokens, so the processor's other outputs ride along only for symmetry.
+                    payload=EncodedPayload(
+                        s.input_ids,
+                        s.positions,
+                        s.images,
+                        image_inputs={k: v for k, v in s.pixels.items() if not k.startswith("pixel_")},
+                    ),
                     hint_tokens=hf.hint_tokens,
                     bases=tuple(leverage_basis(f) for f in feats) if decompose else (),
                 )
