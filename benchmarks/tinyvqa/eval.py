@@ -192,6 +192,9 @@ def evaluate(
     Report the test split; choose between candidate models on the validation split, so that the
     reported figure is not the best of several looks at the test questions.
     """
+    names = [c.name for c in conditions]
+    if len(set(names)) != len(names):  # results are keyed by name: a repeat would merge two conditions
+        raise ValueError(f"condition names must be unique, got {names}")
     model, processor = load(model_dir)
     ans = Answerer(model, processor)
     gen = torch.Generator().manual_seed(seed)

@@ -23,17 +23,21 @@ from benchmarks.tinyvqa.eval import DEFAULT_MODEL, Condition, evaluate
 
 OUT = Path(__file__).resolve().parents[1] / "results" / "tinyvqa_tau_sweep.json"
 TAUS = (0.9, 0.99, 0.995, 0.999, 0.9995, 0.9999, 1.0)
+FINE_TAUS = (0.99999, 0.999999, 0.9999999, 0.99999999, 1.0)
+"""`--fine`: between 0.9999 and 1, where TinyVQA's budget leaves k_min (uncentred only)."""
 QUALITY_TOLERANCE = 0.01
 """A tau is acceptable when its short-answer accuracy is within this of keeping every token."""
 
 
-def conditions() -> tuple[Condition, ...]:
+def conditions(
+    taus: tuple[float, ...] = TAUS, centres: tuple[bool, ...] = (False, True)
+) -> tuple[Condition, ...]:
     """Full image, then the spectral budget at every tau, uncentred and centred."""
     out = [Condition("full", "all", 1.0)]
-    for center in (False, True):
-        for tau in TAUS:
+    for center in centres:
+        for tau in taus:
             out.append(
-                Condition(f"tau={tau:g}{' centred' if center else ''}", "adaptive", tau=tau, center=center)
+                Condition(f"tau={tau:.10g}{' centred' if center else ''}", "adaptive", tau=tau, center=center)
             )
     return tuple(out)
 
@@ -79,23 +83,26 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--n", type=int, default=300)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--out", type=Path, default=None, help="default: results/tinyvqa_tau_sweep[_fine].json")
+    ap.add_argument("--fine", action="store_true", help="the taus between 0.9999 and 1, uncentred")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    doc = evaluate(args.model, args.n, 0, conditions=conditions(), split="val")
+    conds = conditions(FINE_TAUS, (False,)) if args.fine else conditions()
+    out = args.out or (OUT.with_name("tinyvqa_tau_sweep_fine.json") if args.fine else OUT)
+    doc = evaluate(args.model, args.n, 0, conditions=conds, split="val")
     for r in doc["results"]:
         r.pop("by_max_new_tokens", None)
     doc["choice"] = choose_tau(doc["results"])
     doc["machine"] = machine_info()
-    doc["command"] = f"python -m benchmarks.tinyvqa.tau_sweep --n {args.n}"
-    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    doc["command"] = f"python -m benchmarks.tinyvqa.tau_sweep --n {args.n}{' --fine' if args.fine else ''}"
+    out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"{'condition':<22}{'kept':>7}{'short':>8}{'recall':>8}")
     for r in doc["results"]:
         print(
             f"{r['condition']:<22}{r['mean_kept_frac']:>7.3f}{r['exact_short']:>8.3f}{r['describe_recall']:>8.3f}"
         )
     print("choice:", doc["choice"])
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
