@@ -1,4 +1,4 @@
-"""The default policy, `answers_first`: every visual token while the budget pays, then E-AdaPrune, then lower."""
+"""The default policy, `answers_first`: every visual token while the budget pays, then E-AdaPrune."""
 
 from __future__ import annotations
 
