@@ -8,8 +8,17 @@ comes from the runtime's meter and is labelled with its source (`estimated` on a
     python benchmarks/run.py --model DIR --policies joint,baseline --budgets 5,10,20 --requests 100
     python benchmarks/run.py --workload my.jsonl   # {"image": PATH, "prompt": ..., "reference": ...}
 
-Writes DIR/results.json, DIR/results.csv, DIR/requests.jsonl and three PNG plots (Pareto view of
-energy vs quality, prefill/decode split, budget vs energy used), and prints a table.
+The default workload, `tinyvqa-heldout`, is a held-out TinyVQA question set used for nothing
+else: test-split examples drawn from dataset seeds `HELDOUT_SEED0 + i` (one seed per question),
+a range no training, tuning (the tau sweep and the default policy's rule use the validation split,
+seed 0) or other benchmark (test split, seed 0) draws from. `--workload tinyvqa` is the earlier
+test-split, seed-0 set.
+
+Writes DIR/results.json, DIR/results.csv, DIR/requests.jsonl and four PNG plots (Pareto view of
+energy vs quality, quality vs energy per budget level, prefill/decode split, budget vs energy
+used), and prints a table and, per budget level, whether the default policy holds the budget and
+answers within a point of the best budget-holding policy that spends no more energy
+(`benchmarks/_front.py`).
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ if __package__ in (None, ""):  # run as a script, benchmarks/ is sys.path[0] and
 from tqdm import tqdm
 
 from benchmarks import _common as common
-from benchmarks import _plots
+from benchmarks import _front, _plots
 from joulecap.runtime.errors import BudgetTooSmall, JoulecapError
 
 if TYPE_CHECKING:  # the runtime (torch, transformers) is imported only when a run starts
@@ -61,7 +70,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "energy of the baseline policy measured on warm-up requests",
     )
     p.add_argument("--budget-fractions", default=None, help="fractions used by --budgets auto")
-    p.add_argument("--workload", default="tinyvqa", help="'tinyvqa' or a JSONL file")
+    p.add_argument(
+        "--workload",
+        default="tinyvqa-heldout",
+        help="'tinyvqa-heldout' (held-out seeds, see the module doc), 'tinyvqa' or a JSONL file",
+    )
     p.add_argument("--requests", type=int, default=None, help="requests per (policy, budget)")
     p.add_argument("--warmup", type=int, default=None, help="baseline warm-up requests (not scored)")
     p.add_argument("--max-tokens", type=int, default=None, help="client output cap per request (--quick: 64)")
@@ -106,6 +119,31 @@ def select_policies(spec: str) -> list[str]:
     if unknown:
         raise SystemExit(f"unknown policies {unknown}; registered: {known}")
     return chosen
+
+
+HELDOUT_SEED0 = 100_000
+"""First dataset seed of the held-out question set (question i: seed HELDOUT_SEED0 + i, index 0)."""
+
+
+def load_heldout(n: int) -> list[common.WorkItem]:
+    """The held-out TinyVQA questions: test split, one dataset seed each from `HELDOUT_SEED0`."""
+    from benchmarks.tinyvqa.generate import make_example
+
+    items = []
+    for i in range(n):
+        ex, image = make_example("test", 0, seed=HELDOUT_SEED0 + i)
+        kind = "list" if ex.qtype == "describe" else "short"
+        items.append(
+            common.WorkItem(
+                image=image.convert("RGB"), prompt=ex.question, reference=ex.answer, kind=kind, tag=ex.qtype
+            )
+        )
+    return items
+
+
+def load_items(spec: str, n: int, seed: int) -> list[common.WorkItem]:
+    """`tinyvqa-heldout`, `tinyvqa` or a JSONL file -> `n` work items."""
+    return load_heldout(n) if spec == "tinyvqa-heldout" else common.load_workload(spec, n, seed)
 
 
 # ---------------------------------------------------------------------------------------- one request
@@ -301,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     policies = select_policies(args.policies)
-    items = common.load_workload(args.workload, args.requests + args.warmup, args.seed)
+    items = load_items(args.workload, args.requests + args.warmup, args.seed)
     warm_items, items = items[: args.warmup], items[args.warmup :]
     if not items:
         raise SystemExit("the workload has no requests left after the warm-up")
@@ -356,6 +394,10 @@ def main(argv: list[str] | None = None) -> int:
         predictor_stats = rt.predictor.stats()
         info = rt.info
     rows = [summarize(records[pair], *pair) for pair in pairs]
+    from joulecap.policies.config import SchedulerConfig
+
+    default_policy = SchedulerConfig().policy
+    verdict = _front.judge(rows, default_policy) if default_policy in policies else None
 
     result = {
         "benchmark": "run",
@@ -390,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         "started_unix": started,
         "duration_s": time.time() - started,
         "rows": rows,
+        "front": verdict,
     }
     common.write_json(out / "results.json", result)
     write_csv(rows, out / "results.csv")
@@ -398,13 +441,18 @@ def main(argv: list[str] | None = None) -> int:
             for rec in records[pair]:
                 fh.write(json.dumps(common.clean_json(rec)) + "\n")
     plots = _plots.run_plots(rows, out, source_label, f"{info.model} on {info.device}")
+    if default_policy in policies:
+        plots.append(
+            _front.front_plot(rows, out, default_policy, f"{info.model}, {args.workload}; {source_label}")
+        )
     caption = (
         f"Model `{info.model}` ({info.engine}, {info.device}), workload {args.workload}, "
         f"{len(items)} requests per row, budgets {budget_note}. Energy: {source_label}. "
         f"Machine: {result['machine']['label']}."
     )
     (out / "table.md").write_text(
-        format_table(rows, markdown=True) + "\n\n" + caption + "\n", encoding="utf-8"
+        format_table(rows, markdown=True) + "\n\n" + caption + "\n" + _front.text(verdict, markdown=True),
+        encoding="utf-8",
     )
 
     print()
@@ -413,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"energy: {source_label}")
     for note in result["notes"]:
         print(f"note: {note}")
+    print(_front.text(verdict))
     print(f"wrote {out}/results.json, results.csv, requests.jsonl, table.md, {', '.join(plots)}")
     scratch.cleanup()
     return 0

@@ -13,21 +13,15 @@ compute `leverage_basis` once per image while preparing and pass it as `select_t
 (their features are inference-mode tensors, which the memo cannot guard against in-place change);
 `spectral_budget(basis=)` reads the budget off the same basis' exact energies.
 
-Default tau (measured; `SchedulerConfig.tau` holds the value, owned by the scheduler):
-`python -m benchmarks.kernels --tau-sweep` sweeps tau on the photographs bundled with
-scikit-image, as raw 14x14 patch pixels (576 x 588) and through a fixed random GELU projector
-(576 x 1024; no real vision tower can be downloaded here), and measures the budget against a
-quality proxy: the relative error of rebuilding every token from the span of the kept
-(leverage-selected) tokens (`benchmarks/results/kernels_tau.json`). Projector features, mean
-over six photos (tau: kept tokens, error): 0.95: 11.2, 0.59; 0.97: 20.3, 0.45; 0.98: 31, 0.34;
-0.99: 55, 0.19; 0.995: 85, 0.13. The error barely moves up to 0.95, and there the budget sits
-below the scheduler's `k_min` = 16 for 5 of 6 photos, i.e. E-AdaPrune degenerates to a fixed 16
-tokens; the error drop per extra token is 0.016 (0.95 -> 0.97), 0.010 (-> 0.98), 0.006
-(-> 0.99) and 0.002 (-> 0.995): the knee is at 0.99 (~10 % of tokens kept). Raw pixels agree:
-uncentered, photos only leave the one-or-two-token regime of flat images at 0.98-0.99. The
-recommendation is therefore tau = 0.99 (the lead sets it); caveat: a proxy on a stand-in
-projector, not task accuracy on a real VLM. At 0.99 the CPU path costs more (k ~ 55 needs a
-rank-160 sketch: ~55 ms per 576 x 4096 image on one core, against ~12 ms at 0.95).
+Default tau (`SchedulerConfig.tau`, owned by the scheduler) is chosen on answers, not on a
+proxy: `python -m benchmarks.tinyvqa.tau_sweep` (see docs/policies.md). The earlier proxy sweep
+(`python -m benchmarks.kernels --tau-sweep`: reconstruction error of scikit-image photos through
+a random projector, `benchmarks/results/kernels_tau.json`) is kept as a description of how k grows
+with tau on photographs.
+
+Exactness: the PyTorch path returns the float64 rule's k (fp32 Gram eigenvalues read against an
+error bound, float64 only near ties: `joulecap.kernels.certified`); the randomized sketch runs
+only above a short side of 2048 and may return a larger k.
 """
 
 from __future__ import annotations

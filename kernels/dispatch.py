@@ -5,9 +5,11 @@ reason for a fallback once per reason (the budget runs per request; a log line p
 flood). `triton` on CPU tensors is allowed only under `TRITON_INTERPRET=1` (the CI parity tests);
 otherwise it raises rather than silently running something else.
 
-Within the PyTorch path, `torch_budget` picks the exact Gram eigenvalues when the short side of
-X is small (<= `EXACT_SHORT_SIDE`, where the Gram costs less than a sketch) and the randomized
-bracketed sketch otherwise (see `joulecap.kernels.randomized`).
+Within the PyTorch path, `torch_budget` runs the exact rule (fp32 Gram eigenvalues with a float64
+re-check near ties, `joulecap.kernels.certified`) up to a short side of `EXACT_SHORT_SIDE`, and the
+randomized bracketed sketch above it (see `joulecap.kernels.randomized`), where the cubic
+eigensolver would cost more than the sketch. The sketch's k is never below the exact k but may be
+above it; the exact path returns the float64 reference's k (see the kernel benchmark).
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ from functools import cache
 import torch
 
 from joulecap.kernels import basis_cache
+from joulecap.kernels.certified import MAX_SHORT_SIDE
 from joulecap.kernels.randomized import exact_budget, randomized_budget
 
 log = logging.getLogger(__name__)
 
 IMPLS = ("auto", "torch", "triton")
-EXACT_SHORT_SIDE = 128
+EXACT_SHORT_SIDE = MAX_SHORT_SIDE
 
 
 @cache
@@ -84,7 +87,7 @@ def resolve_impl(impl: str, device: torch.device) -> str:
 def torch_budget(
     x: torch.Tensor, tau: float, lo: int, hi: int, *, memo_for: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """PyTorch budgets of validated `[B, N, D]` features: exact Gram or bracketed sketch.
+    """PyTorch budgets of validated `[B, N, D]` features: exact (certified) or bracketed sketch.
 
     Args:
         x: `[B, N, D]` features.

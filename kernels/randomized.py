@@ -23,7 +23,8 @@ from functools import lru_cache
 
 import torch
 
-from joulecap.kernels.reference import FLOAT32_SLACK, budget_from_energies, gram_energies, sum_squares
+from joulecap.kernels.certified import certified_budget
+from joulecap.kernels.reference import FLOAT32_SLACK, sum_squares
 
 
 @dataclass(frozen=True)
@@ -266,8 +267,8 @@ def randomized_budget(
     target_all = (tau - FLOAT32_SLACK) * total
     while todo.numel():
         if rank > config.exact_fraction * m:
-            e = gram_energies(a[todo].float(), dtype=torch.float32)
-            k_exact = ops.first_reaching(torch.zeros_like(target_all[todo]), e, target_all[todo])
+            # The exact rule (clamped) from fp32 Gram eigenvalues, re-checked in float64 near ties.
+            k_exact = certified_budget(a[todo].float(), tau, lo, hi).budget
             k_lo[todo] = k_exact
             k_hi[todo] = k_exact
             break
@@ -300,10 +301,8 @@ def randomized_budget(
 
 
 def exact_budget(x: torch.Tensor, tau: float, lo: int, hi: int) -> torch.Tensor:
-    """Exact budgets of validated `[B, N, D]` features from fp32 Gram eigenvalues (float64 solve)."""
-    if x.shape[-2] == 0 or x.shape[-1] == 0:
-        return torch.full((x.shape[0],), lo, dtype=torch.int64)
-    a = x.float()
-    e = gram_energies(a, dtype=torch.float32)
-    total = sum_squares(a)
-    return budget_from_energies(e, total, tau, lo, hi, slack=FLOAT32_SLACK)
+    """Exact budgets of validated `[B, N, D]` features: the float64 rule's k at fp32 cost.
+
+    See `joulecap.kernels.certified` (fp32 Gram eigenvalues, float64 re-check near ties).
+    """
+    return certified_budget(x, tau, lo, hi).budget

@@ -21,11 +21,12 @@ def _selectors() -> list[str]:
 class SchedulerConfig:
     """How budgets become plans."""
 
-    policy: str = field(default="joint", metadata={"choices": _policies})
-    """Policy used when a request names none (see `joulecap policies`)."""
-    tau: float = 0.99
+    policy: str = field(default="answers_first", metadata={"choices": _policies})
+    """Policy used when a request names none (see `joulecap policies`; how the default was chosen:
+    docs/policies.md)."""
+    tau: float = 0.99999999
     """E-AdaPrune: fraction of spectral energy the kept visual tokens must cover, in (0, 1]
-    (how it was chosen: docs/policies.md)."""
+    (chosen on answers: docs/policies.md)."""
     k_min: int = 16
     """E-AdaPrune: fewest visual tokens kept per image."""
     selection: str = field(default="leverage", metadata={"choices": _selectors})
@@ -49,6 +50,9 @@ class SchedulerConfig:
     visual_floor_tokens: int = 4
     """`joint` policy: fewest visual tokens kept per image when a tight budget forces it below
     the E-AdaPrune budget (0 allows dropping an image's tokens entirely)."""
+    answer_floor_tokens: int = 1
+    """`answers_first` policy: output tokens kept for the answer before visual tokens are given up
+    (capped by the client's max_tokens); raise it for traffic of long answers (docs/policies.md)."""
     brevity: bool = False
     """Add a system instruction asking for an answer sized to the planned output tokens."""
 
@@ -63,7 +67,13 @@ class SchedulerConfig:
             raise ValueError(
                 f"need 0 <= budget_min_j <= budget_max_j, got {self.budget_min_j}, {self.budget_max_j}"
             )
-        for name in ("k_min", "default_max_tokens", "min_output_tokens", "fixed_output_tokens"):
+        for name in (
+            "k_min",
+            "default_max_tokens",
+            "min_output_tokens",
+            "fixed_output_tokens",
+            "answer_floor_tokens",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.visual_floor_tokens < 0:

@@ -69,10 +69,12 @@ def test_randomized_low_rank_features(rank: int) -> None:
         assert int(res.k_lo[0]) <= want <= int(res.k_hi[0])
 
 
-def test_leverage_reuses_budget_sketch() -> None:
-    from joulecap.kernels import basis_cache
+def test_leverage_reuses_budget_sketch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from joulecap.kernels import basis_cache, dispatch
     from joulecap.kernels.selection import exact_left_subspace
 
+    # The sketch runs above the exact path's short side (2048): lower that limit for a small test.
+    monkeypatch.setattr(dispatch, "EXACT_SHORT_SIDE", 128)
     basis_cache.clear()
     x = with_spectrum([0.85**i for i in range(100)], 300, 400, seed=5).float()
     k = int(spectral_budget(x, 0.9))
@@ -165,11 +167,12 @@ def test_budget_read_off_the_exact_basis_is_the_reference_budget(monkeypatch: py
         spectral_budget(cases[1], 0.9, basis=bases[0])
 
 
-def test_budget_and_selection_on_inference_mode_tensors() -> None:
+def test_budget_and_selection_on_inference_mode_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
     # Features made under torch.inference_mode() have no version counter: they are not memoised,
     # and the budget and selection match those of an ordinary tensor.
-    from joulecap.kernels import basis_cache
+    from joulecap.kernels import basis_cache, dispatch
 
+    monkeypatch.setattr(dispatch, "EXACT_SHORT_SIDE", 128)
     basis_cache.clear()
     x = with_spectrum([0.85**i for i in range(100)], 300, 400, seed=5).float()
     with torch.inference_mode():

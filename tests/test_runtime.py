@@ -139,6 +139,7 @@ def test_images_are_decomposed_only_for_a_policy_that_may_prune_them(
         ("baseline", False),
         ("output_budget", False),
         ("joint", True),
+        ("answers_first", True),
         ("fixed_prune", True),
     ):
         request = runtime.build_request(

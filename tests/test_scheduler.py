@@ -41,7 +41,7 @@ def encoded(p: PreparedRequest, encode_j: float) -> PreparedRequest:
 
 def test_default_policy_and_request_override() -> None:
     s = sched()
-    assert s.plan(prepared()).policy == "joint"
+    assert s.plan(prepared()).policy == "answers_first"
     assert s.plan(prepared(policy="baseline")).policy == "baseline"
     assert sched(policy="fixed_output").plan(prepared()).policy == "fixed_output"
     assert s.prunes_visual(prepared().request) is True
@@ -56,8 +56,9 @@ def test_unknown_policy() -> None:
 
 
 def test_request_tau_overrides_config() -> None:
-    p_lo = sched().plan(prepared(visual=(128,), rank=64, tau=0.3))
-    p_hi = sched().plan(prepared(visual=(128,), rank=64, tau=1.0))
+    # The default keeps every token without a budget: ask for E-AdaPrune by name.
+    p_lo = sched().plan(prepared(visual=(128,), rank=64, tau=0.3, policy="eadaprune"))
+    p_hi = sched().plan(prepared(visual=(128,), rank=64, tau=1.0, policy="eadaprune"))
     assert sum(p_lo.visual_keep) < sum(p_hi.visual_keep)
     assert sched(tau=0.3).plan(prepared(visual=(128,), rank=64)).visual_keep == p_lo.visual_keep
 

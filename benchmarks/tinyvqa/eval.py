@@ -46,6 +46,7 @@ class Condition:
     method: str
     keep_frac: float | None = None
     tau: float | None = None
+    center: bool = False
 
 
 CONDITIONS = (
@@ -81,7 +82,7 @@ def keep_indices(cond: Condition, feats: torch.Tensor, gen: torch.Generator) -> 
     if cond.method == "adaptive":
         assert cond.tau is not None
         # As the scheduler's E-AdaPrune does it: spectral budget floored at `k_min` tokens.
-        k = int(spectral_budget(feats, cond.tau, k_min=SchedulerConfig().k_min))
+        k = int(spectral_budget(feats, cond.tau, k_min=SchedulerConfig().k_min, center=cond.center))
         return select_tokens(feats, k, method="leverage") if k < n else torch.arange(n)
     assert cond.keep_frac is not None
     k = max(1, round(n * cond.keep_frac))
@@ -191,6 +192,9 @@ def evaluate(
     Report the test split; choose between candidate models on the validation split, so that the
     reported figure is not the best of several looks at the test questions.
     """
+    names = [c.name for c in conditions]
+    if len(set(names)) != len(names):  # results are keyed by name: a repeat would merge two conditions
+        raise ValueError(f"condition names must be unique, got {names}")
     model, processor = load(model_dir)
     ans = Answerer(model, processor)
     gen = torch.Generator().manual_seed(seed)
@@ -221,6 +225,7 @@ def evaluate(
             "method": cond.method,
             "keep_frac": cond.keep_frac,
             "tau": cond.tau,
+            "center": cond.center,
             "mean_kept_frac": sum(r["kept"] / r["visual"] for r in rows) / len(rows),
             **score(rows),
             "by_max_new_tokens": {

@@ -3,8 +3,9 @@
     python -m benchmarks.tinyvqa.examples
 
 writes `benchmarks/tinyvqa/examples/shapes.png` and `shapes.json` (questions, the model's answers
-through the joulecap runtime with greedy decoding, under the default policy and with every visual
-token kept (`baseline`), and the reference answers).
+through the joulecap runtime with greedy decoding, under the default policy and under `joint`
+with the README's 5 J budget, and with every visual token kept (`baseline`), and the reference
+answers; each row names the policy that answered).
 The image is the first held-out `describe` example with at least three objects: nothing is picked by
 how well the model does on it.
 """
@@ -21,6 +22,8 @@ from typing import Any
 from benchmarks.tinyvqa.generate import Example, make_example
 
 OUT_DIR = Path(__file__).resolve().parent / "examples"
+README_BUDGET_J = 5.0
+"""The budget of the README's curl example (`X-Energy-Budget-J: 5`)."""
 
 
 def pick() -> tuple[Example, Any]:
@@ -76,9 +79,21 @@ def main() -> None:
         try:
             rows = []
             for question, reference in questions(ex):
-                # The default policy (what the README's curl gets), then every visual token kept.
-                for policy in (None, "baseline"):
-                    res = rt.chat(question, images=[img], max_tokens=48, temperature=0.0, policy=policy)
+                # The default policy with the README curl's budget, `joint` (E-AdaPrune + output
+                # budget) with the same budget, then every visual token kept.
+                for policy, budget_j in (
+                    (None, README_BUDGET_J),
+                    ("joint", README_BUDGET_J),
+                    ("baseline", None),
+                ):
+                    res = rt.chat(
+                        question,
+                        images=[img],
+                        max_tokens=48,
+                        temperature=0.0,
+                        policy=policy,
+                        energy_budget_j=budget_j,
+                    )
                     rows.append(
                         {
                             "question": question,
@@ -86,6 +101,8 @@ def main() -> None:
                             "reference": reference,
                             "visual_tokens_kept": list(res.plan.visual_keep),
                             "policy": res.plan.policy,
+                            "budget_j": budget_j,
+                            "right": res.text.strip() == reference,
                         }
                     )
         finally:
