@@ -197,9 +197,11 @@ def minimum_j(prepared: PreparedRequest, ctx: PlanContext, visual_kept: int) -> 
 
 
 def stated_min_j(prepared: PreparedRequest, ctx: PlanContext, visual_kept: int) -> float:
-    """The minimum a policy states for its smallest plan (`visual_kept` tokens): `minimum_j`, or the
-    minimum this server already stated for the same request if that is lower (a retry at a stated
-    minimum is accepted even when its encode came out dearer)."""
+    """The minimum a policy states for its smallest plan (`visual_kept` tokens).
+
+    `minimum_j`, or the minimum this server already stated for the same request if that is lower
+    (a retry at a stated minimum is accepted even when its encode came out dearer).
+    """
     min_j = minimum_j(prepared, ctx, visual_kept)
     return min_j if ctx.promised_min_j is None else min(min_j, ctx.promised_min_j)
 
@@ -209,18 +211,20 @@ def fits(ctx: PlanContext, min_j: float) -> bool:
     return ctx.budget_j is None or ctx.budget_j >= min_j
 
 
-def visual_for(prepared: PreparedRequest, ctx: PlanContext) -> int:
-    """The most visual tokens (in total) a minimum answer may keep and still be accepted (-1: none).
+def visual_for(prepared: PreparedRequest, ctx: PlanContext, output_tokens: int | None = None) -> int:
+    """The most visual tokens (in total) an answer of `output_tokens` may keep and be accepted.
 
-    The inverse of `minimum_j` in the visual tokens, also leaving the configured headroom of the
-    budget unplanned when that is tighter.
+    -1 when none; `output_tokens` defaults to the minimum answer. The inverse of `minimum_j` in
+    the visual tokens, also leaving the configured headroom of the budget unplanned when that is
+    tighter.
     """
     if ctx.budget_j is None or ctx.left_j is None:
         raise ValueError("visual_for needs a budget")
     run_j = min(ctx.left_j / (1.0 + ctx.margin), ctx.left_j - ctx.budget_j * ctx.config.budget_headroom)
     if run_j <= 0:
         return -1
-    return ctx.predictor.max_visual_tokens(run_j, text_tokens(prepared, ctx), ctx.config.min_output_tokens)
+    out = ctx.config.min_output_tokens if output_tokens is None else output_tokens
+    return ctx.predictor.max_visual_tokens(run_j, text_tokens(prepared, ctx), out)
 
 
 def too_small(ctx: PlanContext, min_j: float, what: str) -> BudgetTooSmall:

@@ -16,12 +16,20 @@ from joulecap.runtime.types import Plan, PreparedRequest
 
 CFG = SchedulerConfig()
 PRED = Predictor(1.0, 0.01, 0.1)  # 1 J fixed, 0.01 J per input token, 0.1 J per output token
-MARGIN = 1.0 + CFG.feasibility_margin
+MARGIN_REL = 0.15  # a feasibility margin as the learner may hold it
+MARGIN = 1.0 + MARGIN_REL
 
 
 def ctx(budget: float | None = None, max_tokens: int | None = None, **cfg: object) -> PlanContext:
     config = replace(CFG, **cfg)
-    return PlanContext(config=config, predictor=PRED, tau=config.tau, max_tokens=max_tokens, budget_j=budget)
+    return PlanContext(
+        config=config,
+        predictor=PRED,
+        tau=config.tau,
+        max_tokens=max_tokens,
+        budget_j=budget,
+        margin=MARGIN_REL,
+    )
 
 
 def plan(p: PreparedRequest, c: PlanContext) -> Plan:
