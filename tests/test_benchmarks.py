@@ -310,7 +310,7 @@ def test_stability_benchmark_writes_its_table(
     data = json.loads(out.read_text())
     assert set(data["workloads"]) >= {"model request (energy)", "loop: python (CPU s)"}
     assert data["workloads"]["model request (energy)"]["n"] == 100
-    assert data["model"]["meter"]["source"] == "estimated" and data["model"]["major_faults"] >= 0
+    assert data["model"]["meter"]["source"] == "estimated" and "major_faults" in data["model"]
 
 
 def _ran(used_j: float, budget_j: float) -> dict[str, Any]:

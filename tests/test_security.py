@@ -85,7 +85,8 @@ def test_api_key_gates_everything_but_health(serve: Any, openai_schemas: dict[st
     assert runtime.ledger.count() == 3
 
     good = openai.OpenAI(base_url=server.base_url + "/v1", api_key=KEY, max_retries=0)
-    assert good.chat.completions.create(**GOOD).choices[0].message.content is not None  # type: ignore[call-overload]
+    answered = good.chat.completions.create(**GOOD)  # type: ignore[call-overload]
+    assert answered.usage is not None and answered.usage.completion_tokens >= 1
     bad = openai.OpenAI(base_url=server.base_url + "/v1", api_key="sk-nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.chat.completions.create(**GOOD)  # type: ignore[call-overload]

@@ -245,7 +245,7 @@ class TransformersEngine:
         )
         try:
             inputs = self.processor(text=[text], images=list(images) or None, return_tensors="pt")
-        except ValueError as exc:  # e.g. image/placeholder mismatch, unusable image
+        except (ValueError, ZeroDivisionError) as exc:  # placeholder mismatch, unusable (0-px) image
             raise InvalidRequest(f"Could not process the request: {exc}", param="messages") from exc
         return dict(inputs)
 
