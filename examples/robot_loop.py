@@ -1,12 +1,24 @@
-"""A robot perception loop on the in-process joulecap Runtime, under a power envelope.
+"""A robot perception loop on the in-process joulecap Runtime, under a joule budget that binds.
 
-Each step takes a camera frame (generated here: a coloured square moving across the view),
-asks the VLM about it with a joule budget that shrinks as the simulated battery drains, and
-prints the energy the step cost. The loop's core (`PerceptionLoop.step`) needs no ROS; see the
-README's "Robot loop" section for how the same class sits inside a ROS 2 node (a camera
-subscriber calls `step(frame)` and publishes the answer).
+Each step takes a camera frame (drawn here: three coloured shapes on a table, a red circle
+rolling between the other two), asks the demo model TinyVQA a question it was trained on, and pays for
+the answer from a simulated battery. The per-step budget is derived from the runtime itself
+before the loop starts:
 
-Run: `python examples/robot_loop.py --steps 5` (offline; demo model unless --model).
+- `full_j`: the predicted cost of a whole description of the scene (`Runtime.estimate` with an
+  ample budget, the same numbers `POST /v1/energy/estimate` returns);
+- `floor_j`: the stated minimum for it (what a 422 would state), with 10% headroom.
+
+Each step's budget is `floor_j + (full_j - floor_j) x battery charge`, so it binds: as the
+battery drains, the runtime plans fewer output tokens (the description of the scene is cut
+short) and, when even a short answer no longer fits with every visual token, keeps fewer of
+them, while short answers (a colour, yes/no) stay right. The loop plans with the runtime's default
+policy, `answers_first` (`--policy` picks another budget-holding one). Every step prints its plan
+(visual tokens kept of those in, output tokens planned), the joules measured, how generation
+stopped, and the answer.
+
+Run: `python examples/robot_loop.py` (10 steps) (offline; the demo model unless --model). The
+loop's core, `PerceptionLoop.step`, needs no ROS; `ros2_node.py` wraps it in an rclpy node.
 """
 
 from __future__ import annotations
@@ -16,10 +28,27 @@ import time
 from dataclasses import dataclass, replace
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 from joulecap.runtime.config import JoulecapConfig
 from joulecap.runtime.errors import BudgetTooSmall, EnvelopeExhausted
 from joulecap.runtime.runtime import Runtime
+
+FRAME_PX = 120
+"""TinyVQA's image side: the demo model was trained on 120x120 scenes."""
+DESCRIBE = "what is in the image?"
+QUESTIONS = (
+    DESCRIBE,
+    "what color is the circle?",
+    DESCRIBE,
+    "is there a green diamond?",
+    DESCRIBE,
+    "what color is the square?",
+)
+"""What the robot asks, in turn: the scene (a long answer the budget cuts) and short checks."""
+MAX_TOKENS = 32
+AMPLE_J = 1000.0
+"""A budget that never binds, for the estimate that states the minimum and the full cost."""
 
 
 @dataclass
@@ -39,12 +68,15 @@ class Battery:
         self.level_j = max(0.0, self.level_j - energy_j)
 
 
-def camera_frame(step: int, size: int = 128) -> np.ndarray:
-    """A synthetic HxWx3 uint8 frame: a red square sliding left to right on grey."""
-    frame = np.full((size, size, 3), 200, dtype=np.uint8)
-    x = (step * 17) % (size - 32)
-    frame[48:80, x : x + 32] = (220, 30, 30)
-    return frame
+def camera_frame(step: int) -> Image.Image:
+    """A synthetic camera frame: a red circle rolling between a yellow triangle and a blue square."""
+    img = Image.new("RGB", (FRAME_PX, FRAME_PX), (238, 238, 238))
+    draw = ImageDraw.Draw(img)
+    x = 44 + 6 * (step % 4)  # the circle's centre, 6 px further each frame, then back
+    draw.ellipse((x - 11, 20, x + 11, 42), fill=(215, 35, 35))
+    draw.rectangle((70, 70, 88, 88), fill=(35, 75, 215))  # square, half side 9
+    draw.polygon([(28, 70), (16, 94), (40, 94)], fill=(235, 195, 20))  # triangle
+    return img
 
 
 @dataclass
@@ -52,23 +84,27 @@ class StepReport:
     """What one perception step did."""
 
     step: int
+    question: str
     battery_pct: float
     budget_j: float
     energy_j: float
-    source: str
-    answer: str
+    visual_kept: int
+    visual_in: int
+    max_new_tokens: int
     stop_reason: str
+    answer: str
 
 
 class PerceptionLoop:
-    """Ask the VLM about each frame with a budget scaled by the battery's state of charge.
+    """Ask the VLM about each frame under a budget scaled by the battery's state of charge.
 
     Args:
         runtime: The in-process joulecap runtime.
-        battery: The battery to drain with each step's reported energy.
-        full_budget_j: Per-step budget at a full battery; it scales down linearly to
-            `min_fraction` of it as the battery empties.
-        prompt: The question asked about every frame.
+        battery: The battery to drain with each step's measured energy.
+        floor_j: The budget at an empty battery (at least the runtime's stated minimum).
+        full_j: The budget at a full battery.
+        questions: Asked in turn, one per step.
+        policy: A budget-holding planning policy; None: the runtime's default.
 
     """
 
@@ -77,50 +113,92 @@ class PerceptionLoop:
         runtime: Runtime,
         battery: Battery,
         *,
-        full_budget_j: float,
-        min_fraction: float = 0.2,
-        prompt: str = "Where is the red square?",
+        floor_j: float,
+        full_j: float,
+        questions: tuple[str, ...] = QUESTIONS,
+        policy: str | None = None,
     ) -> None:
         self.runtime = runtime
         self.battery = battery
-        self.full_budget_j = full_budget_j
-        self.min_fraction = min_fraction
-        self.prompt = prompt
+        self.floor_j = floor_j
+        self.full_j = max(full_j, floor_j)
+        self.questions = questions
+        self.policy = policy
 
     def budget_j(self) -> float:
         """This step's joule budget."""
-        scale = self.min_fraction + (1 - self.min_fraction) * self.battery.fraction
-        return self.full_budget_j * scale
+        return self.floor_j + (self.full_j - self.floor_j) * self.battery.fraction
 
-    def step(self, index: int, frame: np.ndarray) -> StepReport:
+    def step(self, index: int, frame: Image.Image | np.ndarray) -> StepReport:
         """Run one frame through the runtime and account its energy against the battery."""
+        question = self.questions[index % len(self.questions)]
         budget = self.budget_j()
         try:
-            result = self.runtime.chat(self.prompt, images=[frame], energy_budget_j=budget, max_tokens=24)
+            result = self.runtime.chat(
+                question, images=[frame], energy_budget_j=budget, max_tokens=MAX_TOKENS, policy=self.policy
+            )
         except (BudgetTooSmall, EnvelopeExhausted) as exc:
             # Skipping a frame is the right reaction to an empty envelope: the robot keeps moving.
-            return StepReport(index, 100 * self.battery.fraction, budget, 0.0, "skipped", str(exc), "skipped")
+            pct = 100 * self.battery.fraction
+            return StepReport(index, question, pct, budget, 0.0, 0, 0, 0, "skipped", str(exc)[:60])
         self.battery.draw(result.energy.total_j)
         return StepReport(
             step=index,
+            question=question,
             battery_pct=100 * self.battery.fraction,
             budget_j=budget,
             energy_j=result.energy.total_j,
-            source=f"{result.energy.source}:{result.energy.meter}",
-            answer=result.text.strip()[:60],
+            visual_kept=sum(result.plan.visual_keep),
+            visual_in=result.generation.visual_tokens_in,
+            max_new_tokens=result.plan.max_new_tokens,
             stop_reason=result.generation.stop_reason,
+            answer=result.text.strip(),
         )
+
+
+def derive_budgets(
+    runtime: Runtime, frame: Image.Image, policy: str | None = None, warmup: int = 2
+) -> tuple[float, float, float]:
+    """`(floor_j, full_j, answer_j)` for the describe question about `frame`.
+
+    A few unconstrained answers first let the online predictor see this machine as it is now
+    (`answer_j` is their mean measured cost). Then one estimate with an ample budget gives the
+    stated minimum (`floor_j` is 1.1 x it) and the predicted cost of the whole answer (`full_j`):
+    budgets between them bind.
+    """
+    costs = [
+        runtime.chat(DESCRIBE, images=[frame], policy="baseline", max_tokens=MAX_TOKENS).energy.total_j
+        for _ in range(warmup)
+    ]
+    request = runtime.build_request(
+        DESCRIBE, [frame], energy_budget_j=AMPLE_J, max_tokens=MAX_TOKENS, policy=policy
+    )
+    _, plan, refusal = runtime.estimate(request)
+    if plan is None or plan.min_j is None:
+        raise RuntimeError(f"no plan with a stated minimum ({refusal}): use a budget-holding policy")
+    floor_j = 1.1 * plan.min_j
+    return floor_j, max(plan.predicted_j, floor_j), sum(costs) / len(costs)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--hz", type=float, default=2.0, help="Frames per second the loop aims for.")
     parser.add_argument("--model", default=None, help="Model directory (default: the demo model).")
-    parser.add_argument("--battery-j", type=float, default=200.0, help="Simulated battery capacity.")
-    parser.add_argument("--full-budget-j", type=float, default=20.0, help="Per-step budget when full.")
-    parser.add_argument("--envelope-w", type=float, default=30.0, help="Power envelope refill rate.")
-    parser.add_argument("--envelope-j", type=float, default=60.0, help="Power envelope capacity.")
+    parser.add_argument(
+        "--battery-steps",
+        type=float,
+        default=4.0,
+        help="Battery capacity in unconstrained answers' joules (small, so the demo drains it).",
+    )
+    parser.add_argument(
+        "--policy",
+        default=None,
+        choices=["answers_first", "output_budget", "joint"],
+        help="Planning policy (default: the runtime's, answers_first).",
+    )
+    parser.add_argument("--envelope-w", type=float, default=None, help="Power envelope refill rate (off).")
+    parser.add_argument("--envelope-j", type=float, default=None, help="Power envelope capacity.")
     parser.add_argument("--ledger", default=":memory:", help="Ledger path (default: not kept).")
     args = parser.parse_args(argv)
 
@@ -131,17 +209,28 @@ def main(argv: list[str] | None = None) -> int:
         envelope=replace(base.envelope, power_envelope_w=args.envelope_w, power_envelope_j=args.envelope_j),
         paths=replace(base.paths, ledger_path=args.ledger),
     )
-    battery = Battery(capacity_j=args.battery_j, level_j=args.battery_j)
     with Runtime(config) as runtime:
-        loop = PerceptionLoop(runtime, battery, full_budget_j=args.full_budget_j)
-        print(f"{'step':>4} {'batt%':>6} {'budget_J':>9} {'used_J':>8} {'stop':>13}  source / answer")
+        floor_j, full_j, answer_j = derive_budgets(runtime, camera_frame(0), args.policy)
+        capacity_j = args.battery_steps * answer_j
+        battery = Battery(capacity_j=capacity_j, level_j=capacity_j)
+        print(
+            f"unconstrained answer: {answer_j:.3f} J measured; budget per step from {full_j:.3f} J "
+            f"(the whole answer, predicted) at a full battery to {floor_j:.3f} J (1.1 x the stated "
+            f"minimum) at an empty one; battery {capacity_j:.3f} J"
+        )
+        loop = PerceptionLoop(runtime, battery, floor_j=floor_j, full_j=full_j, policy=args.policy)
+        print(
+            f"{'step':>4} {'batt%':>6} {'budget_J':>9} {'used_J':>8} {'visual':>7} {'max_new':>7} "
+            f"{'stop':>13}  question -> answer"
+        )
         period_s = 1.0 / args.hz
         for i in range(args.steps):
             t0 = time.monotonic()
             r = loop.step(i, camera_frame(i))
+            visual = f"{r.visual_kept}/{r.visual_in}"
             print(
-                f"{r.step:>4} {r.battery_pct:6.1f} {r.budget_j:9.3f} {r.energy_j:8.3f} {r.stop_reason:>13}  "
-                f"{r.source} / {r.answer!r}"
+                f"{r.step:>4} {r.battery_pct:6.1f} {r.budget_j:9.3f} {r.energy_j:8.3f} {visual:>7} "
+                f"{r.max_new_tokens:>7} {r.stop_reason:>13}  {r.question} -> {r.answer}"
             )
             time.sleep(max(0.0, period_s - (time.monotonic() - t0)))
     return 0

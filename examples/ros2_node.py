@@ -1,16 +1,18 @@
 """The robot loop of `robot_loop.py` inside a ROS 2 node (rclpy).
 
-NOT RUN HERE: this machine has no ROS 2. It needs a ROS 2 distribution (Humble or newer) with
-`rclpy`, `sensor_msgs` and `std_msgs`, and joulecap installed in the same Python environment.
-The test suite only checks that it compiles and that it reuses `PerceptionLoop` unchanged; the
-loop itself is tested through `robot_loop.py`.
+NOT RUN HERE: the development machines have no ROS 2. It needs a ROS 2 distribution (Humble or
+newer) with `rclpy`, `sensor_msgs` and `std_msgs`, and joulecap installed in the same Python
+environment. The test suite only checks that it compiles and that it reuses `PerceptionLoop`
+unchanged; the loop itself is tested through `robot_loop.py`.
 
     source /opt/ros/humble/setup.bash
     python examples/ros2_node.py --ros-args -p camera_topic:=/camera/image_raw -p hz:=2.0
 
 Subscribes to an RGB8 `sensor_msgs/Image` topic, keeps only the newest frame, and at a fixed rate
-asks the VLM about it under a joule budget scaled by the battery; publishes the answer on
-`~/answer` and the step's energy (joules) on `~/energy_j`. The model runs on a worker thread of
+asks the VLM about it under a joule budget scaled by the battery (between the runtime's stated
+minimum and the predicted cost of a whole answer, derived from the first frame as in
+`robot_loop.py`); publishes the answer on `~/answer` and the step's energy (joules) on
+`~/energy_j`. The model runs on a worker thread of
 the joulecap `Runtime`, so the ROS executor is never blocked by inference.
 """
 
@@ -28,7 +30,7 @@ from sensor_msgs.msg import Image as ImageMsg
 from std_msgs.msg import Float64, String
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from robot_loop import Battery, PerceptionLoop
+from robot_loop import Battery, PerceptionLoop, derive_budgets
 
 from joulecap.runtime.config import JoulecapConfig
 from joulecap.runtime.runtime import Runtime
@@ -45,7 +47,8 @@ class JoulecapPerceptionNode(Node):  # type: ignore[misc]
         battery_j = float(self.declare_parameter("battery_j", 200.0).value)
         base = JoulecapConfig()
         self.runtime = Runtime(replace(base, engine=replace(base.engine, model=model)))
-        self.loop = PerceptionLoop(self.runtime, Battery(battery_j, battery_j), full_budget_j=20.0)
+        self.battery = Battery(battery_j, battery_j)
+        self.loop: PerceptionLoop | None = None  # budgets are derived from the first frame
         self.answer_pub = self.create_publisher(String, "~/answer", 10)
         self.energy_pub = self.create_publisher(Float64, "~/energy_j", 10)
         self.create_subscription(ImageMsg, topic, self._on_image, 1)
@@ -70,6 +73,9 @@ class JoulecapPerceptionNode(Node):  # type: ignore[misc]
 
     def _run(self, index: int, frame: np.ndarray) -> None:
         try:
+            if self.loop is None:
+                floor_j, full_j, _ = derive_budgets(self.runtime, frame)
+                self.loop = PerceptionLoop(self.runtime, self.battery, floor_j=floor_j, full_j=full_j)
             report = self.loop.step(index, frame)
             self.answer_pub.publish(String(data=report.answer))
             self.energy_pub.publish(Float64(data=report.energy_j))

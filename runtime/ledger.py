@@ -139,6 +139,8 @@ class Ledger:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        if path != ":memory:":  # a fresh cache directory: the ledger is the first file in it
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30.0)
         self._conn.row_factory = sqlite3.Row
