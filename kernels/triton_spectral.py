@@ -19,7 +19,7 @@ Kernels:
 Eigenvalues of the small (r x r or Gram) matrices and the QR of the sketch stay in PyTorch
 (cuSOLVER on GPU): they are not the bandwidth-bound part.
 
-Honesty note: this session had no GPU. The kernels are verified for correctness under the
+No GPU was available where these kernels were written: they are verified for correctness under the
 Triton CPU interpreter only (tests/test_kernels_triton.py, tiny shapes); their GPU speed is not
 measured here (benchmarks/kernels.py prints "no GPU available" rows).
 """

@@ -413,9 +413,9 @@ def test_runtime_serves_the_trained_model(tmp_path: Path, monkeypatch_module: An
 
 @pytestmark_model
 def test_shipped_model_carries_the_named_objects_offset_to_the_answer_step(monkeypatch_module: Any) -> None:
-    # What made position answerable (session 7): the step that emits a position answer holds the
+    # What made position answerable: the step that emits a position answer holds the
     # offset between the two named objects, which a linear probe reads back; with the offset loss
-    # left out of training it held nothing (R^2 below 0 at every layer, session 6's model).
+    # left out of training it held nothing (R^2 below 0 at every layer, the earlier model).
     from benchmarks.tinyvqa.probe import probe
 
     layers = probe(PACKAGED_DEMO, 90)["layers"]
