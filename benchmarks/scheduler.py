@@ -240,7 +240,7 @@ def smallest_plan(rt: Any, prepared: Any, policy: str) -> Any:
 
     cfg = rt.scheduler.config
     ctx = rt.scheduler.context(prepared)
-    if policy == "joint":
+    if policy in ("joint", "answers_first"):  # both go down to the floor per image
         keep = tuple(min(k, cfg.visual_floor_tokens) for k in spectral_keep(prepared, ctx))
     elif policy == "output_budget":
         keep = all_visual(prepared)
