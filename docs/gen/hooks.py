@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cli_ref import render_cli
 from http_ref import render_http
-from results_ref import REPO, RESULTS, render_results
+from results_ref import RESULTS, render_results
 
 GENERATORS: dict[str, Callable[[], str]] = {
     "cli": functools.cache(render_cli),
@@ -41,29 +41,6 @@ def expand(markdown: str) -> str:
         else:
             out.append(line)
     return "\n".join(out) + "\n"
-
-
-API_TREE = REPO / "build" / "docs-api"
-"""Where `joulecap.runtime`, `.policies` and `.kernels` are laid out as links for mkdocstrings."""
-
-
-def api_tree() -> Path:
-    """`build/docs-api/joulecap/{runtime,policies,kernels}` as links to the source folders."""
-    package = API_TREE / "joulecap"
-    package.mkdir(parents=True, exist_ok=True)
-    # A regular package (not a namespace one), so it wins over the editable install's finder.
-    (package / "__init__.py").write_text('"""joulecap (laid out for the API reference)."""\n')
-    for name in ("runtime", "policies", "kernels"):
-        link = package / name
-        if not link.is_symlink():
-            link.symlink_to(REPO / name, target_is_directory=True)
-    return API_TREE
-
-
-def on_config(config: Any) -> Any:
-    """MkDocs event: lay out the package tree mkdocstrings reads before anything is collected."""
-    api_tree()
-    return config
 
 
 def on_page_markdown(markdown: str, **_kwargs: Any) -> str:
