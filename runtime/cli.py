@@ -28,12 +28,15 @@ CALIBRATION_FIELDS: dict[str, tuple[str, ...]] = {
     "serve": ("auto_calibrate",),
     "calibrate": ("quick", "resume"),
 }
+LEARNING_FIELDS: dict[str, tuple[str, ...]] = {"calibrate": ("rls_forgetting",)}
+"""The fit's RLS forgetting is saved with the profile; the rest of learning is the server's."""
 """`serve` calibrates automatically; `calibrate` sweeps quick or full, resuming or not."""
 
 
 def _add(parser: argparse.ArgumentParser, command: str, components: tuple[str, ...]) -> None:
     for name in components:
-        subset = {"paths": PATH_FIELDS, "calibration": CALIBRATION_FIELDS}.get(name, {})
+        fields = {"paths": PATH_FIELDS, "calibration": CALIBRATION_FIELDS, "learning": LEARNING_FIELDS}
+        subset = fields.get(name, {})
         only = subset.get(command)
         add_config_args(parser, COMPONENTS[name], title=f"{name} options", only=only)
 

@@ -39,7 +39,15 @@ def test_calibrate_lists_engine_energy_and_calibration_options_only(
 ) -> None:
     flags = _flags("calibrate", capsys=capsys)
     assert {"--model", "--meter", "--quick", "--resume", "--profile-dir", "--rls-forgetting"} <= flags
-    for other in ("--policy", "--tau", "--power-envelope-w", "--port", "--api-key", "--ledger-path"):
+    for other in (
+        "--policy",
+        "--tau",
+        "--power-envelope-w",
+        "--port",
+        "--api-key",
+        "--ledger-path",
+        "--speed-alpha",
+    ):
         assert other not in flags
 
 
