@@ -13,6 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _factories import REPO
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # benchmarks/ is a folder of scripts, not an installed package
 
 from benchmarks import gpu_check as gc
 
