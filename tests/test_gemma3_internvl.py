@@ -13,14 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import openai
 import pytest
 import torch
-from _factories import make_config, marked_image
+from _factories import marked_image
+from _family import check_eadaprune_budgets_each_image, check_serves_joint_over_http, family_runtime, served
 from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from joulecap.kernels import select_tokens, spectral_budget
+from joulecap.kernels import select_tokens
 from joulecap.runtime.engines.adapters import keep_mask
 from joulecap.runtime.engines.base import RunHooks
 from joulecap.runtime.engines.config import EngineConfig
@@ -270,49 +270,13 @@ def test_vllm_refuses_gemma3_images_but_not_internvl() -> None:
 # ---------------------------------------------------------------------------------------- (d), serving
 @pytest.fixture(scope="module")
 def runtime(engine: TransformersEngine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from joulecap.runtime.runtime import Runtime
-
-    cfg = make_config(Path(engine.config.model or ""), tmp_path_factory.mktemp("rt"), scheduler={"k_min": 4})
-    rt = Runtime(cfg)
-    yield rt
-    rt.close()
+    yield from family_runtime(Path(engine.config.model or ""), tmp_path_factory.mktemp("rt"))
 
 
 def test_eadaprune_budgets_each_image(runtime: Any) -> None:
-    request = runtime.build_request("What is in the picture?", list(IMAGES), policy="eadaprune", max_tokens=4)
-    prepared, plan = runtime.plan(request)
-    cfg = runtime.config.scheduler
-    want = tuple(
-        min(n, int(spectral_budget(f, cfg.tau, k_min=cfg.k_min)))
-        for n, f in zip(prepared.visual_tokens, prepared.features, strict=True)
-    )
-    assert plan.visual_keep == want
-    assert any(k < n for k, n in zip(want, prepared.visual_tokens, strict=True))  # it prunes here
-    result = runtime.chat("What is in the picture?", list(IMAGES), policy="eadaprune", max_tokens=4)
-    assert result.generation.visual_tokens_kept == sum(want)
-    assert result.generation.prefill_tokens == prepared.input_tokens - sum(prepared.visual_tokens) + sum(want)
+    check_eadaprune_budgets_each_image(runtime, IMAGES)
 
 
 def test_serves_joint_over_http(runtime: Any, png: Any) -> None:
-    from joulecap.runtime.api.app import create_app
-    from joulecap.runtime.api.server import BackgroundServer
-
-    with BackgroundServer(create_app(runtime)) as server:
-        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
-        content = [
-            {"type": "image_url", "image_url": {"url": png(size=(64, 64))}},
-            {"type": "image_url", "image_url": {"url": png(size=(64, 120), color=(20, 40, 220))}},
-            {"type": "text", "text": "What colour are the squares?"},
-        ]
-        raw = client.chat.completions.with_raw_response.create(
-            model="default",
-            messages=[{"role": "user", "content": content}],
-            max_tokens=6,
-            extra_headers={"X-Energy-Budget-J": "50"},
-            extra_body={"policy": "joint"},
-        )
-        body = raw.parse()
-        assert isinstance(body.choices[0].message.content, str)
-        energy = raw.http_response.json()["usage"]["energy"]
-        assert energy["policy"] == "joint"
-        assert 0 < energy["visual_tokens_kept"] < energy["visual_tokens_in"]
+    for client in served(runtime):
+        check_serves_joint_over_http(client, [png(size=(64, 64)), png(size=(64, 120), color=(20, 40, 220))])
