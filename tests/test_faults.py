@@ -251,7 +251,7 @@ def test_engine_fault_is_500_for_that_request_only_and_recorded(
     failed = [r for r in runtime.ledger.query(limit=100) if r["status"] == "error"]
     assert len(failed) == 1
     assert "injected engine fault" in failed[0]["error"]
-    assert failed[0]["measured_j"] is not None and failed[0]["measured_j"] >= 0
+    assert failed[0]["measured_j"] is not None and failed[0]["measured_j"] > 0  # its encode, at least
     assert failed[0]["source"]
 
     ok = _post(server, _body("fine now", max_tokens=3))
