@@ -1,8 +1,9 @@
 """`joulecap ledger export`: the ledger as CSV, JSON lines or Parquet, for an operator's own tools.
 
 Parquet needs `pyarrow` (`pip install 'joulecap[parquet]'`); it is imported only for that
-format. Every column keeps its type (text, float, integer; `interpolated` and `jetson_clocks`
-as booleans); `plan` is JSON text in CSV and Parquet and an object in JSON lines.
+format. Every column keeps its type (text, float, integer; `interpolated`, `jetson_clocks` and
+`budget_exceeded` as booleans); `plan` is JSON text in CSV and Parquet and an object in JSON
+lines.
 
 A file is written next to its destination under a temporary name and renamed when complete,
 so an export that fails (an unwritable folder, a full disk) leaves no half-written file.
@@ -25,7 +26,7 @@ from joulecap.runtime.ledger import COLUMN_NAMES, COLUMNS, Ledger
 ExportFormat = Literal["csv", "jsonl", "parquet"]
 FORMATS: tuple[ExportFormat, ...] = ("csv", "jsonl", "parquet")
 
-BOOL_COLUMNS = frozenset({"interpolated", "jetson_clocks"})
+BOOL_COLUMNS = frozenset({"interpolated", "jetson_clocks", "budget_exceeded"})
 """INTEGER columns that hold a flag (exported as booleans)."""
 
 

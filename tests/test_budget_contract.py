@@ -155,8 +155,10 @@ def test_the_envelope_reserves_the_prediction_with_its_margin(tmp_path: Path, ti
         rt.envelope._level_j = reserve * 0.999
         with pytest.raises(EnvelopeExhausted):
             rt.run_planned(prepared, plan)
+        prepared, plan = rt.plan(rt.build_request("hi", energy_budget_j=500.0, max_tokens=4))
+        reserve = plan.predicted_j * (1 + plan.margin)
         rt.envelope._level_j = reserve * 1.001
-        result = rt.run_planned(*rt.plan(rt.build_request("hi", energy_budget_j=500.0, max_tokens=4)))
+        result = rt.run_planned(prepared, plan)
         # Settled to the measured energy: what is left is the level before, less what it cost.
         assert rt.envelope.level_j() == pytest.approx(
             reserve * 1.001 - result.energy.total_j, rel=1e-3, abs=1e-6
