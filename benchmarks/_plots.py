@@ -60,25 +60,28 @@ def run_plots(rows: list[dict[str, Any]], out: Path, source_label: str, model_la
                 continue
             r = match[0]
             x = i + (j - (len(budgets) - 1) / 2) * width
-            ax.bar(
-                x,
-                r["prefill_j_mean"],
-                width * 0.9,
-                color="tab:blue",
-                label="prefill" if i == j == 0 else None,
-            )
-            ax.bar(
-                x,
-                r["decode_j_mean"],
-                width * 0.9,
-                bottom=r["prefill_j_mean"],
-                color="tab:orange",
-                label="decode" if i == j == 0 else None,
-            )
+            # Encode, LM prefill and decode stacked: together the request's energy.
+            bottom = 0.0
+            for key, part_color, label in (
+                ("encode_j_mean", "tab:green", "encode"),
+                ("prefill_j_mean", "tab:blue", "prefill"),
+                ("decode_j_mean", "tab:orange", "decode"),
+            ):
+                value = r.get(key) or 0.0
+                ax.bar(
+                    x,
+                    value,
+                    width * 0.9,
+                    bottom=bottom,
+                    color=part_color,
+                    label=label if i == j == 0 else None,
+                )
+                bottom += value
     ax.set_xticks(range(len(policies)), policies, rotation=20)
     ax.set(ylabel="energy per request, mean (J)")
     ax.set_title(
-        f"Prefill / decode split per policy (bars left to right: budgets {budgets})\n{subtitle}", fontsize=9
+        f"Encode / prefill / decode per policy (bars left to right: budgets {budgets})\n{subtitle}",
+        fontsize=9,
     )
     ax.legend(fontsize=8)
     fig.tight_layout()
