@@ -11,6 +11,29 @@ from _factories import make_config
 from PIL import Image
 
 from joulecap.kernels import spectral_budget
+from joulecap.runtime.types import ImagePart, Plan, PreparedRequest, Request
+
+
+def plain_plan(prepared: PreparedRequest, keep: tuple[int, ...] | None = None, max_new: int = 10) -> Plan:
+    """A plan keeping `keep` visual tokens per image (default all) and `max_new` output tokens."""
+    keep = prepared.visual_tokens if keep is None else keep
+    return Plan(visual_keep=keep, max_new_tokens=max_new, predicted_j=1.0, policy="test", reason="test")
+
+
+def processor_inputs(processor: Any, request: Request) -> Any:
+    """The model's own processor on the request, through its chat template (the reference input)."""
+    messages = [
+        {
+            "role": m.role,
+            "content": [
+                {"type": "image"} if isinstance(p, ImagePart) else {"type": "text", "text": p.text}
+                for p in m.parts
+            ],
+        }
+        for m in request.messages
+    ]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return processor(text=[text], images=list(request.images) or None, return_tensors="pt")
 
 
 def family_runtime(model_dir: Path, work: Path) -> Iterator[Any]:

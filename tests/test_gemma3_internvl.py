@@ -16,7 +16,14 @@ from typing import Any
 import pytest
 import torch
 from _factories import marked_image
-from _family import check_eadaprune_budgets_each_image, check_serves_joint_over_http, family_runtime, served
+from _family import (
+    check_eadaprune_budgets_each_image,
+    check_serves_joint_over_http,
+    family_runtime,
+    plain_plan,
+    processor_inputs,
+    served,
+)
 from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -27,7 +34,7 @@ from joulecap.runtime.engines.config import EngineConfig
 from joulecap.runtime.engines.transformers_engine import TransformersEngine
 from joulecap.runtime.errors import InvalidRequest
 from joulecap.runtime.tiny_models import build_tiny_model
-from joulecap.runtime.types import ChatMessage, ImagePart, Plan, PreparedRequest, Request, TextPart
+from joulecap.runtime.types import ChatMessage, ImagePart, Request, TextPart
 
 ARCHS = ["gemma3", "internvl"]
 # Different sizes and aspect ratios: the same 256 tokens each for Gemma-3, different tile counts
@@ -49,33 +56,13 @@ def _request(n_images: int = 2, text: str = "What is in the picture?", **kw: Any
     return Request("chatcmpl-test", (ChatMessage("user", parts),), images=images, **kw)
 
 
-def _plan(prepared: PreparedRequest, keep: tuple[int, ...] | None = None, max_new: int = 10) -> Plan:
-    keep = prepared.visual_tokens if keep is None else keep
-    return Plan(visual_keep=keep, max_new_tokens=max_new, predicted_j=1.0, policy="test", reason="test")
-
-
-def _processor_inputs(engine: TransformersEngine, request: Request) -> Any:
-    messages = [
-        {
-            "role": m.role,
-            "content": [
-                {"type": "image"} if isinstance(p, ImagePart) else {"type": "text", "text": p.text}
-                for p in m.parts
-            ],
-        }
-        for m in request.messages
-    ]
-    text = engine.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return engine.processor(text=[text], images=list(request.images) or None, return_tensors="pt")
-
-
 # ---------------------------------------------------------------------------------------- (a)
 @pytest.mark.parametrize("n_images", [0, 1, 2])
 def test_all_tokens_kept_matches_generate(engine: TransformersEngine, n_images: int) -> None:
     req = _request(n_images)
     prepared = engine.prepare(req)
-    result = engine.run(prepared, _plan(prepared, max_new=12), RunHooks())
-    inputs = _processor_inputs(engine, req)
+    result = engine.run(prepared, plain_plan(prepared, max_new=12), RunHooks())
+    inputs = processor_inputs(engine.processor, req)
     with torch.inference_mode():
         out = engine.model.generate(**inputs, max_new_tokens=12, do_sample=False)
     assert list(result.token_ids) == [int(t) for t in out[0, inputs["input_ids"].shape[1] :]]
@@ -98,7 +85,7 @@ def _image_spans(engine: TransformersEngine, ids: torch.Tensor) -> list[torch.Te
 
 def test_images_of_different_sizes_keep_their_own_tokens(engine: TransformersEngine) -> None:
     prepared = engine.prepare(_request(2))
-    inputs = _processor_inputs(engine, _request(2))
+    inputs = processor_inputs(engine.processor, _request(2))
     spans = _image_spans(engine, inputs["input_ids"][0])
     assert list(prepared.visual_tokens) == [s.numel() for s in spans]
     payload: Any = prepared.payload
@@ -146,7 +133,7 @@ def _reference_pruned(
     Returns the tokens, the prefill's last logits and the pruned prompt length.
     """
     model = engine.model
-    inputs = _processor_inputs(engine, request)
+    inputs = processor_inputs(engine.processor, request)
     ids = inputs["input_ids"][0]
     features = _image_features(engine, inputs)
     stay = torch.ones_like(ids, dtype=torch.bool)
@@ -179,7 +166,7 @@ def test_pruned_run_matches_the_models_own_forward(engine: TransformersEngine) -
     req = _request(2)
     prepared = engine.prepare(req)
     keep = tuple(max(1, n // 3) for n in prepared.visual_tokens)
-    result = engine.run(prepared, _plan(prepared, keep, max_new=10), RunHooks())
+    result = engine.run(prepared, plain_plan(prepared, keep, max_new=10), RunHooks())
     tokens, logits, length = _reference_pruned(engine, req, keep, len(result.token_ids))
     assert list(result.token_ids) == tokens
     assert result.prefill_tokens == length == prepared.input_tokens - sum(prepared.visual_tokens) + sum(keep)
@@ -224,7 +211,7 @@ def test_gemma3_pruned_image_tokens_stay_one_bidirectional_block(tmp_path: Path)
 
 def test_pruning_every_visual_token_still_answers(engine: TransformersEngine) -> None:
     prepared = engine.prepare(_request(2))
-    result = engine.run(prepared, _plan(prepared, (0, 0), max_new=4), RunHooks())
+    result = engine.run(prepared, plain_plan(prepared, (0, 0), max_new=4), RunHooks())
     assert result.visual_tokens_kept == 0
     assert result.prefill_tokens == prepared.text_tokens
     assert 0 < len(result.token_ids) <= 4
@@ -237,7 +224,7 @@ def test_odd_images_run(engine: TransformersEngine, size: tuple[int, int]) -> No
     per_block = 256 if engine.info.family == "gemma3" else engine.processor.image_seq_length
     assert prepared.visual_tokens[0] % per_block == 0 and prepared.visual_tokens[0] >= per_block
     keep = (max(1, prepared.visual_tokens[0] // 4),)
-    result = engine.run(prepared, _plan(prepared, keep, max_new=3), RunHooks())
+    result = engine.run(prepared, plain_plan(prepared, keep, max_new=3), RunHooks())
     assert result.visual_tokens_kept == keep[0]
 
 

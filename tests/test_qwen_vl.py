@@ -20,7 +20,14 @@ import openai
 import pytest
 import torch
 from _factories import marked_image
-from _family import check_eadaprune_budgets_each_image, check_serves_joint_over_http, family_runtime, served
+from _family import (
+    check_eadaprune_budgets_each_image,
+    check_serves_joint_over_http,
+    family_runtime,
+    plain_plan,
+    processor_inputs,
+    served,
+)
 from PIL import Image
 
 from joulecap.kernels import select_tokens
@@ -30,7 +37,7 @@ from joulecap.runtime.engines.config import EngineConfig
 from joulecap.runtime.engines.transformers_engine import TransformersEngine
 from joulecap.runtime.errors import InvalidRequest
 from joulecap.runtime.tiny_models import build_tiny_model
-from joulecap.runtime.types import ChatMessage, ImagePart, Plan, PreparedRequest, Request, TextPart
+from joulecap.runtime.types import ChatMessage, ImagePart, Plan, Request, TextPart
 
 ARCHS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 # Two images of different sizes and aspect ratios: different merged grids (e.g. 6x8 and 7x4).
@@ -50,33 +57,13 @@ def _request(n_images: int = 2, text: str = "What is in the picture?") -> Reques
     return Request("chatcmpl-test", (ChatMessage("user", parts),), images=IMAGES[:n_images])
 
 
-def _plan(prepared: PreparedRequest, keep: tuple[int, ...] | None = None, max_new: int = 10) -> Plan:
-    keep = prepared.visual_tokens if keep is None else keep
-    return Plan(visual_keep=keep, max_new_tokens=max_new, predicted_j=1.0, policy="test", reason="test")
-
-
-def _processor_inputs(engine: TransformersEngine, request: Request) -> Any:
-    messages = [
-        {
-            "role": m.role,
-            "content": [
-                {"type": "image"} if isinstance(p, ImagePart) else {"type": "text", "text": p.text}
-                for p in m.parts
-            ],
-        }
-        for m in request.messages
-    ]
-    text = engine.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return engine.processor(text=[text], images=list(request.images) or None, return_tensors="pt")
-
-
 # ---------------------------------------------------------------------------------------- (a)
 @pytest.mark.parametrize("n_images", [0, 2])
 def test_all_tokens_kept_matches_generate(engine: TransformersEngine, n_images: int) -> None:
     req = _request(n_images)
     prepared = engine.prepare(req)
-    result = engine.run(prepared, _plan(prepared, max_new=12), RunHooks())
-    inputs = _processor_inputs(engine, req)
+    result = engine.run(prepared, plain_plan(prepared, max_new=12), RunHooks())
+    inputs = processor_inputs(engine.processor, req)
     with torch.inference_mode():
         out = engine.model.generate(**inputs, max_new_tokens=12, do_sample=False)
     assert list(result.token_ids) == [int(t) for t in out[0, inputs["input_ids"].shape[1] :]]
@@ -85,7 +72,7 @@ def test_all_tokens_kept_matches_generate(engine: TransformersEngine, n_images: 
 
 def test_images_of_different_sizes_get_their_own_grids(engine: TransformersEngine) -> None:
     prepared = engine.prepare(_request(2))
-    grids = _processor_inputs(engine, _request(2))["image_grid_thw"]
+    grids = processor_inputs(engine.processor, _request(2))["image_grid_thw"]
     merge = engine.processor.image_processor.merge_size
     assert grids[0].tolist() != grids[1].tolist()
     assert list(prepared.visual_tokens) == [int(g.prod()) // merge**2 for g in grids]
@@ -102,7 +89,7 @@ def _reference_pruned(
     `[3, 1, L_kept]` positions.
     """
     model = engine.model
-    inputs = _processor_inputs(engine, request)
+    inputs = processor_inputs(engine.processor, request)
     ids, grid = inputs["input_ids"][0], inputs["image_grid_thw"]
     with torch.inference_mode():
         positions, _ = model.model.get_rope_index(
@@ -149,7 +136,7 @@ def test_pruned_run_matches_the_model_with_gathered_positions(engine: Transforme
     req = _request(2)
     prepared = engine.prepare(req)
     keep = tuple(max(1, n // 3) for n in prepared.visual_tokens)
-    result = engine.run(prepared, _plan(prepared, keep, max_new=10), RunHooks())
+    result = engine.run(prepared, plain_plan(prepared, keep, max_new=10), RunHooks())
     kept = [select_tokens(f, k) for f, k in zip(prepared.features, keep, strict=True)]
     assert all(int(k.max()) > k.numel() for k in kept)  # tokens beyond the first rows are kept
     tokens, logits, flat_logits, positions = _reference_pruned(engine, req, kept, len(result.token_ids))
@@ -171,7 +158,7 @@ def test_pruned_run_matches_the_model_with_gathered_positions(engine: Transforme
 
 def test_pruning_every_visual_token_still_answers(engine: TransformersEngine) -> None:
     prepared = engine.prepare(_request(2))
-    result = engine.run(prepared, _plan(prepared, (0, 0), max_new=4), RunHooks())
+    result = engine.run(prepared, plain_plan(prepared, (0, 0), max_new=4), RunHooks())
     assert result.visual_tokens_kept == 0
     assert result.prefill_tokens == prepared.text_tokens
     assert 0 < len(result.token_ids) <= 4
@@ -195,7 +182,7 @@ def test_brevity_hint_keeps_positions_consistent(engine: TransformersEngine) -> 
         (ChatMessage("system", (TextPart("Answer in at most 8 words."),)), *req.messages),
         images=req.images,
     )
-    inputs = _processor_inputs(engine, hinted)
+    inputs = processor_inputs(engine.processor, hinted)
     with torch.inference_mode():
         out = engine.model.generate(**inputs, max_new_tokens=8, do_sample=False)
     assert list(result.token_ids) == [int(t) for t in out[0, inputs["input_ids"].shape[1] :]]
@@ -211,7 +198,7 @@ def test_one_pixel_image_runs(engine: TransformersEngine) -> None:
     prepared = engine.prepare(req)
     assert prepared.visual_tokens[0] >= 1  # resized up to the minimum pixels
     keep = (max(1, prepared.visual_tokens[0] // 2),)
-    result = engine.run(prepared, _plan(prepared, keep, max_new=3), RunHooks())
+    result = engine.run(prepared, plain_plan(prepared, keep, max_new=3), RunHooks())
     assert result.visual_tokens_kept == keep[0]
 
 
@@ -230,7 +217,7 @@ def test_context_is_checked_on_the_unpruned_prompt(
 ) -> None:
     """Images that fit only after pruning are refused before the vision tower runs; pruning never
     makes a prompt that fits stop fitting."""
-    full = int(_processor_inputs(engine, _request(2))["input_ids"].shape[1])
+    full = int(processor_inputs(engine.processor, _request(2))["input_ids"].shape[1])
     monkeypatch.setattr(engine, "info", replace(engine.info, context_length=full))  # full + 1 > context
     with pytest.raises(InvalidRequest) as info:
         engine.prepare(_request(2))
@@ -238,7 +225,7 @@ def test_context_is_checked_on_the_unpruned_prompt(
     monkeypatch.setattr(engine, "info", replace(engine.info, context_length=full + 2))
     prepared = engine.prepare(_request(2))
     for keep in (prepared.visual_tokens, (1, 1)):
-        result = engine.run(prepared, _plan(prepared, keep, max_new=8), RunHooks())
+        result = engine.run(prepared, plain_plan(prepared, keep, max_new=8), RunHooks())
         assert result.prefill_tokens + len(result.token_ids) <= full + 2
 
 
