@@ -27,8 +27,8 @@ from joulecap.policies.base import (
     Policy,
     all_visual,
     fits,
+    fits_plan,
     lower_visual,
-    minimum_j,
     output_cap,
     spectral_keep,
     stated_min_j,
@@ -80,7 +80,7 @@ class AnswersFirst(Policy):
             )
             return self.make_plan(prepared, ctx, keep, n, reason, min_j=min_j)
         # 3. The spectral budget's tokens with a shorter answer.
-        if fits(ctx, minimum_j(prepared, ctx, sum(spectral))):
+        if fits_plan(prepared, ctx, sum(spectral)):
             n = self._output(prepared, ctx, spectral)
             reason = (
                 f"answers_first: budget {budget:.4g} J tight, spectral budget {sum(spectral)} "

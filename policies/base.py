@@ -37,6 +37,9 @@ class PlanContext:
             preprocessing and vision encoder). Policies plan the run within `left_j`.
         margin: The feasibility margin: the relative error the part of a run the governor cannot
             stop (the LM prefill to the first tokens) is allowed (learned, `runtime/margin.py`).
+        plan_margin: The planning margin (at least `margin`): the same error further into its
+            tail. It decides how much of an accepted budget a plan may fill (`visual_for`,
+            `fits_plan`); admission and the stated minimum use `margin`.
         promised_min_j: The minimum this server stated for the same request earlier (a 422 or an
             estimate), if it is still held: a retry at it is accepted even when this attempt's
             encode came out dearer (`runtime/promises.py`).
@@ -50,7 +53,13 @@ class PlanContext:
     budget_j: float | None = None
     encode_j: float = 0.0
     margin: float = 0.0
+    plan_margin: float = 0.0
     promised_min_j: float | None = None
+
+    @property
+    def planning_margin(self) -> float:
+        """The margin plans are sized with: `plan_margin`, never below `margin`."""
+        return max(self.margin, self.plan_margin)
 
     @property
     def left_j(self) -> float | None:
@@ -109,6 +118,7 @@ class Policy(ABC):
             predicted_prefill_j=run.prefill_j,
             min_j=min_j,
             margin=ctx.margin,
+            plan_margin=ctx.planning_margin,
         )
 
 
@@ -181,7 +191,9 @@ def lower_visual(keep: Sequence[int], floors: Sequence[int], total: int) -> tupl
     return tuple(out)
 
 
-def minimum_j(prepared: PreparedRequest, ctx: PlanContext, visual_kept: int) -> float:
+def minimum_j(
+    prepared: PreparedRequest, ctx: PlanContext, visual_kept: int, margin: float | None = None
+) -> float:
     """The feasibility rule: the smallest budget accepted for a minimum answer with `visual_kept`.
 
     The encode is spent and measured when a request is planned; the part of the run the governor
@@ -190,9 +202,10 @@ def minimum_j(prepared: PreparedRequest, ctx: PlanContext, visual_kept: int) -> 
     `MIN_J_RESOLUTION`. A policy states and admits with `stated_min_j` (this at its smallest plan,
     or the minimum already stated for the same request if lower); admission (`fits`), the 422's
     message and `X-Energy-Min-J`, and `/v1/energy/estimate` all read that one number.
+    `margin` overrides `ctx.margin` (`fits_plan` sizes plans with the planning margin).
     """
     run = ctx.predictor.predict(text_tokens(prepared, ctx), visual_kept, ctx.config.min_output_tokens)
-    raw = ctx.encode_j + run.total_j * (1.0 + ctx.margin)
+    raw = ctx.encode_j + run.total_j * (1.0 + (ctx.margin if margin is None else margin))
     return math.ceil(raw / MIN_J_RESOLUTION - 1e-6) * MIN_J_RESOLUTION
 
 
@@ -211,16 +224,26 @@ def fits(ctx: PlanContext, min_j: float) -> bool:
     return ctx.budget_j is None or ctx.budget_j >= min_j
 
 
+def fits_plan(prepared: PreparedRequest, ctx: PlanContext, visual_kept: int) -> bool:
+    """Whether a plan may keep `visual_kept` tokens: its minimum answer fits with the planning margin.
+
+    Admission asks `fits` against the stated minimum (feasibility margin); a plan that would fill
+    the budget asks this, so it keeps clear of the error's tail (`PlanContext.plan_margin`).
+    """
+    return fits(ctx, minimum_j(prepared, ctx, visual_kept, margin=ctx.planning_margin))
+
+
 def visual_for(prepared: PreparedRequest, ctx: PlanContext, output_tokens: int | None = None) -> int:
     """The most visual tokens (in total) an answer of `output_tokens` may keep and be accepted.
 
     -1 when none; `output_tokens` defaults to the minimum answer. The inverse of `minimum_j` in
-    the visual tokens, also leaving the configured headroom of the budget unplanned when that is
-    tighter.
+    the visual tokens with the planning margin, also leaving the configured headroom of the budget
+    unplanned when that is tighter.
     """
     if ctx.budget_j is None or ctx.left_j is None:
         raise ValueError("visual_for needs a budget")
-    run_j = min(ctx.left_j / (1.0 + ctx.margin), ctx.left_j - ctx.budget_j * ctx.config.budget_headroom)
+    headroom_j = ctx.budget_j * ctx.config.budget_headroom
+    run_j = min(ctx.left_j / (1.0 + ctx.planning_margin), ctx.left_j - headroom_j)
     if run_j <= 0:
         return -1
     out = ctx.config.min_output_tokens if output_tokens is None else output_tokens

@@ -11,8 +11,8 @@ from joulecap.policies.base import (
     PlanContext,
     Policy,
     fits,
+    fits_plan,
     lower_visual,
-    minimum_j,
     output_cap,
     spectral_keep,
     stated_min_j,
@@ -40,7 +40,7 @@ class Joint(Policy):
             cap = output_cap(prepared, ctx, sum(keep))
             return self.make_plan(prepared, ctx, keep, cap, f"joint: no budget, tau {ctx.tau:g}", min_j=min_j)
         budget = ctx.budget_j
-        if fits(ctx, minimum_j(prepared, ctx, sum(keep))):
+        if fits_plan(prepared, ctx, sum(keep)):
             n = budgeted_output(prepared, ctx, sum(keep), output_cap(prepared, ctx, sum(keep)))
             reason = f"joint: tau {ctx.tau:g}, {n} output tokens fit {budget:.4g} J"
             return self.make_plan(prepared, ctx, keep, n, reason, min_j=min_j)

@@ -4,7 +4,8 @@ After every run the runtime hands the learner an `Outcome`; the learner updates
 
 - the predictor (RLS and speed factor) with the run's measured energy,
 - the feasibility margin with how far the part of a run the governor cannot stop (the LM
-  prefill to the first token) exceeded its prediction,
+  prefill to the first token) exceeded its prediction, and the planning margin from the same
+  errors (further into their tail: it sizes plans, not refusals),
 - the governor's first-step premium with the first decode step's priced and measured cost.
 
 Only warm runs teach the margins: the first run after start-up and the
@@ -47,6 +48,11 @@ class LearningConfig:
     until 5 runs are seen)."""
     feasibility_z: float = 1.28
     """Robust standard deviations of that error the margin adds above its median."""
+    planning_z: float = 3.0
+    """Robust standard deviations of the same error the planning margin adds above its median
+    (at least `feasibility_z`). Admission and the stated minimum use the feasibility margin, so a
+    refusal stays near the true minimum; how much of an accepted budget a plan fills uses this
+    one, so a plan that fills its budget keeps clear of the error's tail (docs/budgets.md)."""
     feasibility_margin_max: float = 1.0
     """Ceiling of the feasibility margin (a meter glitch must not refuse every budget)."""
     cold_idle_s: float = 60.0
@@ -65,6 +71,8 @@ class LearningConfig:
             )
         if not (math.isfinite(self.feasibility_z) and 0.0 <= self.feasibility_z <= 5.0):
             raise ValueError(f"feasibility_z must be in [0, 5], got {self.feasibility_z}")
+        if not (math.isfinite(self.planning_z) and self.feasibility_z <= self.planning_z <= 6.0):
+            raise ValueError(f"planning_z must be in [feasibility_z, 6], got {self.planning_z}")
         if not (math.isfinite(self.cold_idle_s) and self.cold_idle_s > 0):
             raise ValueError(f"cold_idle_s must be > 0, got {self.cold_idle_s}")
 
@@ -109,7 +117,7 @@ class Outcome:
 
 
 class Learner:
-    """Owns the predictor's updates, the feasibility margin and the first-step premium.
+    """Owns the predictor's updates, the feasibility and planning margins and the first-step premium.
 
     Args:
         predictor: The served model's energy model (updated in place).
@@ -122,6 +130,9 @@ class Learner:
         self.config = config
         self.margin = RobustOvershoot(
             config.feasibility_margin, config.feasibility_margin_max, z=config.feasibility_z
+        )
+        self.plan_margin = RobustOvershoot(
+            config.feasibility_margin, config.feasibility_margin_max, z=config.planning_z
         )
         self.first_step = RobustOvershoot(0.0, FIRST_STEP_PREMIUM_CAP)
         self._last_active_s: float | None = None
@@ -153,6 +164,7 @@ class Learner:
         if not warm or outcome.output_tokens == 0:
             return
         self.margin.observe(first, energy.prefill_j)
+        self.plan_margin.observe(first, energy.prefill_j)
         if outcome.first_step is not None:
             self.first_step.observe(*outcome.first_step)
 
@@ -160,5 +172,6 @@ class Learner:
         """The margins, for `/v1/energy/profile`."""
         return {
             "margin": self.margin.stats(),
+            "plan_margin": self.plan_margin.stats(),
             "first_step_premium": self.first_step.stats(),
         }

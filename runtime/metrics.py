@@ -15,6 +15,7 @@ Exposed series (all names prefixed `joulecap_`):
   above 1 the device is running slower or hungrier, e.g. throttled or contended).
 - `envelope_level_joules`: joules left in the shared power envelope.
 - `feasibility_margin{model}`: the margin budgets are accepted with now (relative).
+- `planning_margin{model}`: the margin accepted budgets are filled with now (relative).
 - `first_step_premium{model}`: the governor's premium on the first decode step (relative).
 
 Operations series (prediction error, phase energy, keys, power state, meter power) are in
@@ -138,6 +139,12 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.planning_margin = Gauge(
+            "joulecap_planning_margin",
+            "Planning margin budgets are filled with now (relative; at least the feasibility margin).",
+            ["model"],
+            registry=r,
+        )
         self.first_step_premium = Gauge(
             "joulecap_first_step_premium",
             "Governor's premium on the first decode step (relative).",
@@ -181,6 +188,7 @@ class Metrics:
             self.set_predictor_mape(model, mape)
         self.set_predictor_speed_factor(model, predictor.speed_factor)
         self.feasibility_margin.labels(model).set(learner.margin.value())
+        self.planning_margin.labels(model).set(learner.plan_margin.value())
         self.first_step_premium.labels(model).set(learner.first_step.value())
 
     def observe_error(self, status: int) -> None:

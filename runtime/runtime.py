@@ -328,7 +328,7 @@ class Runtime:
         if self.envelope is None or not record:
             return None
         # What the plan will cost, with the margin its prediction may be off by; a held budget caps it.
-        amount_j = plan.predicted_j * (1.0 + plan.margin)
+        amount_j = plan.predicted_j * (1.0 + max(plan.margin, plan.plan_margin))
         if plan.holds_budget and plan.budget_j is not None:
             amount_j = min(amount_j, plan.budget_j)
         try:

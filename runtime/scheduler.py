@@ -54,6 +54,7 @@ class Scheduler:
             budget_j=request.energy_budget_j,
             encode_j=prepared.encode_j,
             margin=self.learner.margin.value(),
+            plan_margin=self.learner.plan_margin.value(),
             promised_min_j=self.promises.get(request),
         )
 

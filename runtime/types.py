@@ -204,7 +204,9 @@ class Plan:
         predicted_prefill_j: Predicted LM prefill of the run (prompt tokens as planned).
         min_j: The smallest budget this policy accepts for this request (the feasibility rule,
             `joulecap.policies.base.stated_min_j`); None for policies that never refuse.
-        margin: The feasibility margin the plan was made with (relative, 0.2 = 20%).
+        margin: The feasibility margin the plan was admitted with (relative, 0.2 = 20%).
+        plan_margin: The planning margin the plan was sized with (at least `margin`); the
+            envelope reserves the prediction with it.
 
     """
 
@@ -221,6 +223,7 @@ class Plan:
     predicted_prefill_j: float = 0.0
     min_j: float | None = None
     margin: float = 0.0
+    plan_margin: float = 0.0
 
 
 @dataclass(frozen=True)

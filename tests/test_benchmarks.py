@@ -324,8 +324,10 @@ def _ran(used_j: float, budget_j: float) -> dict[str, Any]:
     }
 
 
-def _refused(budget_j: float, min_plan_j: float, min_j: float) -> dict[str, Any]:
-    return {"budget_j": budget_j, "refused": True, "min_j": min_j, "min_plan_j": min_plan_j}
+def _refused(budget_j: float, min_plan_j: float, min_j: float, spread: float = 0.1) -> dict[str, Any]:
+    runs = [min_plan_j * (1 - spread), min_plan_j, min_plan_j * (1 + spread)]
+    row = {"budget_j": budget_j, "refused": True, "min_j": min_j, "min_plan_j": min_plan_j}
+    return {**row, "min_plan_runs_j": runs}
 
 
 def test_scheduler_summary_counts_both_sides_of_the_budget(bench: Any) -> None:
@@ -351,6 +353,9 @@ def test_scheduler_summary_counts_both_sides_of_the_budget(bench: Any) -> None:
     assert s["refusals_above_true_minimum"] == 2
     assert s["false_refusal_budget_over_true_min"] == pytest.approx([1.0, 0.65 / 0.6])
     assert s["stated_over_true_min_median"] == pytest.approx(0.7 / 0.6)
+    # Beside them, the noise of the true minimum: 0.5 >= 0.54 (cheapest run) is False, 0.65 and 0.6 count.
+    assert s["refusals_above_cheapest_min_run"] == 2
+    assert s["min_plan_spread_pct_median"] == pytest.approx(100 * (1.1 / 0.9 - 1))
     lo, hi = s["within_budget_wilson95_pct"]
     assert lo < 75.0 < hi
     assert judge_targets(s["within_budget_pct"], s["false_refusals_pct_of_requests"], 2) == {
@@ -439,6 +444,8 @@ def test_scheduler_benchmark_smoke_measures_refusals_against_the_true_minimum(
         # The smallest plan ran: one image at the visual floor, the minimum answer, its encode included.
         assert r["min_plan_visual"] == floor and r["min_plan_tokens"] == SchedulerConfig().min_output_tokens
         assert r["min_plan_j"] > r["encode_j"] > 0 and r["min_j"] > r["budget_j"]
+        # The true minimum is the median of the smallest plan's runs.
+        assert len(r["min_plan_runs_j"]) == 3 and r["min_plan_j"] == sorted(r["min_plan_runs_j"])[1]
     for r in ran:
         assert r["used_j"] > 0 and r["min_j"] <= r["budget_j"]
     summary = data["policies"]["joint"]

@@ -179,6 +179,23 @@ def test_the_learning_config_sets_the_margin() -> None:
         "z": cfg.feasibility_z,
     }
     assert lr.first_step.stats()["cap"] == FIRST_STEP_PREMIUM_CAP and lr.first_step.value() == 0.0
+    assert lr.plan_margin.stats()["z"] == cfg.planning_z >= cfg.feasibility_z
+
+
+def test_the_planning_margin_learns_the_same_errors_further_into_their_tail() -> None:
+    lr = learner(planning_z=4.0)
+    lr.mark_active()
+    for i in range(40):
+        # Prefill errors around +10% with a spread: both margins see the same runs.
+        lr.observe(outcome(report(0.4, 1.6 * (1.05 + 0.1 * ((i * 7) % 11) / 10), 0.5)))
+    assert lr.margin.stats()["samples"] == lr.plan_margin.stats()["samples"] > 0
+    assert lr.plan_margin.value() > lr.margin.value()
+    assert lr.stats()["plan_margin"]["z"] == 4.0
+
+
+def test_planning_z_below_the_feasibility_z_is_rejected() -> None:
+    with pytest.raises(ValueError, match="planning_z"):
+        LearningConfig(feasibility_z=2.0, planning_z=1.5)
 
 
 def test_a_cold_first_run_teaches_the_predictor_but_not_the_margins() -> None:

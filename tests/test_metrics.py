@@ -113,17 +113,21 @@ def test_set_learning_publishes_the_predictor_and_the_margins() -> None:
     s = samples(m)
     model = (("model", "m1"),)
     assert s[("joulecap_feasibility_margin", model)] == 0.2
+    assert s[("joulecap_planning_margin", model)] == 0.2  # nothing learned: both at the floor
     assert s[("joulecap_first_step_premium", model)] == 0.0
     assert s[("joulecap_predictor_speed_factor", model)] == 1.0
     assert ("joulecap_predictor_mape", model) not in s  # no prediction scored yet
     pred.update(20, 30, 10, 3.0)  # predicted 2.5 J: 1/6 off
-    for _ in range(5):
-        learner.margin.observe(1.0, 1.5)
+    for over in (1.3, 1.5, 1.5, 1.5, 1.7):
+        learner.margin.observe(1.0, over)
+        learner.plan_margin.observe(1.0, over)
         learner.first_step.observe(0.1, 0.2)
     m.set_learning("m1", pred, learner)
     s = samples(m)
     assert s[("joulecap_predictor_mape", model)] == 0.5 / 3.0
     assert s[("joulecap_feasibility_margin", model)] == pytest.approx(0.5 + 0.2)  # overshoot + least safety
+    # The same errors further into their tail: median + 3 robust sigmas (MAD 0 here: the floor).
+    assert s[("joulecap_planning_margin", model)] == pytest.approx(0.5 + 0.2)
     assert s[("joulecap_first_step_premium", model)] == 1.0
 
 

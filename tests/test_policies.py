@@ -28,6 +28,7 @@ def ctx(
     *,
     promised: float | None = None,
     margin: float = MARGIN,
+    plan_margin: float = 0.0,
     **cfg: object,
 ) -> PlanContext:
     config = replace(CFG, **cfg)
@@ -39,6 +40,7 @@ def ctx(
         budget_j=budget,
         encode_j=encode,
         margin=margin,
+        plan_margin=plan_margin,
         promised_min_j=promised,
     )
 
@@ -284,6 +286,31 @@ def test_visual_for_is_the_inverse_of_the_rule_in_the_visual_tokens() -> None:
     assert visual_for(p, tighter) == PRED.max_visual_tokens(left - 0.3 * budget, 20, 1) < 150
     with pytest.raises(ValueError, match="budget"):
         visual_for(p, c)
+
+
+def test_the_planning_margin_sizes_plans_but_not_admission() -> None:
+    p = prepared(visual=(200, 100), rank=64)
+    # A budget just above the stated minimum at the floors: admitted by the feasibility margin.
+    base = ctx(visual_floor_tokens=4, margin=0.2)
+    floors_min = minimum_j(p, base, 8)
+    budget = PRED.predict(20, 60, 1).total_j * 1.2
+    assert budget > floors_min
+    plain = ctx(budget=budget, visual_floor_tokens=4, margin=0.2)
+    wide = ctx(budget=budget, visual_floor_tokens=4, margin=0.2, plan_margin=0.6)
+    assert wide.planning_margin == 0.6 and plain.planning_margin == 0.2
+    # A planning margin below the feasibility margin is never used.
+    assert ctx(margin=0.2, plan_margin=0.1).planning_margin == 0.2
+    for policy in ("joint", "answers_first"):
+        loose, careful = plan(policy, p, plain), plan(policy, p, wide)
+        # Same admission (same stated minimum), fewer visual tokens planned with the wider margin.
+        assert loose.min_j == careful.min_j
+        assert 8 <= sum(careful.visual_keep) < sum(loose.visual_keep)
+        assert careful.plan_margin == 0.6 and careful.margin == 0.2
+        # The plan's minimum answer fits the budget with the planning margin.
+        assert minimum_j(p, wide, sum(careful.visual_keep), margin=0.6) <= budget
+    # At the stated minimum itself the plan keeps the floors: accepted, never refused for the tail.
+    at_min = plan("joint", p, ctx(budget=floors_min, visual_floor_tokens=4, margin=0.2, plan_margin=0.6))
+    assert sum(at_min.visual_keep) == 8
 
 
 def test_too_small_states_the_minimum_the_margin_and_the_encode_spent() -> None:

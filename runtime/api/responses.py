@@ -49,6 +49,7 @@ def energy_usage(result: ChatResult) -> dict[str, Any]:
         "policy": p.policy,
         "min_j": p.min_j,
         "margin": round(p.margin, 6),
+        "plan_margin": round(p.plan_margin, 6),
         "visual_tokens_in": g.visual_tokens_in,
         "visual_tokens_kept": g.visual_tokens_kept,
         "max_new_tokens_planned": p.max_new_tokens,
@@ -153,6 +154,7 @@ def estimate_body(
         **body,
         "predicted_j": round(plan.predicted_j, 6),
         "margin": round(plan.margin, 6),
+        "plan_margin": round(plan.plan_margin, 6),
         "plan": {
             "policy": plan.policy,
             "reason": plan.reason,
