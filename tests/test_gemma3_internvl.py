@@ -28,7 +28,7 @@ from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from joulecap.kernels import select_tokens
-from joulecap.runtime.engines.adapters import keep_mask
+from joulecap.runtime.engines.adapters import cache_kwarg, keep_mask, output_cache
 from joulecap.runtime.engines.base import RunHooks
 from joulecap.runtime.engines.config import EngineConfig
 from joulecap.runtime.engines.transformers_engine import TransformersEngine
@@ -153,12 +153,12 @@ def _reference_pruned(
     with torch.inference_mode():
         out = model(input_ids=pruned_ids, mm_encoder_outputs={"image": image}, use_cache=True, **kwargs)
         first = out.logits[0, -1]
-        cache = out.past_key_values
+        cache = output_cache(out)
         for _ in range(n_tokens):
             token = int(out.logits[0, -1].float().argmax())
             tokens.append(token)
-            out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(input_ids=torch.tensor([[token]]), use_cache=True, **{cache_kwarg(model): cache})
+            cache = output_cache(out)
     return tokens, first, int(pruned_ids.shape[1])
 
 

@@ -31,7 +31,7 @@ from _family import (
 from PIL import Image
 
 from joulecap.kernels import select_tokens
-from joulecap.runtime.engines.adapters import get_adapter, keep_mask
+from joulecap.runtime.engines.adapters import cache_kwarg, get_adapter, keep_mask, output_cache
 from joulecap.runtime.engines.base import RunHooks
 from joulecap.runtime.engines.config import EngineConfig
 from joulecap.runtime.engines.transformers_engine import TransformersEngine
@@ -122,12 +122,12 @@ def _reference_pruned(
         flat = model(input_ids=kept_ids, mm_encoder_outputs={"image": copy.copy(pruned)}).logits[0, -1]
         # The model's own continuation: it offsets each new 1-D position by `rope_deltas`.
         model.model.rope_deltas = (kept_positions.max() + 1 - kept_ids.shape[1]).view(1, 1)
-        cache = out.past_key_values
+        cache = output_cache(out)
         for _ in range(n_tokens):
             token = int(out.logits[0, -1].float().argmax())
             tokens.append(token)
-            out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(input_ids=torch.tensor([[token]]), use_cache=True, **{cache_kwarg(model): cache})
+            cache = output_cache(out)
         model.model.rope_deltas = None
     return tokens, first_logits, flat, kept_positions
 

@@ -10,6 +10,7 @@ pruning, decoding) is shared by the engine. Adapters are registered by the Huggi
 from __future__ import annotations
 
 import importlib
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -180,8 +181,11 @@ class FamilyAdapter(ABC):
     def forward(self, **kwargs: Any) -> Any:
         """One LM forward (prefill or decode step): the model's own, unless a family needs more.
 
+        Args:
+            kwargs: The model's inputs; the KV cache under `cache_kwarg(self.model)`.
+
         Returns:
-            An output with `.logits` and `.past_key_values`.
+            An output with `.logits` and the KV cache (read it with `output_cache`).
 
         """
         return self.model(**kwargs)
@@ -247,3 +251,19 @@ def get_adapter(model: Any, processor: Any) -> FamilyAdapter:
     module_name, class_name = target.split(":")
     cls: type[FamilyAdapter] = getattr(importlib.import_module(module_name), class_name)
     return cls(model, processor)
+
+
+def cache_kwarg(model: Any) -> str:
+    """The name a model's forward takes its KV cache under: `cache`, or `past_key_values`.
+
+    transformers renamed `past_key_values` to `cache` within 5.x (the old name warns, and goes in
+    5.40); joulecap supports both ends of `transformers>=5,<6`, so it asks the signature once.
+    """
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache of a forward's output, under its new name (`cache`) or its old one."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from joulecap.runtime.engines.adapters import EncodedImages, LMInputs
+from joulecap.runtime.engines.adapters import EncodedImages, LMInputs, output_cache
 from joulecap.runtime.engines.qwen2_vl import Qwen2VLAdapter
 
 
@@ -74,4 +74,4 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         hidden = out.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return SimpleNamespace(logits=self.model.lm_head(hidden), past_key_values=out.past_key_values)
+        return SimpleNamespace(logits=self.model.lm_head(hidden), cache=output_cache(out))

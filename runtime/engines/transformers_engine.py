@@ -31,7 +31,14 @@ import torch
 
 from joulecap.kernels import leverage_basis, select_tokens
 from joulecap.runtime.brevity import RESERVE_SIZES, brevity_hint
-from joulecap.runtime.engines.adapters import FamilyAdapter, LMInputs, get_adapter, keep_mask
+from joulecap.runtime.engines.adapters import (
+    FamilyAdapter,
+    LMInputs,
+    cache_kwarg,
+    get_adapter,
+    keep_mask,
+    output_cache,
+)
 from joulecap.runtime.engines.base import EngineInfo, RunHooks
 from joulecap.runtime.engines.config import EngineConfig
 from joulecap.runtime.engines.decoding import StreamDetokenizer, TokenChooser, finish_run, stop_after_token
@@ -170,6 +177,7 @@ class TransformersEngine:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.processor, self.model = load_model(config.model, self.device, self.dtype)
         self.adapter: FamilyAdapter = get_adapter(self.model, self.processor)
+        self._cache_kwarg = cache_kwarg(self.model)
         self.tokenizer = self.processor.tokenizer
         self.stop_ids = self.adapter.stop_token_ids()
         self._lock = threading.Lock()
@@ -397,11 +405,11 @@ class TransformersEngine:
             out = self.adapter.forward(
                 **step_kwargs,
                 attention_mask=mask[:, :length],
-                past_key_values=past,
                 use_cache=True,
                 logits_to_keep=1,
+                **{self._cache_kwarg: past},
             )
-            past = out.past_key_values
+            past = output_cache(out)
             token = chooser(out.logits[0, -1])
             n = len(detok.ids) + 1
             if first_token_s is None:
