@@ -331,7 +331,7 @@ def _refused(budget_j: float, min_plan_j: float, min_j: float, spread: float = 0
 
 
 def test_scheduler_summary_counts_both_sides_of_the_budget(bench: Any) -> None:
-    from benchmarks.scheduler import judge_targets, summarise
+    from benchmarks._sched_judge import judge_targets, summarise
 
     rows = [
         _ran(0.9, 1.0),  # within, binding
@@ -369,7 +369,7 @@ def test_scheduler_summary_counts_both_sides_of_the_budget(bench: Any) -> None:
 
 
 def test_scheduler_targets_are_judged_at_their_edges(bench: Any) -> None:
-    from benchmarks.scheduler import judge_targets
+    from benchmarks._sched_judge import judge_targets
 
     assert all(judge_targets(99.0, 2.0, 0).values())
     assert judge_targets(98.99, 0.0, 0)["joint_within_budget_pct>=99"] is False
@@ -393,7 +393,7 @@ def test_scheduler_budgets_span_the_scale_range_log_uniformly(bench: Any) -> Non
 
 
 def test_wilson_interval_brackets_the_proportion_and_narrows_with_n(bench: Any) -> None:
-    from benchmarks.scheduler import wilson
+    from benchmarks._sched_judge import wilson
 
     lo, hi = wilson(99, 100)
     assert lo < 99.0 < hi <= 100.0
@@ -410,7 +410,7 @@ def test_scheduler_benchmark_smoke_measures_refusals_against_the_true_minimum(
     tmp_path: Path, bench: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from benchmarks import scheduler
-    from benchmarks.scheduler import false_refusal, judge_targets, summarise
+    from benchmarks._sched_judge import false_refusal, judge_targets, summarise
     from joulecap.policies.config import SchedulerConfig
 
     monkeypatch.setenv("JOULECAP_CACHE_DIR", str(tmp_path / "cache"))
