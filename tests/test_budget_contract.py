@@ -219,3 +219,39 @@ def test_refusal_in_process_states_the_minimum(tmp_path: Path, tiny_idefics3: Pa
         assert result.plan.min_j is not None and result.plan.min_j <= refused.value.min_j
         rows = rt.ledger.query(None, 10)
         assert [r["status"] for r in rows] == ["refused", "ok"]
+
+
+def test_a_burst_after_a_minute_idle_is_served_accounted_and_does_not_ratchet(
+    live_server_factory: Any, png: Any
+) -> None:
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    server, runtime = live_server_factory()
+    body = _image_body(png(), max_tokens=4, policy="joint")
+    before = _post(server, body, budget_j=1e-5, path="/v1/energy/estimate").json()["min_j"]
+    learned_before = runtime.learner.margin.stats()["samples"]
+    # A minute without a request: the next run is cold (it must not teach the margins).
+    runtime.learner.mark_active(time.monotonic() - 2 * runtime.learner.config.cold_idle_s)
+    budgets = [before * s for s in (0.5, 1.0, 1.5, 3.0, 10.0)] * 10  # 50: refused to generous
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda b: _post(server, body, budget_j=b), budgets))
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 422}, codes  # every request answered or refused, none failed
+    answered = [r.json()["usage"]["energy"] for r in responses if r.status_code == 200]
+    assert answered and all("budget_exceeded" in e for e in answered)
+    # Every one of the 50 is in the ledger, and the ledger's joules are the metrics' joules.
+    rows = httpx.get(server.base_url + "/v1/energy/ledger", params={"limit": 500}).json()["data"]
+    burst = [r for r in rows if r["status"] in ("ok", "refused")]
+    assert len(burst) == 50
+    metrics = httpx.get(server.base_url + "/metrics").text
+    assert _metric_sum(metrics, "joulecap_energy_joules_total") == pytest.approx(
+        sum(r["measured_j"] for r in rows)
+    )
+    # The cold first run taught nothing, and a burst does not drive the margin to its cap: the
+    # same question's minimum moves with the learned error only.
+    learned = runtime.learner.margin.stats()
+    assert learned["samples"] - learned_before <= len(answered) - 1
+    assert learned["value"] < learned["cap"]
+    after = _post(server, body, budget_j=10 * before, path="/v1/energy/estimate").json()
+    assert after["feasible"] and after["margin"] == pytest.approx(learned["value"], abs=1e-6)
