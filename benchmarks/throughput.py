@@ -255,16 +255,17 @@ def geomean_ci95(ratios: Sequence[float]) -> list[float] | None:
 def profile_runtime(runtime: Any, items: list[tuple[str, Image.Image]], max_tokens: int) -> dict[str, Any]:
     """CPU time (this thread's, `time.thread_time`) per request of each part of the Runtime's path.
 
-    Wraps the parts of one `output_budget` batch in place: `plan`, `engine.run` (hooks included),
-    the batched energy split and the `windows()` cut inside it, the monitor's reads, the ledger,
-    learning, metrics and the governor's per-token check. Thread CPU time, unlike wall time, is
-    not inflated by other jobs on a shared machine.
+    Wraps the parts of one `output_budget` batch in place: `plan` (the engine's `prepare` inside
+    it), `engine.run` (hooks included), the batched energy split (`run_report`) with the window
+    cut, the split and the window reads inside it, the monitor's reads, the ledger, learning,
+    metrics and the governor's per-token check. Thread CPU time, unlike wall time, is not
+    inflated by other jobs on a shared machine. Parts nest: `execute (total)` holds the others.
     """
     import collections
     import threading
 
-    import joulecap.runtime.engines.worklog as worklog_module
-    import joulecap.runtime.runtime as runtime_module
+    import joulecap.runtime.energy.accounting as accounting_module
+    from joulecap.runtime.energy.worklog import WorkLog
     from joulecap.runtime.governor import Governor
 
     cpu: dict[str, float] = collections.defaultdict(float)
@@ -273,7 +274,9 @@ def profile_runtime(runtime: Any, items: list[tuple[str, Image.Image]], max_toke
     undo: list[tuple[Any, str, Any, bool]] = []
 
     def wrap(owner: Any, name: str, label: str) -> None:
-        original = getattr(owner, name)
+        original = getattr(owner, name, None)
+        if original is None:
+            return  # a part this version does not have
         own = name in vars(owner)  # a module's function or a class's method, not an instance's
 
         def timed(*args: Any, **kwargs: Any) -> Any:
@@ -290,14 +293,21 @@ def profile_runtime(runtime: Any, items: list[tuple[str, Image.Image]], max_toke
 
     wrap(runtime, "execute", "execute (total)")
     wrap(runtime, "plan", "plan")
+    wrap(runtime.engine, "prepare", "plan: engine.prepare")
     wrap(runtime.engine, "run", "engine.run (hooks included)")
-    wrap(runtime_module, "batched_report", "batched_report")
-    wrap(worklog_module, "windows", "batched_report: windows()")
+    wrap(Governor, "should_stop", "engine.run: governor.should_stop")
+    wrap(accounting_module._BatchedRun, "run_report", "energy: batched run_report")
+    wrap(WorkLog, "windows_of", "energy: windows_of")
+    wrap(accounting_module, "windows", "energy: windows()")  # older versions: the full cut
+    wrap(accounting_module, "attribute", "energy: attribute (split + window reads)")
+    wrap(accounting_module.BatchedAccounting, "window_energy", "energy: window_energy")
     wrap(runtime.monitor, "energy_between", "monitor.energy_between")
+    wrap(runtime.monitor, "report", "monitor.report")
+    wrap(runtime.monitor, "fresh_sample", "monitor.fresh_sample")
     wrap(runtime.ledger, "record_result", "ledger.record_result")
-    wrap(runtime, "_learn", "learn")
-    wrap(runtime.metrics, "observe_result", "metrics")
-    wrap(Governor, "should_stop", "governor.should_stop")
+    wrap(runtime.learner, "observe", "learner.observe")
+    wrap(runtime.metrics, "observe_result", "metrics.observe_result")
+    wrap(runtime.metrics, "observe_latency", "metrics.observe_latency")
     try:
         run_joulecap(runtime, items, max_tokens, "output_budget")
     finally:

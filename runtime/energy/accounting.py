@@ -17,13 +17,15 @@ Every report carries the three parts apart: `encode_j` (measured before planning
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
 from joulecap.runtime.energy.monitor import EnergyMonitor
-from joulecap.runtime.energy.worklog import WorkLog, attribute, windows
+from joulecap.runtime.energy.sampler import WindowEnergy
+from joulecap.runtime.energy.worklog import WorkLog, attribute
 from joulecap.runtime.types import EnergyReport, PhaseTimes, Prediction
 
 T = TypeVar("T")
@@ -38,6 +40,9 @@ class EncodeWindowShare(Protocol):
     batch_size: int
     overlapped: bool
 
+
+_MAX_MEASURED = 16384
+"""Window figures `BatchedAccounting.window_energy` remembers (a few minutes of engine steps)."""
 
 TokenCosts = Callable[[], tuple[float, float]]
 """Returns the current per-token (prefill, decode) joules (the predictor's coefficients)."""
@@ -194,6 +199,7 @@ class _BatchedRun(RunMeter):
     ) -> None:
         super().__init__(monitor, request_id, encode)
         self.log = accounting.log
+        self.window_energy = accounting.window_energy
         # The costs only weigh one request's tokens against another's: fixed for the whole run.
         self.prefill_cost, self.decode_cost = accounting.costs()
 
@@ -212,11 +218,10 @@ class _BatchedRun(RunMeter):
         if base.meter != self.monitor.meter.name:
             return base  # the monitor fell back to an estimate: nothing measured to split
         try:
-            events = self.log.events(times.start_s - 1.0, times.end_s)
             share = attribute(
                 self.request_id,
-                windows(events),
-                self.monitor.energy_between,
+                self.log.windows_of(self.request_id, times.start_s - 1.0, times.end_s),
+                self.window_energy,
                 prefill_cost=self.prefill_cost,
                 decode_cost=self.decode_cost,
                 idle_power_w=self.monitor.idle_power_w,
@@ -256,6 +261,32 @@ class BatchedAccounting(Accounting):
         super().__init__(monitor)
         self.log = log
         self._token_costs = token_costs
+        # Concurrent requests share their step windows: each window is measured once and its
+        # figure reused by every request that worked in it (`window_energy`).
+        self._measured: dict[tuple[float, float], WindowEnergy] = {}
+        self._measured_lock = threading.Lock()
+
+    def window_energy(self, t0_s: float, t1_s: float) -> WindowEnergy:
+        """`monitor.energy_between(t0_s, t1_s)`, read once per window while it is remembered.
+
+        A figure is kept only once the meter has a sample at least an update period past the
+        window: the monitor's integration (its short-window interpolation included) reads no
+        sample beyond that, so a later read of the same window would give the same figure.
+        """
+        key = (t0_s, t1_s)
+        with self._measured_lock:
+            known = self._measured.get(key)
+        if known is not None:
+            return known
+        measured = self.monitor.energy_between(t0_s, t1_s)
+        latest = self.monitor.sampler.latest()
+        period = float(getattr(self.monitor.meter, "update_period_s", 0.0) or 0.0)
+        if latest is not None and latest[0] >= t1_s + period:
+            with self._measured_lock:
+                self._measured[key] = measured
+                while len(self._measured) > _MAX_MEASURED:  # the oldest windows go first
+                    del self._measured[next(iter(self._measured))]
+        return measured
 
     def costs(self) -> tuple[float, float]:
         """Per-token (prefill, decode) costs; plain token counts when they are not both positive."""

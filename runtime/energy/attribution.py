@@ -64,6 +64,10 @@ def split_by_token_work(
         weights.append(w.prefill_tokens * prefill_cost + w.decode_tokens * decode_cost)
     if window_j == 0:
         return dict.fromkeys(keys, 0.0)
+    if len(keys) == 1:
+        # What the apportionment below gives one request (the whole window), without its cost:
+        # most step windows under light load hold one request.
+        return {keys[0]: window_j}
     total_w = math.fsum(weights)
     if not total_w > 0 or not math.isfinite(total_w):
         weights, total_w = [1.0] * len(keys), float(len(keys))

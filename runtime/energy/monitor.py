@@ -332,13 +332,14 @@ class EnergyMonitor:
             intervals = [*self._busy, *self._live.items()]
             # Nothing before the first sample kept (or the last refresh) can be an idle gap.
             floor = max(self._idle_until, oldest if oldest is not None else math.inf)
+        # Walk back over the busy intervals (a, b] that hold the gap's end, to the start of the
+        # busy stretch they chain into. Taken by falling start, one pass does it: an interval
+        # passed over starts at or after the gap's end so far, and the end only moves earlier.
+        # (Repeated passes in arrival order cost O(n) passes on a server that is never idle.)
         gap_end = before_s
-        changed = True
-        while changed:  # walk back over busy intervals that overlap the gap's end
-            changed = False
-            for a, b in intervals:
-                if a < gap_end <= b:
-                    gap_end, changed = a, True
+        for a, b in sorted(intervals, reverse=True):
+            if a < gap_end <= b:
+                gap_end = a
         ends = [b for a, b in intervals if b <= gap_end]
         return max([floor, *ends]), gap_end
 

@@ -18,6 +18,10 @@ decode tokens x decode cost; ../shared/DESIGN.md, "Energy semantics"). Consequen
   request would no longer be cut from the same windows as the others'. Windows shorter than the
   meter's update period are interpolated by `EnergyMonitor.energy_between` (and flagged).
 
+A request's report reads only its own windows of that cut (`WorkLog.windows_of`, found from its
+own events rather than a pass over every request's events in its span, which would cost each
+report O(concurrency x its length)).
+
 `joulecap.runtime.energy.accounting.BatchedAccounting` turns a request's shares into the usual
 `EnergyReport` (prefill = the windows in which it prefilled, the idle share split like the
 energy). Engines that batch (see `VLLMEngine`) expose a `work_log` and record into it; the energy
@@ -81,6 +85,10 @@ class Share:
     interpolated: bool = False
 
 
+class _FullCut(Exception):
+    """`WorkLog.windows_of` cannot answer from its index: cut every event in the span instead."""
+
+
 class WorkLog:
     """Thread-safe, time-ordered log of token work, kept for `history_s` seconds.
 
@@ -100,24 +108,39 @@ class WorkLog:
         self._total = (0, 0)
         self._own: dict[str, tuple[int, int]] = {}
         self._at_begin: dict[str, tuple[int, int]] = {}
+        # Per request its `begin` time and the times it did work: `windows_of` finds a request's
+        # windows from these in O(its own events) instead of cutting every event of its span.
+        self._begun_at: dict[str, float] = {}
+        self._work_times: dict[str, list[float]] = {}
+        self._forgotten_begin_s = -math.inf  # the latest begin dropped from `_begun_at`
         # Requests between `begin` and `end`, and when the last of them ended (`idle_throughout`).
         self._in_flight: set[str] = set()
         self._idle_since_s = -math.inf
 
     def _count(self, event: WorkEvent) -> None:
+        rid = event.request_id
         if not (event.prefill_tokens or event.decode_tokens):
-            self._at_begin[event.request_id] = self._total
-            self._own[event.request_id] = (0, 0)
+            self._at_begin[rid] = self._total
+            self._own[rid] = (0, 0)
+            # A second begin would make the request's windows depend on where a reader starts:
+            # `windows_of` then leaves it to the full cut.
+            self._begun_at[rid] = math.nan if rid in self._begun_at else event.t_s
+            self._work_times[rid] = []
             while len(self._at_begin) > _MAX_TRACKED:
                 oldest = next(iter(self._at_begin))
                 del self._at_begin[oldest]
                 self._own.pop(oldest, None)
+                forgotten = self._begun_at.pop(oldest, -math.inf)
+                if not math.isnan(forgotten):
+                    self._forgotten_begin_s = max(self._forgotten_begin_s, forgotten)
+                self._work_times.pop(oldest, None)
             return
         p, d = self._total
         self._total = (p + event.prefill_tokens, d + event.decode_tokens)
-        own = self._own.get(event.request_id)
+        own = self._own.get(rid)
         if own is not None:
-            self._own[event.request_id] = (own[0] + event.prefill_tokens, own[1] + event.decode_tokens)
+            self._own[rid] = (own[0] + event.prefill_tokens, own[1] + event.decode_tokens)
+            bisect.insort(self._work_times[rid], event.t_s)
 
     def _append(self, event: WorkEvent) -> None:
         with self._lock:
@@ -174,6 +197,85 @@ class WorkLog:
             hi = bisect.bisect_right(self._times, t1_s)
             return self._events[lo:hi]
 
+    def windows_of(self, request_id: str, t0_s: float = -math.inf, t1_s: float = math.inf) -> list[Window]:
+        """The windows `request_id` works in, of `windows(self.events(t0_s, t1_s))`, in that order.
+
+        The same windows (bounds, work and order), found from the request's own work events:
+        each is the step window ending at one of them, preceded by the stretches that end at
+        arrivals since the previous working step. Costs O(the request's events x log n) instead
+        of a pass over every event in the span, which under batching is every request's.
+        A request whose `begin` (once) is not in the log falls back to the full cut.
+        """
+        with self._lock:
+            begun_at = self._begun_at.get(request_id, math.nan)
+            mine = self._work_times.get(request_id)
+            times = self._times
+            lo, hi = bisect.bisect_left(times, t0_s), bisect.bisect_right(times, t1_s)
+            try:
+                # The first event read is where a reader's knowledge of begins starts (older ones
+                # are out of the span or dropped with the history). A NaN (twice begun) fails too.
+                if mine is None or lo >= hi or not times[lo] <= begun_at <= t1_s:
+                    raise _FullCut
+                return self._windows_of(request_id, mine, lo, hi)
+            except _FullCut:
+                pass
+        return [w for w in windows(self.events(t0_s, t1_s)) if request_id in w.work]
+
+    def _windows_of(self, request_id: str, mine: list[float], lo: int, hi: int) -> list[Window]:
+        # Called with the lock held. Mirrors `windows()` over events[lo:hi]: a group (the events at
+        # one time) opens no window when it is the first one read, and the stretches ending at
+        # begin-only groups go to the owners of the next working group that had arrived by then.
+        times, events = self._times, self._events
+        read_from_s, read_to_s = times[lo], times[hi - 1]
+        out: list[Window] = []
+        last = -math.inf
+        for t in mine:
+            if t == last or not read_from_s <= t <= read_to_s:
+                continue
+            last = t
+            a, b = bisect.bisect_left(times, t, lo, hi), bisect.bisect_right(times, t, lo, hi)
+            if a in (lo, b):
+                continue  # the first group read (no previous event opens its window), or dropped
+            work: dict[str, TokenWork] = {}
+            for e in events[a:b]:
+                if e.prefill_tokens or e.decode_tokens:
+                    w = work.get(e.request_id)
+                    work[e.request_id] = (
+                        TokenWork(e.prefill_tokens, e.decode_tokens)
+                        if w is None
+                        else TokenWork(w.prefill_tokens + e.prefill_tokens, w.decode_tokens + e.decode_tokens)
+                    )
+            # Walk back over begin-only groups: each ends a pending stretch owned here.
+            stretches: list[tuple[float, float]] = []
+            end = a  # the group before index `end` is the previous one
+            while True:
+                prev_t = times[end - 1]
+                start = bisect.bisect_left(times, prev_t, lo, end)
+                if start == lo or _has_work(events, start, end):
+                    break  # a working group (its pending were resolved) or the first group read
+                stretches.append((times[start - 1], prev_t))
+                end = start
+            for s0, s1 in reversed(stretches):
+                owners = {r: w for r, w in work.items() if self._arrived_before(r, s1, read_from_s, t)}
+                if request_id in owners:
+                    out.append(Window(s0, s1, owners))
+            out.append(Window(times[a - 1], t, work))
+        return out
+
+    def _arrived_before(self, request_id: str, t_s: float, read_from_s: float, now_s: float) -> bool:
+        # `windows()` knows a begin only once its scan has passed it (read from `read_from_s` up to
+        # the group at `now_s`); one it has not seen counts as arrived.
+        begun = self._begun_at.get(request_id)
+        if begun is None:
+            if self._forgotten_begin_s >= read_from_s:
+                raise _FullCut  # its begin may be in the span but is no longer known here
+            return True
+        if math.isnan(begun):
+            raise _FullCut  # begun twice: the scan would know the latest begin it passed
+        if not read_from_s <= begun <= now_s:
+            return True
+        return begun < t_s
+
     def live_fraction(self, request_id: str, *, prefill_cost: float, decode_cost: float) -> float:
         """The request's share of all token work done since it arrived (1.0 before any work).
 
@@ -192,6 +294,14 @@ class WorkLog:
 
     def __len__(self) -> int:
         return len(self._events)
+
+
+def _has_work(events: Sequence[WorkEvent], start: int, end: int) -> bool:
+    for i in range(start, end):
+        e = events[i]
+        if e.prefill_tokens or e.decode_tokens:
+            return True
+    return False
 
 
 def windows(events: Sequence[WorkEvent]) -> list[Window]:
