@@ -1,21 +1,25 @@
-"""Shared pieces of `benchmarks/run.py` and `benchmarks/paper.py`.
+"""Shared pieces of the benchmarks (`benchmarks/*.py`).
 
-Machine facts, the runtime config a benchmark runs under, workloads (TinyVQA or a JSONL file),
-answer scoring, and small statistics helpers. Nothing here runs a model by itself.
+Machine facts and the record every result file carries (`RunRecord`: date, command, machine,
+load), the runtime config a benchmark runs under, workloads (TinyVQA or a JSONL file), answer
+scoring, and small statistics helpers. Nothing here runs a model by itself.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
 import platform
 import re
+import shlex
 import string
 import sys
+import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +56,74 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "label": f"{os.cpu_count()}-core CPU ({cpu_model()}), {gpu}",
         # Timing-based figures suffer when other jobs share the CPU: keep the evidence with them.
-        "load_avg_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "load_avg_1_5_15": load_avg(),
     }
+
+
+def load_avg() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the OS has none)."""
+    return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def utc_now() -> str:
+    """The current UTC time, ISO 8601 to the second (`2026-12-03T09:47:43+00:00`)."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def reproduce_command(invocation: str, argv: Sequence[str] | None = None) -> str:
+    """The shell line that reproduces this run, from the repository root.
+
+    Args:
+        invocation: How the script is started after `python`: `benchmarks/load.py` or
+            `-m benchmarks.stability`.
+        argv: The arguments the script parsed; None reads them from `sys.argv`.
+
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    return shlex.join(["python", *shlex.split(invocation), *args])
+
+
+@dataclass
+class RunRecord:
+    """Where a result came from: every benchmark's JSON carries the same fields, from here.
+
+    Start it before the measurement (`RunRecord.start`) so that the date and the load average at
+    start describe the run; `fields()` at the end adds the machine, the load at the end (timing
+    figures suffer when other jobs share the CPU: the evidence stays with them) and the duration.
+    """
+
+    command: str
+    date: str = field(default_factory=utc_now)
+    load_at_start: list[float] | None = field(default_factory=load_avg)
+    started: float = field(default_factory=time.monotonic)
+
+    @classmethod
+    def start(cls, invocation: str, argv: Sequence[str] | None = None) -> RunRecord:
+        """Begin the record of a run of `python INVOCATION ARGV` (see `reproduce_command`)."""
+        return cls(command=reproduce_command(invocation, argv))
+
+    def fields(self, machine: dict[str, Any] | None = None) -> dict[str, Any]:
+        """`date`, `command`, `machine`, load averages at start and end, `duration_s`.
+
+        Args:
+            machine: Facts to record instead of `machine_info()` (e.g. with a caller's `label`).
+
+        """
+        facts = machine_info() if machine is None else machine
+        return {
+            "date": self.date,
+            "command": self.command,
+            "machine": facts,
+            "load_avg_1_5_15_at_start": self.load_at_start,
+            "load_avg_1_5_15_at_end": load_avg(),
+            "duration_s": round(time.monotonic() - self.started, 3),
+        }
+
+    def stamp(self, doc: dict[str, Any], machine: dict[str, Any] | None = None) -> dict[str, Any]:
+        """`doc` with `fields()` after its `benchmark` key (theirs replace the same keys of `doc`)."""
+        record = self.fields(machine)
+        head = {"benchmark": doc["benchmark"]} if "benchmark" in doc else {}
+        return {**head, **record, **{k: v for k, v in doc.items() if k not in record and k not in head}}
 
 
 def set_threads(threads: int | None) -> None:

@@ -1,8 +1,9 @@
 """Benchmark of the E-AdaPrune kernels: per-image time of budget + selection, and the tau sweep.
 
-Run: `.venv/bin/python -m benchmarks.kernels` (add `--quick` for a smoke run, `--tau-sweep` for
-the measurement behind the default tau). Writes `benchmarks/results/kernels_<device>.json` and,
-with `--tau-sweep`, `benchmarks/results/kernels_tau.json`.
+Run: `.venv/bin/python -m benchmarks.kernels` (add `--quick` for a smoke run, `--tau-sweep` to add
+the tau sweep, `--tau-sweep-only` to run only the sweep). Writes
+`benchmarks/results/kernels_<device>.json` and, with either sweep flag,
+`benchmarks/results/kernels_tau.json`, each with its date, machine, load and command.
 
 Timed, per image, side by side with the yardstick (one fp32 Gram product `X X^T` of the same
 features, timed in the same repeat so both see the same load), for N x D in {576x1024, 576x4096,
@@ -44,7 +45,7 @@ if __package__ in (None, ""):  # run as a script, benchmarks/ is sys.path[0] and
 import numpy as np
 import torch
 
-from benchmarks._common import machine_info
+from benchmarks._common import RunRecord, machine_info
 from joulecap.kernels import select_tokens, spectral_budget
 from joulecap.kernels.dispatch import triton_available
 from joulecap.kernels.randomized import randomized_budget
@@ -304,10 +305,8 @@ def bench(quick: bool, tau: float) -> dict[str, Any]:
         "exactness": exactness,
         "load_note": "the CPU is shared with other jobs: every ratio is measured side by side with the Gram "
         "product in the same repeat; ratio_to_gram_min/max and gram_spread_pct are the noise",
-        "load_avg_after": list(os.getloadavg()),
         "quick": quick,
         "rows": rows,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
@@ -364,32 +363,43 @@ def tau_sweep() -> dict[str, Any]:
             rows.append(row)
             print(label, {k: round(v, 4) for k, v in row.items()}, flush=True)
         out[label] = rows
-    return {"benchmark": "kernels_tau", "machine": machine_info(), "photos": list(PHOTOS), "sweep": out}
+    return {"benchmark": "kernels_tau", "photos": list(PHOTOS), "sweep": out}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="two shapes, batch 1 and 4 (smoke run)")
     ap.add_argument("--tau-sweep", action="store_true", help="also run the tau measurement")
+    ap.add_argument(
+        "--tau-sweep-only", action="store_true", help="run only the tau measurement (no kernel timing)"
+    )
     ap.add_argument("--out", type=Path, default=None, help="result JSON (default under benchmarks/results)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--tau", type=float, default=0.99, help="tau of the timed rows (targets: 0.99)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.threads:
         # On a shared, overloaded CPU two spinning OpenMP threads inflate both wall and CPU time
         # many-fold; one thread gives stable numbers (recorded in machine.torch_threads).
         torch.set_num_threads(args.threads)
     RESULTS.mkdir(exist_ok=True)
-    result = bench(args.quick, args.tau)
-    dev = "gpu" if torch.cuda.is_available() else "cpu"
-    out = args.out or RESULTS / f"kernels_{dev}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
-    if args.tau_sweep:
-        sweep = tau_sweep()
+    if not args.tau_sweep_only:
+        record = RunRecord.start("-m benchmarks.kernels", argv)
+        result = bench(args.quick, args.tau)
+        dev = "gpu" if torch.cuda.is_available() else "cpu"
+        out = args.out or RESULTS / f"kernels_{dev}.json"
+        out.write_text(json.dumps(record.stamp(result, result["machine"]), indent=2) + "\n")
+        print(f"wrote {out}")
+    if args.tau_sweep or args.tau_sweep_only:
+        # The sweep's own record: its command runs the sweep alone.
+        record = RunRecord.start("-m benchmarks.kernels", [*_threads_args(args), "--tau-sweep-only"])
+        sweep = record.stamp(tau_sweep())
         path = RESULTS / "kernels_tau.json"
         path.write_text(json.dumps(sweep, indent=2) + "\n")
         print(f"wrote {path}")
+
+
+def _threads_args(args: argparse.Namespace) -> list[str]:
+    return ["--threads", str(args.threads)] if args.threads else []
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ it would in production) with a fresh SQLite ledger. At the end the run checks th
 - no request was lost: the ledger holds exactly one `ok` row per 200 response, by id,
 - memory stayed bounded: the server's RSS after warm-up and after the run are reported.
 
-It prints a table (p50/p99 latency per request kind, throughput) and writes JSON with the machine
-it ran on. Exit status 1 when a check fails.
+It prints a table (p50/p99 latency per request kind, throughput) and writes JSON with the date,
+the machine, its load average at start and end, and the command. Exit status 1 when a check fails.
 
     python benchmarks/load.py [--clients 16] [--duration-s 120] [--quick] [--model DIR]
                               [--out benchmarks/results/load_cpu.json]
@@ -42,6 +42,8 @@ if __package__ in (None, ""):  # run as a script, benchmarks/ is sys.path[0] and
 import httpx  # noqa: E402
 import psutil  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from benchmarks import _common as common  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "load_cpu.json"
 PROMPTS = ("What colour is the square?", "Where is the object?", "Describe the picture briefly.", "hi")
@@ -190,19 +192,8 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def _machine() -> dict[str, Any]:
-    try:
-        from benchmarks._common import machine_info
-
-        return machine_info()
-    except Exception:  # benchmarks/_common is optional here; keep the basics
-        import platform
-
-        return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "gpu": "unknown"}
-
-
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the load test and return the result document."""
+def run(args: argparse.Namespace, record: common.RunRecord) -> dict[str, Any]:
+    """Run the load test and return the result document (`record`: its date, command, machine)."""
     with tempfile.TemporaryDirectory(prefix="joulecap-load-") as tmp:
         work = Path(tmp)
         model = args.model
@@ -242,7 +233,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             except subprocess.TimeoutExpired:
                 proc.kill()
         ledger = {k: v for k, v in _ledger_ids(work).items() if k not in warm_rows}
-    return _summarise(args, stats, ledger, wall_s, rss_before, rss_after, health)
+    return _summarise(args, stats, ledger, wall_s, rss_before, rss_after, health, record)
 
 
 def _ledger_ids(work: Path) -> dict[str, str]:
@@ -259,6 +250,7 @@ def _summarise(
     rss_before: float,
     rss_after: float,
     health: dict[str, Any],
+    record: common.RunRecord,
 ) -> dict[str, Any]:
     outcomes = stats.outcomes
     ok = [o for o in outcomes if o.status == 200 and o.stream_error is None]
@@ -286,6 +278,7 @@ def _summarise(
     }
     return {
         "benchmark": "load",
+        **record.fields(),
         "config": {
             "clients": args.clients,
             "duration_s": args.duration_s,
@@ -295,7 +288,6 @@ def _summarise(
             "seed": args.seed,
             "mix": "0/1/1/2 images; no/header/body budget; 30% streamed",
         },
-        "machine": _machine(),
         "wall_s": round(wall_s, 2),
         "requests": len(outcomes),
         "ok_200": len(ok),
@@ -352,9 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help=f"JSON output (default {DEFAULT_OUT.relative_to(REPO)}).")
     args = parser.parse_args(argv)
+    record = common.RunRecord.start("benchmarks/load.py", argv)
     if args.quick:
         args.clients, args.duration_s = min(args.clients, 4), min(args.duration_s, 8.0)
-    result = run(args)
+    result = run(args, record)
     _print(result)
     out = Path(args.out) if args.out else (None if args.quick else DEFAULT_OUT)
     if out is not None:

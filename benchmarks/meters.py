@@ -10,9 +10,10 @@
 3. On an NVIDIA GPU only: NVML's energy counter vs polled power (trapezoid) over the same
    fixed matmul load of 2, 5 and 10 s, sampled side by side; elsewhere skipped with a message.
 
-Prints a table and writes JSON.
+Prints a table and writes JSON (with the date, the machine, its load average at start and end,
+and the command).
 
-    python benchmarks/meters.py [--duration 5] [--machine "2-core CPU, no GPU"]
+    python benchmarks/meters.py [--duration 5] [--machine LABEL]
         [--out benchmarks/results/meters_cpu.json]
 """
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -29,6 +29,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+if __package__ in (None, ""):  # run as a script, benchmarks/ is sys.path[0] and its kernels.py
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # shadows HF `kernels`: use the root
+
+from benchmarks import _common as common
 from joulecap.runtime.energy.base import Meter
 from joulecap.runtime.energy.config import EnergyConfig
 from joulecap.runtime.energy.factory import AUTO_ORDER, METERS, create_meter
@@ -175,25 +179,17 @@ def nvml_counter_vs_polled(loads_s: tuple[float, ...]) -> dict[str, Any]:
     return {"device": torch.cuda.get_device_name(0), "sample_hz": 10, "rows": rows}
 
 
-def default_machine() -> str:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return f"{os.cpu_count()}-core CPU, {torch.cuda.get_device_name(0)}"
-    except ImportError:
-        pass
-    return f"{os.cpu_count()}-core CPU, no GPU"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per overhead measurement")
-    parser.add_argument("--machine", default=None, help="machine label stored with the results")
+    parser.add_argument(
+        "--machine", default=None, help="machine label stored with the results (default: the detected one)"
+    )
     parser.add_argument(
         "--out", default=None, help="JSON output (default benchmarks/results/meters_<cpu|gpu>.json)"
     )
     args = parser.parse_args(argv)
+    record = common.RunRecord.start("benchmarks/meters.py", argv)
 
     meter = create_meter(EnergyConfig())
     base = idle_baseline(args.duration)
@@ -208,24 +204,23 @@ def main(argv: list[str] | None = None) -> int:
         lat = latencies(Path(tmp))
     gpu = nvml_counter_vs_polled((2.0, 5.0, 10.0))
 
-    machine = args.machine or default_machine()
+    machine = common.machine_info()
+    if args.machine:
+        machine["label"] = args.machine
     result = {
         "benchmark": "meters",
-        "machine": machine,
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
+        **record.fields(machine),
         "sampled_meter": meter_name,
-        "duration_s": args.duration,
+        "seconds_per_measurement": args.duration,
         "idle_baseline": base,
         "sampler_overhead": overhead,
         "target_pct_of_core_at_10hz": TARGET_OVERHEAD_PCT_10HZ,
         "meets_target": overhead[0]["net_cpu_pct_of_core"] < TARGET_OVERHEAD_PCT_10HZ,
         "read_latency": lat,
         "nvml_counter_vs_polled": gpu,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
-    print(f"machine: {machine}   sampled meter: {meter_name}   {args.duration:.0f} s per row")
+    print(f"machine: {machine['label']}   sampled meter: {meter_name}   {args.duration:.0f} s per row")
     print(f"{'sampler':>10} {'samples':>8} {'cpu %core':>10} {'net %core':>10} {'us/sample':>10}")
     print(f"{'none':>10} {'-':>8} {base['cpu_pct_of_core']:>10.3f} {'-':>10} {'-':>10}")
     for row in overhead:

@@ -11,7 +11,8 @@
    alternating blocks on the same file (each insert is fsynced: the disk dominates). Target:
    the extras add <= 10 % per row.
 
-Prints a table and writes JSON (with the date, the machine and the command).
+Prints a table and writes JSON (with the date, the machine, its load average at start and end,
+and the command).
 
     python benchmarks/operations.py [--rows 300] [--out benchmarks/results/operations_cpu.json]
 """
@@ -25,16 +26,16 @@ if __package__ in (None, ""):  # run as a script, benchmarks/ is sys.path[0] and
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # shadows HF `kernels`: use the root
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
+
+from benchmarks import _common as common
 
 TARGET_KEYS_RATIO = 1.5
 TARGET_CACHED_US = 5.0
@@ -147,22 +148,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--calls", type=int, default=20_000, help="Lookups / cached reads per measurement.")
     parser.add_argument("--rows", type=int, default=300, help="Ledger rows written (half with extras).")
-    parser.add_argument("--machine", default=None, help="Machine description stored with the result.")
-    parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--machine", default=None, help="Machine label stored with the result (default: the detected one)."
+    )
+    parser.add_argument(
+        "--out", default=None, help="JSON output (default benchmarks/results/operations_cpu.json)."
+    )
     args = parser.parse_args(argv)
+    record = common.RunRecord.start("benchmarks/operations.py", argv)
 
     keys = bench_keys(args.calls)
     power = bench_power_state(args.calls)
     ledger = bench_ledger(args.rows)
-    machine = args.machine or f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()})"
+    machine = common.machine_info()
+    if args.machine:
+        machine["label"] = args.machine
     result = {
         "benchmark": "operations",
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine,
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "load_avg_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "command": "python benchmarks/operations.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        **record.fields(machine),
         "key_lookup": keys,
         "power_state": power,
         "ledger": ledger,

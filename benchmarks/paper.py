@@ -31,7 +31,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import random
 import sys
 import tempfile
@@ -479,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         "for SmolVLM; the released default is 2048, i.e. 16 tiles plus a global image)",
     )
     args = parser.parse_args(argv)
+    record = common.RunRecord.start("benchmarks/paper.py", argv)
     common.set_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     preset: dict[str, Any] = dict(QUICK if args.quick else FULL)
@@ -501,8 +501,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     n_power = preset["power_reps"] * len(SIZES) * len(CONTENTS) * 2
     n_tokens = preset["token_reps"] * len(preset["keeps"]) * len(prompts) * len(preset["outs"])
-    started = time.time()
-    load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     with Runtime(config) as rt, forced_length(rt.engine) as forced:
         if args.longest_edge is not None:
             set_longest_edge(rt, args.longest_edge)
@@ -537,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "paper",
         "paper": "Seeing is Free, Speaking is Not (figures as quoted in joulecap issue 7)",
-        "machine": {**common.machine_info(), "load_avg_at_start": load_start},
+        **record.fields(),
         "device": info.device,
         "meter": {**meter_facts, "label": label},
         "model": {
@@ -548,7 +546,6 @@ def main(argv: list[str] | None = None) -> int:
             # What built it (a tiny or realistic-shape model's joulecap.json: shape, source, seed).
             "built": model_marker(info.model_path),
         },
-        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "note": args.note,
         "engine": info.engine,
         "quick": args.quick,
@@ -558,12 +555,10 @@ def main(argv: list[str] | None = None) -> int:
             "warmup": args.warmup,
             "longest_edge": args.longest_edge,
         },
-        "command": "python benchmarks/paper.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "forced_output_length": forced,
         "caveats": notes,
         "comparison": rows,
         "runtime_online_predictor": online,
-        "duration_s": time.time() - started,
         **res,
     }
     common.write_json(out, result)

@@ -12,7 +12,8 @@ pure Python, a cache-resident matmul and a memory-bound sweep over 16 MB. For ea
   (the predictor's speed factor) and a frozen model cannot.
 
 It also counts CPU steal time (from /proc/stat) and page faults of this process during the model
-repetitions, to tell a slow host from work joulecap itself adds. Prints a table, writes JSON.
+repetitions, to tell a slow host from work joulecap itself adds. Prints a table, writes JSON (with
+the date, the machine, its load average at start and end, and the command).
 
     python -m benchmarks.stability [--reps 600] [--out benchmarks/results/stability_cpu.json]
 """
@@ -154,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.reps < 2 * BLOCK:
         raise SystemExit(f"--reps must be >= {2 * BLOCK}")
+    record = common.RunRecord.start("-m benchmarks.stability", argv)
     common.set_threads(1)
-    started = time.time()
     model = model_runs(args.reps, args.sample_hz)
     rows = {"model request (energy)": model["energy_j"], "model request (CPU s)": model["cpu_s"]}
     for name, work in loops().items():
@@ -175,12 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     result = {
         "benchmark": "stability",
-        "machine": common.machine_info(),
+        **record.fields(),
         "reps": args.reps,
         "block": BLOCK,
         "workloads": rows,
         "model": {k: v for k, v in model.items() if k not in ("energy_j", "cpu_s")},
-        "duration_s": time.time() - started,
         "notes": [
             "cv over all repetitions; block_cv over means of consecutive blocks; adjacent vs random "
             "pairs: mean |a - b| / mean. Adjacent well below random pair = phases a running average "

@@ -129,6 +129,24 @@ def _rec(energy: float | None, budget: float, quality: float, **kw: Any) -> dict
     }
 
 
+def test_run_record_stamps_date_command_machine_and_load(bench: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datetime
+
+    common, _, _ = bench
+    record = common.RunRecord.start("-m benchmarks.stability", ["--reps", "600", "--out", "a b.json"])
+    doc = record.stamp({"benchmark": "x", "machine": "replaced", "value": 1})
+    head = ["benchmark", "date", "command", "machine", "load_avg_1_5_15_at_start", "load_avg_1_5_15_at_end"]
+    assert list(doc)[: len(head)] == head and doc["value"] == 1 and doc["duration_s"] >= 0
+    # The command is a shell line that reproduces the run, quoted where an argument needs it.
+    assert doc["command"] == "python -m benchmarks.stability --reps 600 --out 'a b.json'"
+    assert datetime.datetime.fromisoformat(doc["date"]).utcoffset() == datetime.timedelta(0)
+    assert doc["machine"]["label"] and doc["machine"]["cpu_count"] == os.cpu_count()
+    assert len(doc["load_avg_1_5_15_at_start"]) == len(doc["load_avg_1_5_15_at_end"]) == 3
+    # Without argv, the arguments are the process's own.
+    monkeypatch.setattr(sys, "argv", ["benchmarks/load.py", "--quick"])
+    assert common.reproduce_command("benchmarks/load.py") == "python benchmarks/load.py --quick"
+
+
 def test_summarize_counts_violations_refusals_and_utilisation(bench: Any) -> None:
     _, run, _ = bench
     recs = [_rec(1.0, 2.0, 1.0), _rec(3.0, 2.0, 0.0), _rec(2.0, 2.0, 1.0), _rec(None, 2.0, 0.0)]

@@ -8,9 +8,10 @@ Visual-token pruning is done exactly as the transformers engine does it: the ima
 truncating the uncapped greedy answer to its first `cap` tokens, which is exactly what greedy decoding
 under that cap returns.
 
-    python -m benchmarks.tinyvqa.eval --model joulecap/runtime/data/tinyvqa --n 500
+    python -m benchmarks.tinyvqa.eval --model runtime/data/tinyvqa --n 500
 
-writes `benchmarks/results/tinyvqa_accuracy.json` and prints a table.
+writes `benchmarks/results/tinyvqa_accuracy.json` (with the date, the machine, its load average at
+start and end, and the command) and prints a table.
 """
 
 from __future__ import annotations
@@ -277,9 +278,9 @@ def table(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """CLI entry point."""
-    from benchmarks._common import machine_info
+    from benchmarks._common import RunRecord
 
     ap = argparse.ArgumentParser(description="TinyVQA accuracy vs visual tokens kept and max_new_tokens.")
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
@@ -288,17 +289,28 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--split", default="test", choices=["val", "test"], help="val: to choose between models.")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    record = RunRecord.start("-m benchmarks.tinyvqa.eval", argv)
     torch.set_num_threads(args.threads)
     doc = evaluate(args.model, args.n, args.seed, split=args.split)
-    doc["machine"] = machine_info()
+    doc["model_dir"] = _repo_relative(args.model)
     meta = args.model / "joulecap.json"
     if meta.is_file():
         doc["model_meta"] = json.loads(meta.read_text())
+    doc = record.stamp({"benchmark": "tinyvqa_accuracy", **doc})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
     print(table(doc))
     print(f"\nwrote {args.out} ({doc['eval_s']} s)")
+
+
+def _repo_relative(path: Path) -> str:
+    """`path` relative to the repository root when it lies inside it (results name no checkout)."""
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        return str(path.resolve().relative_to(repo))
+    except ValueError:
+        return str(path)
 
 
 if __name__ == "__main__":

@@ -75,9 +75,9 @@ def choose_tau(results: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """CLI entry point."""
-    from benchmarks._common import machine_info
+    from benchmarks._common import RunRecord
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
@@ -85,7 +85,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None, help="default: results/tinyvqa_tau_sweep[_fine].json")
     ap.add_argument("--fine", action="store_true", help="the taus between 0.9999 and 1, uncentred")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    record = RunRecord.start("-m benchmarks.tinyvqa.tau_sweep", argv)
     torch.set_num_threads(args.threads)
     conds = conditions(FINE_TAUS, (False,)) if args.fine else conditions()
     out = args.out or (OUT.with_name("tinyvqa_tau_sweep_fine.json") if args.fine else OUT)
@@ -93,8 +94,7 @@ def main() -> None:
     for r in doc["results"]:
         r.pop("by_max_new_tokens", None)
     doc["choice"] = choose_tau(doc["results"])
-    doc["machine"] = machine_info()
-    doc["command"] = f"python -m benchmarks.tinyvqa.tau_sweep --n {args.n}{' --fine' if args.fine else ''}"
+    doc = record.stamp({"benchmark": "tinyvqa_tau_sweep", **doc})
     out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"{'condition':<22}{'kept':>7}{'short':>8}{'recall':>8}")
     for r in doc["results"]:
