@@ -333,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     from joulecap.runtime.runtime import Runtime
 
     args = parse_args(argv)
+    record = common.RunRecord.start("benchmarks/run.py", argv)
     common.set_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     random.seed(args.seed)
@@ -434,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "front": verdict,
     }
-    common.write_json(out / "results.json", result)
+    common.write_json(out / "results.json", record.stamp(result, result["machine"]))
     write_csv(rows, out / "results.csv")
     with (out / "requests.jsonl").open("w", encoding="utf-8") as fh:
         for pair in pairs:
