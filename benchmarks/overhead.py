@@ -15,8 +15,6 @@ import argparse
 import base64
 import io
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -34,6 +32,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from benchmarks import _common as common
 from joulecap.runtime.api.app import create_app
 from joulecap.runtime.config import JoulecapConfig
 from joulecap.runtime.runtime import Runtime
@@ -73,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="Model dir (default: a tiny Idefics3 built locally)")
     parser.add_argument("--out", default="benchmarks/results/overhead_cpu.json")
     args = parser.parse_args(argv)
+    record = common.RunRecord.start("benchmarks/overhead.py", argv)
     torch.manual_seed(0)
 
     tmp = Path(tempfile.mkdtemp(prefix="joulecap-overhead-"))
@@ -172,11 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     result = {
         "benchmark": "overhead",
-        "machine": f"{platform.machine()} {os.cpu_count()}-core CPU, {torch.get_num_threads()} torch threads",
         "device": "cpu",
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "model": str(model_dir),
+        "model": "a tiny Idefics3 built locally" if not args.model else str(model_dir),
         "requests": args.requests,
         "max_tokens": args.max_tokens,
         "energy_source": "estimated (estimate:cpu meter; overhead is wall time)",
@@ -184,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out.write_text(json.dumps(record.stamp(result), indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 

@@ -492,9 +492,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         run_joulecap(runtime, fresh(args.requests), args.max_tokens, "joint")
         probe_q, probe_img = workload(1, start=10**5)[0]
         probe = runtime.build_request(probe_q, [probe_img], max_tokens=args.max_tokens, policy="joint")
-        encoded, _ = runtime.plan(probe)
         _, keep_all = runtime.plan(replace(probe, policy="baseline"))
-        full_j = encoded.spent_j + keep_all.predicted_j
+        full_j = keep_all.predicted_j  # the encode spent plus the keep-all run
         try:
             runtime.plan(replace(probe, energy_budget_j=1e-9))
             min_j = 0.0
