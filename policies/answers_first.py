@@ -17,7 +17,8 @@ exact match (docs/policies.md has the measurements). So the plan gives up answer
    the shared feasibility rule states for that smallest plan (`stated_min_j`).
 
 The governor holds the budget (`holds_budget`), and the engine decomposes images while preparing
-(`prunes_visual`), since steps 2-4 prune.
+(`prunes_visual`) when the request has a budget, since steps 2-4 prune (`prunes`): without one the
+images are not decomposed, and on vLLM they go natively.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from joulecap.policies.base import (
 )
 from joulecap.policies.output_budget import budgeted_output
 from joulecap.policies.registry import register
-from joulecap.runtime.types import Plan, PreparedRequest
+from joulecap.runtime.types import Plan, PreparedRequest, Request
 
 
 @register("answers_first")
@@ -51,12 +52,18 @@ class AnswersFirst(Policy):
         """Plan under the budget; see the module docstring."""
         full = all_visual(prepared)
         cap = output_cap(prepared, ctx, sum(full))
+        if ctx.budget_j is None:
+            # Nothing to prune for (`prunes`: the images were not decomposed); the minimum stated
+            # for reference is at the per-image floor, the spectral budget's floor when k_min
+            # is at least `visual_floor_tokens` (the default).
+            floors = tuple(min(n, ctx.config.visual_floor_tokens) for n in full)
+            reason = "answers_first: no budget, every visual token"
+            return self.make_plan(
+                prepared, ctx, full, cap, reason, min_j=stated_min_j(prepared, ctx, sum(floors))
+            )
         spectral = spectral_keep(prepared, ctx)
         floors = tuple(min(k, ctx.config.visual_floor_tokens) for k in spectral)
         min_j = stated_min_j(prepared, ctx, sum(floors))
-        if ctx.budget_j is None:
-            reason = "answers_first: no budget, every visual token"
-            return self.make_plan(prepared, ctx, full, cap, reason, min_j=min_j)
         budget = ctx.budget_j
         if not fits(ctx, min_j):
             min_out = ctx.config.min_output_tokens
@@ -95,6 +102,10 @@ class AnswersFirst(Policy):
             f"to {sum(keep)}, {n} output tokens"
         )
         return self.make_plan(prepared, ctx, keep, n, reason, min_j=min_j)
+
+    def prunes(self, request: Request) -> bool:
+        """Only a budget makes this policy prune: without one it keeps every visual token."""
+        return request.energy_budget_j is not None
 
     @staticmethod
     def _output(prepared: PreparedRequest, ctx: PlanContext, keep: tuple[int, ...]) -> int:

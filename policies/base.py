@@ -16,7 +16,7 @@ from joulecap.kernels import spectral_budget
 from joulecap.policies.config import SchedulerConfig
 from joulecap.runtime.brevity import brevity_hint
 from joulecap.runtime.errors import BudgetTooSmall, InvalidRequest
-from joulecap.runtime.types import CostModel, Plan, PreparedRequest
+from joulecap.runtime.types import CostModel, Plan, PreparedRequest, Request
 
 MIN_J_RESOLUTION = 1e-6
 """Stated minimums are rounded up to a microjoule, so the number a client reads back (header,
@@ -89,6 +89,15 @@ class Policy(ABC):
     @abstractmethod
     def plan(self, prepared: PreparedRequest, ctx: PlanContext) -> Plan:
         """Decide visual tokens kept and max_new_tokens for `prepared`."""
+
+    def prunes(self, request: Request) -> bool:
+        """Whether a plan for `request` may keep fewer visual tokens than its images have.
+
+        Asked before the images are encoded: only then does the engine decompose their features
+        (and, on vLLM, run the vision tower in joulecap rather than pass the image natively).
+        `prunes_visual` by default; a policy that prunes only under some budgets narrows it.
+        """
+        return self.prunes_visual
 
     # -------------------------------------------------------------- helpers for subclasses
     def make_plan(

@@ -40,8 +40,8 @@ class Scheduler:
         return request.policy or self.config.policy
 
     def prunes_visual(self, request: Request) -> bool:
-        """Whether the request's policy may prune visual tokens (then `prepare` decomposes images)."""
-        return get_policy(self.policy_name(request)).prunes_visual
+        """Whether the request's plan may prune visual tokens (then `prepare` decomposes images)."""
+        return policy_instance(self.policy_name(request)).prunes(request)
 
     def context(self, prepared: PreparedRequest) -> PlanContext:
         """The planning context for `prepared` now."""

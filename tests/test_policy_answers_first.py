@@ -51,6 +51,21 @@ def test_without_a_budget_every_visual_token_and_the_usual_cap() -> None:
     out = plan(p, ctx())
     assert out.visual_keep == (64, 32) and out.max_new_tokens == CFG.default_max_tokens
     assert plan(p, ctx(max_tokens=5)).max_new_tokens == 5
+    # The minimum stated for reference is the feasibility rule at the per-image floor.
+    floors = min(64, CFG.visual_floor_tokens) + min(32, CFG.visual_floor_tokens)
+    assert out.min_j == pytest.approx(
+        (PRED.predict(20, floors, CFG.min_output_tokens).total_j) * MARGIN, abs=2e-6
+    )
+
+
+def test_only_a_budget_makes_it_prune() -> None:
+    # Asked before the encode: without a budget the images are not decomposed (and go natively
+    # on vLLM); with one, steps 2-4 may prune.
+    policy = policy_instance("answers_first")
+    assert policy.prunes(prepared().request) is False
+    assert policy.prunes(prepared(energy_budget_j=2.0).request) is True
+    assert policy_instance("joint").prunes(prepared().request) is True  # tau prunes without one
+    assert policy_instance("output_budget").prunes(prepared(energy_budget_j=2.0).request) is False
 
 
 def test_a_budget_that_pays_for_the_whole_answer_keeps_every_visual_token() -> None:

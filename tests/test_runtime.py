@@ -149,6 +149,11 @@ def test_images_are_decomposed_only_for_a_policy_that_may_prune_them(
         assert (len(prepared.bases) == 1) is prunes, policy
         if not prunes:
             assert plan.visual_keep == prepared.visual_tokens
+    # The default policy prunes only under a budget: without one its images are not decomposed.
+    request = runtime.build_request("What is it?", image, max_tokens=2, policy="answers_first")
+    prepared, plan = runtime.plan(request)
+    assert prepared.bases == () or all(b is None for b in prepared.bases)
+    assert plan.visual_keep == prepared.visual_tokens and plan.min_j is not None
 
     def encode(*args: object, **kwargs: object) -> None:
         raise AssertionError("an unknown policy's images were encoded")
