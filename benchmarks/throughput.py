@@ -419,6 +419,11 @@ def build_runtime(args: argparse.Namespace, model: str, work: Path) -> Any:
     return Runtime(cfg, engine=VLLMEngine(engine_cfg))
 
 
+def _median_of(rows: list[dict[str, float]], key: str) -> float | None:
+    """The median of `key` over `rows` (None when there are none)."""
+    return statistics.median(r[key] for r in rows) if rows else None
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="model directory (default: tiny Idefics3, head_dim 32)")
@@ -481,16 +486,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     # joint's budget: between the smallest plan joint can make for a typical request (the minimum
     # its 422 names: encode spent + the predicted minimum run + margin) and what keeping everything
-    # is predicted to cost, at --joint-budget-fraction of the way (below 1 it binds). Computed after
-    # an unbudgeted calibration batch, so the predictor has learned this machine first. Without
-    # the option joint runs unbudgeted: it prunes by its spectral budget (tau) alone.
-    budget_j: float | None = None
-    min_j = full_j = None
-    if args.joint_budget_fraction is not None and any(s.startswith("joint") for s in sides):
+    # is predicted to cost, at --joint-budget-fraction of the way (below 1 it binds). The server
+    # learns as it serves (under batching a request's share of each window moves its predictions),
+    # so the budget is recomputed from the same probe before every joint batch: it binds by the
+    # same fraction throughout. First an unbudgeted batch, so the predictor has learned this
+    # machine. Without the option joint runs unbudgeted: it prunes by its spectral budget alone.
+    budgets: list[dict[str, float]] = []
+    fraction = args.joint_budget_fraction
+    probe_q, probe_img = workload(1, start=10**5)[0]
+
+    def binding_budget() -> float | None:
+        if fraction is None:
+            return None
         from joulecap.runtime.errors import BudgetTooSmall
 
-        run_joulecap(runtime, fresh(args.requests), args.max_tokens, "joint")
-        probe_q, probe_img = workload(1, start=10**5)[0]
         probe = runtime.build_request(probe_q, [probe_img], max_tokens=args.max_tokens, policy="joint")
         _, keep_all = runtime.plan(replace(probe, policy="baseline"))
         full_j = keep_all.predicted_j  # the encode spent plus the keep-all run
@@ -499,11 +508,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             min_j = 0.0
         except BudgetTooSmall as exc:
             min_j = float(exc.min_j)
-        budget_j = min_j + args.joint_budget_fraction * max(0.0, full_j - min_j)
-        print(f"joint budget {budget_j:.4g} J: smallest plan {min_j:.4g} J, keep-all {full_j:.4g} J")
+        budget_j = min_j + fraction * max(0.0, full_j - min_j)
+        budgets.append({"budget_j": budget_j, "min_j": min_j, "keep_all_j": full_j})
+        return budget_j
+
+    if fraction is not None and any(s.startswith("joint") for s in sides):
+        run_joulecap(runtime, fresh(args.requests), args.max_tokens, "joint")
+        first = binding_budget()
+        print(f"joint budget {first:.4g} J at first: {budgets[0]}")
 
     def side_run(side: str, n: int) -> dict[str, Any]:
         items = fresh(n)
+        budget_j = binding_budget() if side.startswith("joint") else None
         t0 = time.monotonic()
         if side == BARE:
             row = run_bare(engine, items, args.concurrency, args.max_tokens)
@@ -555,11 +571,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "max_tokens": args.max_tokens,
             "images_per_request": 1,
             "repeats": args.repeats,
-            "joint_budget_j": budget_j,
+            "joint_budget_j": _median_of(budgets, "budget_j"),
             "joint_tau": runtime.config.scheduler.tau,
             "joint_budget_fraction": args.joint_budget_fraction,
-            "joint_min_j": min_j,
-            "keep_all_j": full_j,
+            "joint_min_j": _median_of(budgets, "min_j"),
+            "keep_all_j": _median_of(budgets, "keep_all_j"),
+            "joint_budgets_per_batch": budgets,
         },
         "runs": rows,
         "target_ratio": TARGET_RATIO,
