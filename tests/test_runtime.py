@@ -148,6 +148,7 @@ def test_images_are_decomposed_only_for_a_policy_that_may_prune_them(
         assert (len(prepared.bases) == 1) is prunes, policy
         if not prunes:
             assert plan.visual_keep == prepared.visual_tokens
+
     # The default policy prunes only under a budget that may bind: without one, or with one above
     # the keep-all estimate made before the encode (the server has seen images by now), its
     # images are not decomposed; under a tight one they are.
