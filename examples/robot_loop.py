@@ -7,7 +7,8 @@ before the loop starts:
 
 - `full_j`: the predicted cost of a whole description of the scene (`Runtime.estimate` with an
   ample budget, the same numbers `POST /v1/energy/estimate` returns);
-- `floor_j`: the stated minimum for it (what a 422 would state), with 10% headroom.
+- `floor_j`: the stated minimum for it (what a 422 would state), with `FLOOR_HEADROOM` on top:
+  at the bare minimum the plan keeps a handful of visual tokens, too few to see a colour by.
 
 Each step's budget is `floor_j + (full_j - floor_j) x battery charge`, so it binds: as the
 battery drains, the runtime plans fewer output tokens (the description of the scene is cut
@@ -48,6 +49,9 @@ QUESTIONS = (
 """What the robot asks, in turn: the scene (a long answer the budget cuts) and short checks."""
 MAX_TOKENS = 32
 AMPLE_J = 1000.0
+FLOOR_HEADROOM = 1.25
+"""The empty battery's budget over the stated minimum: room for E-AdaPrune's visual tokens, not
+just the few of the smallest plan (plans that fill a budget keep the planning margin clear)."""
 """A budget that never binds, for the estimate that states the minimum and the full cost."""
 
 
@@ -163,7 +167,7 @@ def derive_budgets(
 
     A few unconstrained answers first let the online predictor see this machine as it is now
     (`answer_j` is their mean measured cost). Then one estimate with an ample budget gives the
-    stated minimum (`floor_j` is 1.1 x it) and the predicted cost of the whole answer (`full_j`):
+    stated minimum (`floor_j` is `FLOOR_HEADROOM` x it) and the predicted cost of the whole answer (`full_j`):
     budgets between them bind.
     """
     costs = [
@@ -176,7 +180,7 @@ def derive_budgets(
     _, plan, refusal = runtime.estimate(request)
     if plan is None or plan.min_j is None:
         raise RuntimeError(f"no plan with a stated minimum ({refusal}): use a budget-holding policy")
-    floor_j = 1.1 * plan.min_j
+    floor_j = FLOOR_HEADROOM * plan.min_j
     return floor_j, max(plan.predicted_j, floor_j), sum(costs) / len(costs)
 
 
@@ -215,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         battery = Battery(capacity_j=capacity_j, level_j=capacity_j)
         print(
             f"unconstrained answer: {answer_j:.3f} J measured; budget per step from {full_j:.3f} J "
-            f"(the whole answer, predicted) at a full battery to {floor_j:.3f} J (1.1 x the stated "
-            f"minimum) at an empty one; battery {capacity_j:.3f} J"
+            f"(the whole answer, predicted) at a full battery to {floor_j:.3f} J "
+            f"({FLOOR_HEADROOM:g} x the stated minimum) at an empty one; battery {capacity_j:.3f} J"
         )
         loop = PerceptionLoop(runtime, battery, floor_j=floor_j, full_j=full_j, policy=args.policy)
         print(

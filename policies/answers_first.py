@@ -16,10 +16,9 @@ exact match (docs/policies.md has the measurements). So the plan gives up answer
    image, with the minimum answer; below that the request is refused (422) with the minimum joules
    the shared feasibility rule states for that smallest plan (`stated_min_j`).
 
-The governor holds the budget (`holds_budget`). The engine decomposes images while preparing
-(`prunes_visual`) only when the budget may bind (`prunes`): without a budget, or with one above an
-estimate of the keep-all cost made before the encode (`runtime/image_costs.py`), the images are
-not decomposed, and on vLLM they go natively.
+The governor holds the budget (`holds_budget`), and the engine decomposes images while preparing
+(`prunes_visual`) when the request has a budget, since steps 2-4 prune (`prunes`): without one the
+images are not decomposed, and on vLLM they go natively.
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ from joulecap.policies.base import (
     all_visual,
     fits,
     fits_plan,
-    has_features,
     lower_visual,
     output_cap,
     spectral_keep,
@@ -55,21 +53,13 @@ class AnswersFirst(Policy):
         full = all_visual(prepared)
         cap = output_cap(prepared, ctx, sum(full))
         if ctx.budget_j is None:
-            # Nothing to prune for (`prunes`: the images were not decomposed); the minimum stated
-            # for reference is at the per-image floor, the spectral budget's floor when k_min
-            # is at least `visual_floor_tokens` (the default).
-            floors = tuple(min(n, ctx.config.visual_floor_tokens) for n in full)
+            # Nothing to prune for (`prunes`: the images were not decomposed), and no minimum is
+            # stated: this encode did not pay for the decomposition a budgeted request's smallest
+            # plan needs, so a number stated from it would sit below what that request costs.
             reason = "answers_first: no budget, every visual token"
-            return self.make_plan(
-                prepared, ctx, full, cap, reason, min_j=stated_min_j(prepared, ctx, sum(floors))
-            )
-        if has_features(prepared):
-            spectral = spectral_keep(prepared, ctx)
-            floors = tuple(min(k, ctx.config.visual_floor_tokens) for k in spectral)
-        else:
-            # Sent natively (no features: the budget was expected to pay for every visual token):
-            # nothing can be pruned, so the smallest plan keeps them all.
-            spectral = floors = full
+            return self.make_plan(prepared, ctx, full, cap, reason, min_j=None)
+        spectral = spectral_keep(prepared, ctx)
+        floors = tuple(min(k, ctx.config.visual_floor_tokens) for k in spectral)
         min_j = stated_min_j(prepared, ctx, sum(floors))
         budget = ctx.budget_j
         if not fits(ctx, min_j):
@@ -110,15 +100,9 @@ class AnswersFirst(Policy):
         )
         return self.make_plan(prepared, ctx, keep, n, reason, min_j=min_j)
 
-    def prunes(self, request: Request, keep_all_j: float | None = None) -> bool:
-        """Only a budget that may bind makes this policy prune.
-
-        Without a budget, or with one above `keep_all_j` (every visual token and the answer floor,
-        estimated high before the encode), step 1 keeps every visual token: the images are not
-        decomposed for nothing.
-        """
-        budget = request.energy_budget_j
-        return budget is not None and (keep_all_j is None or budget < keep_all_j)
+    def prunes(self, request: Request) -> bool:
+        """Only a budget makes this policy prune: without one it keeps every visual token."""
+        return request.energy_budget_j is not None
 
     @staticmethod
     def _output(prepared: PreparedRequest, ctx: PlanContext, keep: tuple[int, ...]) -> int:

@@ -90,19 +90,12 @@ class Policy(ABC):
     def plan(self, prepared: PreparedRequest, ctx: PlanContext) -> Plan:
         """Decide visual tokens kept and max_new_tokens for `prepared`."""
 
-    def prunes(self, request: Request, keep_all_j: float | None = None) -> bool:
+    def prunes(self, request: Request) -> bool:
         """Whether a plan for `request` may keep fewer visual tokens than its images have.
 
         Asked before the images are encoded: only then does the engine decompose their features
         (and, on vLLM, run the vision tower in joulecap rather than pass the image natively).
         `prunes_visual` by default; a policy that prunes only under some budgets narrows it.
-
-        Args:
-            request: The request, not yet encoded.
-            keep_all_j: An upper estimate of the request with every visual token and the
-                smallest answer this policy gives them, made before the encode; None when the
-                server has no history to make it from.
-
         """
         return self.prunes_visual
 
@@ -173,11 +166,6 @@ def output_cap(prepared: PreparedRequest, ctx: PlanContext, visual_kept: int) ->
 def all_visual(prepared: PreparedRequest) -> tuple[int, ...]:
     """Keep every visual token."""
     return tuple(prepared.visual_tokens)
-
-
-def has_features(prepared: PreparedRequest) -> bool:
-    """Whether the engine computed the images' features (not on vLLM's native path): pruning needs them."""
-    return len(prepared.features) == len(prepared.visual_tokens)
 
 
 def spectral_keep(prepared: PreparedRequest, ctx: PlanContext) -> tuple[int, ...]:

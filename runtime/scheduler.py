@@ -9,7 +9,6 @@ from __future__ import annotations
 from joulecap.policies import PlanContext, get_policy, policy_instance
 from joulecap.policies.config import SchedulerConfig
 from joulecap.runtime.errors import BudgetTooSmall
-from joulecap.runtime.image_costs import ImageCosts
 from joulecap.runtime.learning import Learner
 from joulecap.runtime.predictor import Predictor
 from joulecap.runtime.promises import Promises
@@ -35,25 +34,14 @@ class Scheduler:
         self.predictor = predictor
         self.learner = learner
         self.promises = Promises()
-        self.image_costs = ImageCosts()
 
     def policy_name(self, request: Request) -> str:
         """The request's own policy, or the configured default."""
         return request.policy or self.config.policy
 
     def prunes_visual(self, request: Request) -> bool:
-        """Whether the request's plan may prune visual tokens (then `prepare` decomposes images).
-
-        Asked before the encode; a policy that prunes only under a binding budget compares the
-        budget with an upper estimate of keeping every visual token (`runtime/image_costs.py`).
-        """
-        keep_all_j = self.image_costs.keep_all_bound_j(
-            request,
-            self.predictor,
-            max(self.config.min_output_tokens, self.config.answer_floor_tokens),
-            self.learner.plan_margin.value(),
-        )
-        return policy_instance(self.policy_name(request)).prunes(request, keep_all_j)
+        """Whether the request's plan may prune visual tokens (then `prepare` decomposes images)."""
+        return policy_instance(self.policy_name(request)).prunes(request)
 
     def context(self, prepared: PreparedRequest) -> PlanContext:
         """The planning context for `prepared` now."""
@@ -78,7 +66,6 @@ class Scheduler:
             BudgetTooSmall: The budget is below the feasibility rule's minimum (carries `min_j`).
 
         """
-        self.image_costs.observe(prepared)
         policy = policy_instance(self.policy_name(prepared.request))
         try:
             return policy.plan(prepared, self.context(prepared))

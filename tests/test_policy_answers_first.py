@@ -51,21 +51,17 @@ def test_without_a_budget_every_visual_token_and_the_usual_cap() -> None:
     out = plan(p, ctx())
     assert out.visual_keep == (64, 32) and out.max_new_tokens == CFG.default_max_tokens
     assert plan(p, ctx(max_tokens=5)).max_new_tokens == 5
-    # The minimum stated for reference is the feasibility rule at the per-image floor.
-    floors = min(64, CFG.visual_floor_tokens) + min(32, CFG.visual_floor_tokens)
-    assert out.min_j == pytest.approx(
-        (PRED.predict(20, floors, CFG.min_output_tokens).total_j) * MARGIN, abs=2e-6
-    )
+    # No minimum is stated without a budget: this encode skipped the decomposition that a
+    # budgeted request's smallest plan needs.
+    assert out.min_j is None
 
 
-def test_only_a_budget_that_may_bind_makes_it_prune() -> None:
-    # Asked before the encode: without a budget, or with one above the keep-all estimate, the
-    # images are not decomposed (and go natively on vLLM); below it, steps 2-4 may prune.
+def test_only_a_budget_makes_it_prune() -> None:
+    # Asked before the encode: without a budget the images are not decomposed (and go natively
+    # on vLLM); with one, steps 2-4 may prune.
     policy = policy_instance("answers_first")
     assert policy.prunes(prepared().request) is False
-    assert policy.prunes(prepared(energy_budget_j=2.0).request) is True  # no estimate: may bind
-    assert policy.prunes(prepared(energy_budget_j=2.0).request, keep_all_j=1.5) is False
-    assert policy.prunes(prepared(energy_budget_j=2.0).request, keep_all_j=2.5) is True
+    assert policy.prunes(prepared(energy_budget_j=2.0).request) is True
     assert policy_instance("joint").prunes(prepared().request) is True  # tau prunes without one
     assert policy_instance("output_budget").prunes(prepared(energy_budget_j=2.0).request) is False
 
@@ -136,15 +132,3 @@ def test_an_answer_floor_buys_output_with_visual_tokens() -> None:
 def test_config_rejects_a_zero_answer_floor() -> None:
     with pytest.raises(ValueError, match="answer_floor_tokens"):
         SchedulerConfig(answer_floor_tokens=0)
-
-
-def test_without_features_nothing_is_pruned_and_the_minimum_keeps_every_token() -> None:
-    # vLLM's native path: the estimate said the budget pays for every visual token, so the images
-    # were not encoded in joulecap. If it binds after all, the answer is shortened, never pruned.
-    p = replace(prepared(visual=(64,)), features=())
-    budget = PRED.predict(20, 64, 3).total_j * MARGIN
-    out = plan(p, ctx(budget=budget))
-    assert out.visual_keep == (64,) and out.max_new_tokens >= 1 and out.predicted_j <= budget
-    with pytest.raises(BudgetTooSmall) as err:
-        plan(p, ctx(budget=1.0))
-    assert err.value.min_j == pytest.approx(PRED.predict(20, 64, 1).total_j * MARGIN, abs=2e-6)
