@@ -131,9 +131,8 @@ class Learner:
         self.margin = RobustOvershoot(
             config.feasibility_margin, config.feasibility_margin_max, z=config.feasibility_z
         )
-        self.plan_margin = RobustOvershoot(
-            config.feasibility_margin, config.feasibility_margin_max, z=config.planning_z
-        )
+        # The same errors read further into their tail: derived, not learned twice.
+        self.plan_margin = self.margin.at(config.planning_z)
         self.first_step = RobustOvershoot(0.0, FIRST_STEP_PREMIUM_CAP)
         self._last_active_s: float | None = None
         self._lock = threading.Lock()
@@ -164,7 +163,6 @@ class Learner:
         if not warm or outcome.output_tokens == 0:
             return
         self.margin.observe(first, energy.prefill_j)
-        self.plan_margin.observe(first, energy.prefill_j)
         if outcome.first_step is not None:
             self.first_step.observe(*outcome.first_step)
 

@@ -58,7 +58,8 @@ class RobustOvershoot:
         self._overshoot: deque[float] = deque(maxlen=window)
         self._lock = threading.Lock()
         # Recomputed when a run is observed, not on every plan: planning is the hot path.
-        self._value = floor
+        # (median, robust sigma) of the window, replaced whole so a reader never mixes two fits.
+        self._fit: tuple[float, float] | None = None
 
     def observe(self, predicted_j: float, measured_j: float) -> None:
         """Record one warm run's predicted and measured energy (ignored unless both are positive)."""
@@ -71,15 +72,46 @@ class RobustOvershoot:
             if len(self._overshoot) >= self.min_samples:
                 x = np.fromiter(self._overshoot, float)
                 median = float(np.median(x))
-                sigma = MAD_TO_SIGMA * float(np.median(np.abs(x - median)))
-                self._value = min(self.cap, max(LOWEST, median + max(self.floor, self.z * sigma)))
+                self._fit = (median, MAD_TO_SIGMA * float(np.median(np.abs(x - median))))
 
     def value(self) -> float:
         """The current estimate."""
-        return self._value
+        return self.value_at(self.z)
 
-    def stats(self) -> dict[str, float | int]:
+    def value_at(self, z: float) -> float:
+        """The estimate with `z` robust sigmas instead of the configured ones (same data, bounds)."""
+        fit = self._fit
+        if fit is None:
+            return self.floor
+        median, sigma = fit
+        return min(self.cap, max(LOWEST, median + max(self.floor, z * sigma)))
+
+    def at(self, z: float) -> OvershootAt:
+        """A read-only view of this estimate at `z` robust sigmas (e.g. the planning margin)."""
+        return OvershootAt(self, z)
+
+    def stats(self, z: float | None = None) -> dict[str, float | int]:
         """Observations held and the current value (for the profile endpoint and benchmarks)."""
+        z = self.z if z is None else z
         with self._lock:
             n = len(self._overshoot)
-        return {"value": self.value(), "samples": n, "floor": self.floor, "cap": self.cap, "z": self.z}
+        return {"value": self.value_at(z), "samples": n, "floor": self.floor, "cap": self.cap, "z": z}
+
+
+class OvershootAt:
+    """The same robust estimate read further into (or nearer) the error's tail: `value_at(z)`.
+
+    It holds no observations of its own: what its source learns, it reports.
+    """
+
+    def __init__(self, source: RobustOvershoot, z: float) -> None:
+        self.source = source
+        self.z = z
+
+    def value(self) -> float:
+        """The source's estimate at this view's `z`."""
+        return self.source.value_at(self.z)
+
+    def stats(self) -> dict[str, float | int]:
+        """As `RobustOvershoot.stats`, at this view's `z`."""
+        return self.source.stats(self.z)

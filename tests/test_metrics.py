@@ -119,8 +119,7 @@ def test_set_learning_publishes_the_predictor_and_the_margins() -> None:
     assert ("joulecap_predictor_mape", model) not in s  # no prediction scored yet
     pred.update(20, 30, 10, 3.0)  # predicted 2.5 J: 1/6 off
     for over in (1.3, 1.5, 1.5, 1.5, 1.7):
-        learner.margin.observe(1.0, over)
-        learner.plan_margin.observe(1.0, over)
+        learner.margin.observe(1.0, over)  # the planning margin reads the same observations
         learner.first_step.observe(0.1, 0.2)
     m.set_learning("m1", pred, learner)
     s = samples(m)
