@@ -229,49 +229,18 @@ def step_nvml_energy(ctx: Context) -> dict[str, Any]:
 def build_realistic_idefics3(out_dir: Path, *, seed: int = 0) -> Path:
     """A SmolVLM-256M-shaped Idefics3 with random weights, built locally (no download).
 
-    SigLIP-B/16 vision tower (768 wide, 12 layers) on 512 px images, scale factor 4 (64 visual
-    tokens per image), a SmolLM-135M-sized language model (576 wide, 30 layers, 9 heads, 3 KV
-    heads); the tiny model's tokenizer and chat template. About 0.23 B parameters.
+    The `smolvlm-256m` shape of `joulecap.runtime.shapes` (SigLIP-B/16 on 512 px tiles, scale
+    factor 4, the SmolLM2-135M language model; about 0.26 B parameters), with the processor held
+    to one 512 px tile per image: 64 visual tokens, so the GPU check's requests stay short.
     """
-    import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+    from transformers import AutoProcessor
 
-    from joulecap.runtime.tiny_models import build_tiny_model
+    from joulecap.runtime.shapes import build_shape_model
 
-    path = build_tiny_model("idefics3", out_dir, seed=seed)
-    config = AutoConfig.from_pretrained(path)
-    vision = {
-        "hidden_size": 768,
-        "intermediate_size": 3072,
-        "num_hidden_layers": 12,
-        "num_attention_heads": 12,
-        "image_size": 512,
-        "patch_size": 16,
-    }
-    text = {
-        "hidden_size": 576,
-        "intermediate_size": 1536,
-        "num_hidden_layers": 30,
-        "num_attention_heads": 9,
-        "num_key_value_heads": 3,
-        "head_dim": 64,
-        "max_position_embeddings": 8192,
-    }
-    for k, v in vision.items():
-        setattr(config.vision_config, k, v)
-    for k, v in text.items():
-        setattr(config.text_config, k, v)
-    config.scale_factor = 4
+    path = build_shape_model("smolvlm-256m", out_dir, seed=seed)
     processor = AutoProcessor.from_pretrained(path)
     processor.image_processor.size = {"longest_edge": 512}
     processor.image_processor.max_image_size = {"longest_edge": 512}
-    processor.image_seq_len = (512 // 16) ** 2 // 4**2
-    processor.tokenizer.model_max_length = 8192
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForImageTextToText.from_config(config)
-    model.generation_config = GenerationConfig.from_pretrained(path)
-    model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
 

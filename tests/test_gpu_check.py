@@ -139,7 +139,7 @@ def test_makefile_has_the_target() -> None:
 
 @pytest.mark.slow
 def test_realistic_model_is_consistent(tmp_path: Path) -> None:
-    """The SmolVLM-256M-shaped model: ~0.23 B parameters, 64 visual tokens per image, and its vision
+    """The SmolVLM-256M-shaped model: ~0.26 B parameters, 64 visual tokens per image, and its vision
     tower's features fill exactly the processor's placeholders (one CPU encode)."""
     from PIL import Image
 
