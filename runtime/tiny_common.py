@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 MARKER = "joulecap.json"
-"""Marker file written beside the weights (same name as `joulecap.runtime.tiny_models.MARKER`)."""
+"""Marker file written beside the weights of a built model: `{"random_weights": true, ...}` with the
+builder's facts (`arch` and `seed` for the tiny models, the `shape` for realistic-shape ones)."""
 
 
 def byte_tokenizer(
@@ -100,16 +101,32 @@ def save_built(
         The model directory.
 
     """
-    from transformers.utils import logging as hf_logging
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tok = processor.tokenizer
     model.generation_config.eos_token_id = [int(tok.convert_tokens_to_ids(t)) for t in stop_tokens]
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.bos_token_id = tok.bos_token_id
+    return write_built(model, processor, out_dir, marker)
+
+
+def write_built(model: Any, processor: Any, out_dir: Path | str, marker: Mapping[str, Any]) -> Path:
+    """`save_pretrained` the model and processor as they are, then the random-weights marker.
+
+    Args:
+        model: The built model, its generation config already set.
+        processor: Its processor.
+        out_dir: Directory to write (created).
+        marker: Facts for `joulecap.json` (`random_weights` is always true).
+
+    Returns:
+        The model directory.
+
+    """
+    from transformers.utils import logging as hf_logging
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # a sub-second write needs no progress bar in server logs
     try:
         model.save_pretrained(out)
         processor.save_pretrained(out)

@@ -13,13 +13,14 @@ random Idefics3 demo built once (atomically) into the cache.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
+
+from joulecap.runtime.tiny_common import MARKER, write_built
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +32,6 @@ SAVING_BUILDERS: dict[str, str] = {
 }
 """Families whose tiny builder lives in its own module and saves the model itself, with its own
 tokenizer: `module:function` taking `(out_dir, seed)` (imported on first use)."""
-
-MARKER = "joulecap.json"
-"""Marker file written beside the weights: `{"random_weights": true, "arch": ..., "seed": ...}`."""
 
 PACKAGED_DEMO = Path(__file__).parent / "data" / "tinyvqa"
 """Where the trained TinyVQA demo model is packaged (when it has been trained)."""
@@ -272,20 +270,7 @@ def build_tiny_model(arch: Arch, out_dir: Path | str, *, seed: int = 0) -> Path:
             model.generation_config.eos_token_id = _stop_ids(tokenizer)
             model.generation_config.pad_token_id = tokenizer.pad_token_id
             model.generation_config.bos_token_id = tokenizer.convert_tokens_to_ids(IM_START)
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a sub-second write needs no progress bar in server logs
-    try:
-        model.save_pretrained(out)
-        processor.save_pretrained(out)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-    (out / MARKER).write_text(
-        json.dumps({"random_weights": True, "arch": arch, "seed": seed}, indent=2) + "\n"
-    )
-    return out
+    return write_built(model, processor, out, {"arch": arch, "seed": seed})
 
 
 def demo_model_path(cache_dir: Path | str) -> Path:

@@ -25,7 +25,12 @@ CORE = (
     "joulecap.runtime.paths",
 )
 ENERGY = ("joulecap.runtime.energy",)
-ENGINES = ("joulecap.runtime.engines", "joulecap.runtime.tiny_models", "joulecap.runtime.tiny_families")
+ENGINES = (
+    "joulecap.runtime.engines",
+    "joulecap.runtime.tiny_models",
+    "joulecap.runtime.tiny_families",
+    "joulecap.runtime.tiny_common",
+)
 POLICIES = ("joulecap.policies",)
 API = ("joulecap.runtime.api",)
 CLI = ("joulecap.runtime.cli",)
