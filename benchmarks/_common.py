@@ -41,8 +41,13 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_info() -> dict[str, Any]:
-    """Facts about the machine a benchmark ran on (stored with every result)."""
+def machine_info(label: str | None = None) -> dict[str, Any]:
+    """Facts about the machine a benchmark ran on (stored with every result).
+
+    Args:
+        label: The machine's name as the caller gives it (`--machine`); None: the detected one.
+
+    """
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU available"
@@ -54,7 +59,7 @@ def machine_info() -> dict[str, Any]:
         "gpu": gpu,
         "python": sys.version.split()[0],
         "torch": torch.__version__,
-        "label": f"{os.cpu_count()}-core CPU ({cpu_model()}), {gpu}",
+        "label": label or f"{os.cpu_count()}-core CPU ({cpu_model()}), {gpu}",
         # Timing-based figures suffer when other jobs share the CPU: keep the evidence with them.
         "load_avg_1_5_15": load_avg(),
     }

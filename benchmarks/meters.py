@@ -204,9 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         lat = latencies(Path(tmp))
     gpu = nvml_counter_vs_polled((2.0, 5.0, 10.0))
 
-    machine = common.machine_info()
-    if args.machine:
-        machine["label"] = args.machine
+    machine = common.machine_info(args.machine)
     result = {
         "benchmark": "meters",
         **record.fields(machine),

@@ -160,9 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     keys = bench_keys(args.calls)
     power = bench_power_state(args.calls)
     ledger = bench_ledger(args.rows)
-    machine = common.machine_info()
-    if args.machine:
-        machine["label"] = args.machine
+    machine = common.machine_info(args.machine)
     result = {
         "benchmark": "operations",
         **record.fields(machine),

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import json
 import statistics
 import sys
 import tempfile
@@ -180,8 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record.stamp(result), indent=2) + "\n")
+    common.write_json(out, record.stamp(result))
     print(f"wrote {out}")
     return 0
 
