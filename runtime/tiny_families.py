@@ -132,6 +132,16 @@ def _qwen_generation(model: Any, tokenizer: Any) -> None:
     model.generation_config.bos_token_id = pad
 
 
+QWEN2_IMAGE: dict[str, int] = {
+    "min_pixels": 56 * 56,  # released value
+    "max_pixels": 28 * 28 * 128,  # released: 28 * 28 * 16384
+    "patch_size": 14,
+    "merge_size": 2,
+    "temporal_patch_size": 2,
+}
+"""Image processor settings Qwen2-VL and Qwen2.5-VL share (patch 14, 2x2 merge)."""
+
+
 def build_qwen2_vl() -> tuple[Any, Any]:
     """Qwen2-VL: ViT with 2-D rotary patches (patch 14), 2x2 patch merger, M-RoPE LM."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
@@ -154,16 +164,7 @@ def build_qwen2_vl() -> tuple[Any, Any]:
     )
     model = Qwen2VLForConditionalGeneration(config)
     _qwen_generation(model, tokenizer)
-    processor = _qwen_processor(
-        "Qwen2VLProcessor",
-        tokenizer,
-        QWEN2_VL_TEMPLATE,
-        min_pixels=56 * 56,  # released value
-        max_pixels=28 * 28 * 128,  # released: 28 * 28 * 16384
-        patch_size=14,
-        merge_size=2,
-        temporal_patch_size=2,
-    )
+    processor = _qwen_processor("Qwen2VLProcessor", tokenizer, QWEN2_VL_TEMPLATE, **QWEN2_IMAGE)
     return model, processor
 
 
@@ -191,16 +192,7 @@ def build_qwen2_5_vl() -> tuple[Any, Any]:
     )
     model = Qwen2_5_VLForConditionalGeneration(config)
     _qwen_generation(model, tokenizer)
-    processor = _qwen_processor(
-        "Qwen2_5_VLProcessor",
-        tokenizer,
-        QWEN2_VL_TEMPLATE,
-        min_pixels=56 * 56,
-        max_pixels=28 * 28 * 128,
-        patch_size=14,
-        merge_size=2,
-        temporal_patch_size=2,
-    )
+    processor = _qwen_processor("Qwen2_5_VLProcessor", tokenizer, QWEN2_VL_TEMPLATE, **QWEN2_IMAGE)
     return model, processor
 
 
