@@ -11,7 +11,7 @@ from _factories import make_config
 from PIL import Image
 
 from joulecap.kernels import spectral_budget
-from joulecap.runtime.types import ImagePart, Plan, PreparedRequest, Request
+from joulecap.runtime.types import ChatMessage, ImagePart, Plan, PreparedRequest, Request, TextPart
 
 
 def plain_plan(prepared: PreparedRequest, keep: tuple[int, ...] | None = None, max_new: int = 10) -> Plan:
@@ -34,6 +34,31 @@ def processor_inputs(processor: Any, request: Request) -> Any:
     ]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return processor(text=[text], images=list(request.images) or None, return_tensors="pt")
+
+
+def family_engine(arch: str, work: Path) -> Iterator[Any]:
+    """A transformers engine over the tiny `arch` model, built under `work` (seed 0)."""
+    from joulecap.runtime.engines.config import EngineConfig
+    from joulecap.runtime.engines.transformers_engine import TransformersEngine
+    from joulecap.runtime.tiny_models import build_tiny_model
+
+    path = build_tiny_model(arch, work / arch, seed=0)
+    eng = TransformersEngine(EngineConfig(model=str(path), device="cpu"))
+    yield eng
+    eng.close()
+
+
+def images_request(
+    pool: Sequence[Image.Image], n_images: int = 2, text: str = "What is in the picture?", **kw: Any
+) -> Request:
+    """One user message: `n_images` image parts, then `text`.
+
+    The images are the first `n_images` of `pool` unless `kw` names `images`; `kw` holds any other
+    `Request` fields.
+    """
+    parts: tuple[TextPart | ImagePart, ...] = (*(ImagePart(i) for i in range(n_images)), TextPart(text))
+    images = kw.pop("images", tuple(pool[:n_images]))
+    return Request("chatcmpl-test", (ChatMessage("user", parts),), images=images, **kw)
 
 
 def family_runtime(model_dir: Path, work: Path) -> Iterator[Any]:

@@ -19,7 +19,9 @@ from _factories import marked_image
 from _family import (
     check_eadaprune_budgets_each_image,
     check_serves_joint_over_http,
+    family_engine,
     family_runtime,
+    images_request,
     plain_plan,
     processor_inputs,
     served,
@@ -34,7 +36,7 @@ from joulecap.runtime.engines.config import EngineConfig
 from joulecap.runtime.engines.transformers_engine import TransformersEngine
 from joulecap.runtime.errors import InvalidRequest
 from joulecap.runtime.tiny_models import build_tiny_model
-from joulecap.runtime.types import ChatMessage, ImagePart, Request, TextPart
+from joulecap.runtime.types import Request
 
 ARCHS = ["gemma3", "internvl"]
 # Different sizes and aspect ratios: the same 256 tokens each for Gemma-3, different tile counts
@@ -44,16 +46,11 @@ IMAGES = (marked_image((200, 30, 30), (64, 64)), marked_image((20, 40, 220), (64
 
 @pytest.fixture(scope="module", params=ARCHS)
 def engine(request: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TransformersEngine]:
-    path = build_tiny_model(request.param, tmp_path_factory.mktemp("models") / request.param, seed=0)
-    eng = TransformersEngine(EngineConfig(model=str(path), device="cpu"))
-    yield eng
-    eng.close()
+    yield from family_engine(request.param, tmp_path_factory.mktemp("models"))
 
 
 def _request(n_images: int = 2, text: str = "What is in the picture?", **kw: Any) -> Request:
-    parts: tuple[TextPart | ImagePart, ...] = (*(ImagePart(i) for i in range(n_images)), TextPart(text))
-    images = kw.pop("images", IMAGES[:n_images])
-    return Request("chatcmpl-test", (ChatMessage("user", parts),), images=images, **kw)
+    return images_request(IMAGES, n_images, text, **kw)
 
 
 # ---------------------------------------------------------------------------------------- (a)

@@ -23,7 +23,9 @@ from _factories import marked_image
 from _family import (
     check_eadaprune_budgets_each_image,
     check_serves_joint_over_http,
+    family_engine,
     family_runtime,
+    images_request,
     plain_plan,
     processor_inputs,
     served,
@@ -33,10 +35,8 @@ from PIL import Image
 from joulecap.kernels import select_tokens
 from joulecap.runtime.engines.adapters import cache_kwarg, get_adapter, keep_mask, output_cache
 from joulecap.runtime.engines.base import RunHooks
-from joulecap.runtime.engines.config import EngineConfig
 from joulecap.runtime.engines.transformers_engine import TransformersEngine
 from joulecap.runtime.errors import InvalidRequest
-from joulecap.runtime.tiny_models import build_tiny_model
 from joulecap.runtime.types import ChatMessage, ImagePart, Plan, Request, TextPart
 
 ARCHS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
@@ -46,15 +46,11 @@ IMAGES = (marked_image((200, 30, 30), (224, 168)), marked_image((20, 40, 220), (
 
 @pytest.fixture(scope="module", params=ARCHS)
 def engine(request: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TransformersEngine]:
-    path = build_tiny_model(request.param, tmp_path_factory.mktemp("models") / request.param, seed=0)
-    eng = TransformersEngine(EngineConfig(model=str(path), device="cpu"))
-    yield eng
-    eng.close()
+    yield from family_engine(request.param, tmp_path_factory.mktemp("models"))
 
 
 def _request(n_images: int = 2, text: str = "What is in the picture?") -> Request:
-    parts: tuple[TextPart | ImagePart, ...] = (*(ImagePart(i) for i in range(n_images)), TextPart(text))
-    return Request("chatcmpl-test", (ChatMessage("user", parts),), images=IMAGES[:n_images])
+    return images_request(IMAGES, n_images, text)
 
 
 # ---------------------------------------------------------------------------------------- (a)
