@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 from _factories import marked_image
+from _family import processor_inputs
 
 from joulecap.kernels import select_tokens
 from joulecap.runtime.brevity import brevity_hint
@@ -61,21 +62,9 @@ def _plan(
 
 def _hf_generate(engine: TransformersEngine, request: Request, max_new: int) -> list[int]:
     """transformers' own pixel_values path: processor(...) then model.generate, greedy."""
-    processor, model = engine.processor, engine.model
-    messages = [
-        {
-            "role": m.role,
-            "content": [
-                {"type": "image"} if isinstance(p, ImagePart) else {"type": "text", "text": p.text}
-                for p in m.parts
-            ],
-        }
-        for m in request.messages
-    ]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    inputs = processor(text=[text], images=list(request.images) or None, return_tensors="pt")
+    inputs = processor_inputs(engine.processor, request)
     with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=max_new, do_sample=False)
+        out = engine.model.generate(**inputs, max_new_tokens=max_new, do_sample=False)
     return [int(t) for t in out[0, inputs["input_ids"].shape[1] :]]
 
 
