@@ -372,7 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from joulecap.policies import available_policies
-    from joulecap.runtime.calibrate import QUICK, SweepSpec, calibrate, encode_rate, format_table
+    from joulecap.runtime.calibrate import calibrate
+    from joulecap.runtime.calibrate_fit import encode_rate, format_table
+    from joulecap.runtime.calibrate_sweep import QUICK, SweepSpec
     from joulecap.runtime.runtime import Runtime
 
     if args.torch_threads > 0:

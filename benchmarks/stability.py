@@ -103,7 +103,8 @@ def loops() -> dict[str, Callable[[], object]]:
 
 def model_runs(reps: int, sample_hz: float) -> dict[str, Any]:
     """Energy and CPU time of one fixed request repeated `reps` times through the runtime."""
-    from joulecap.runtime.calibrate import SweepPoint, forced_length, make_request, run_measured
+    from joulecap.runtime.calibrate import forced_length, run_measured
+    from joulecap.runtime.calibrate_sweep import SweepPoint, make_request
     from joulecap.runtime.runtime import Runtime
     from joulecap.runtime.types import Plan
 

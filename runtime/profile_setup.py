@@ -15,8 +15,9 @@ import logging
 import time
 from dataclasses import dataclass
 
-from joulecap.runtime.calibrate import QUICK, calibrate_and_save
+from joulecap.runtime.calibrate import calibrate_and_save
 from joulecap.runtime.calibrate_config import CalibrationConfig
+from joulecap.runtime.calibrate_sweep import QUICK
 from joulecap.runtime.energy.monitor import EnergyMonitor
 from joulecap.runtime.engines.base import Engine
 from joulecap.runtime.learning import LearningConfig

@@ -13,16 +13,9 @@ from typing import Any
 
 import pytest
 
-from joulecap.runtime.calibrate import (
-    Calibration,
-    Sample,
-    SweepSpec,
-    calibrate,
-    fit_samples,
-    format_table,
-    read_checkpoint,
-    sweep_header,
-)
+from joulecap.runtime.calibrate import calibrate, read_checkpoint, sweep_header
+from joulecap.runtime.calibrate_fit import Calibration, fit_samples, format_table
+from joulecap.runtime.calibrate_sweep import Sample, SweepSpec
 from joulecap.runtime.config import JoulecapConfig
 from joulecap.runtime.energy.factory import create_meter
 from joulecap.runtime.energy.monitor import EnergyMonitor

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from joulecap.runtime.calibrate import SweepPoint, make_request
+from joulecap.runtime.calibrate_sweep import SweepPoint, make_request
 from joulecap.runtime.errors import BudgetTooSmall, InvalidRequest, Overloaded
 from joulecap.runtime.runtime import Runtime
 
