@@ -9,8 +9,12 @@ Timed, per image, side by side with the yardstick (one fp32 Gram product `X X^T`
 features, timed in the same repeat so both see the same load), for N x D in {576x1024, 576x4096,
 729x1152, 1024x1536}, fp32, batch 1 and 64, at tau 0.99 (`--tau`):
 
-- `exact`: the default PyTorch path, `spectral_budget(impl="torch")`: fp32 Gram eigenvalues with a
-  float64 re-check near ties (`joulecap.kernels.certified`).
+- `exact`: the default CPU path, `spectral_budget(impl="torch")`: fp32 Gram eigenvalues with a
+  float64 re-check near ties (`joulecap.kernels.certified`), solved by NumPy's bundled OpenBLAS
+  (`ssyrk` + `ssyevd`, `joulecap.kernels.native_lapack`) where it loads.
+- `exact-torch-solver`: the same rule with PyTorch's own (MKL) products and `eigvalsh`, the path
+  taken where that library is missing.
+- `syrk-only`: OpenBLAS' symmetric product alone (the Gram share of `exact`; not a budget).
 - `randomized`: the bracketed sketch (used above a short side of 2048).
 - `svdvals`: fp32 `torch.linalg.svdvals` (one image).
 - `exact+select`: the budget plus leverage selection (a request whose engine passed no basis).
@@ -46,7 +50,7 @@ import numpy as np
 import torch
 
 from benchmarks._common import RunRecord, machine_info
-from joulecap.kernels import select_tokens, spectral_budget
+from joulecap.kernels import native_lapack, select_tokens, spectral_budget
 from joulecap.kernels.dispatch import triton_available
 from joulecap.kernels.randomized import randomized_budget
 from joulecap.kernels.reference import FLOAT64_SLACK, reference_budget
@@ -110,6 +114,23 @@ def budget_exact(x: torch.Tensor, tau: float, k_min: int) -> list[int]:
     return [int(k) for k in spectral_budget(x, tau, k_min=k_min, impl="torch").reshape(-1)]
 
 
+def budget_exact_torch_solver(x: torch.Tensor, tau: float, k_min: int) -> list[int]:
+    """The same exact rule solved with PyTorch's (MKL) Gram product and `eigvalsh`."""
+    from joulecap.kernels.certified import certified_budget
+
+    n = x.shape[1]
+    return certified_budget(x.float(), tau, min(k_min, n), n, solver="torch").budget.tolist()
+
+
+def syrk_only(x: torch.Tensor, tau: float, k_min: int) -> list[int]:
+    """OpenBLAS' `ssyrk` alone, no eigenvalues: how much of `exact` the Gram product is."""
+    from joulecap.kernels import native_lapack
+
+    for xi in x:
+        native_lapack.gram(xi.float().contiguous().numpy())
+    return [min(k_min, x.shape[1])] * x.shape[0]
+
+
 def budget_randomized(x: torch.Tensor, tau: float, k_min: int) -> list[int]:
     """The bracketed randomized sketch (the path above a short side of 2048)."""
     return randomized_budget(x.float(), tau, k_min, x.shape[1]).budget.tolist()
@@ -134,11 +155,15 @@ def budget_and_select(x: torch.Tensor, tau: float, k_min: int) -> list[int]:
 
 METHODS: dict[str, Callable[[torch.Tensor, float, int], list[int]]] = {
     "exact": budget_exact,
+    "exact-torch-solver": budget_exact_torch_solver,
+    "syrk-only": syrk_only,
     "randomized": budget_randomized,
     "svdvals": budget_svdvals,
     "exact+select": budget_and_select,
 }
 SLOW = ("svdvals",)
+NOT_A_BUDGET = ("syrk-only",)
+"""Timed for the breakdown; its k is not a budget and is not compared with float64."""
 """Timed on one image only on CPU (no batching gain; seconds per batch)."""
 
 
@@ -212,6 +237,7 @@ def agreement(x: torch.Tensor, taus: tuple[float, ...], k_min: int) -> list[dict
         lo = min(k_min, n)
         ref = budget_from_energies(energies, totals, tau, lo, n, slack=FLOAT64_SLACK)
         res = certified_budget(x, tau, lo, n)
+        mkl = certified_budget(x, tau, lo, n, solver="torch")
         rnd = torch.tensor(budget_randomized(x, tau, k_min))
         rows.append(
             {
@@ -220,6 +246,7 @@ def agreement(x: torch.Tensor, taus: tuple[float, ...], k_min: int) -> list[dict
                 "k_mean": round(float(ref.double().mean()), 1),
                 "exact_mismatches": int((res.budget != ref).sum()),
                 "exact_rechecked_in_float64": int(res.rechecked.sum()),
+                "exact_torch_solver_mismatches": int((mkl.budget != ref).sum()),
                 "randomized_mismatches": int((rnd != ref).sum()),
             }
         )
@@ -259,7 +286,11 @@ def bench(quick: bool, tau: float) -> dict[str, Any]:
                 row: dict[str, Any] = {"n": n, "d": d, "dtype": "float32", "batch": batch, "method": name}
                 row.update(r)
                 row["k_mean"] = round(float(np.mean(ks)), 1)
-                row["k_mismatch_vs_float64"] = sum(int(a != b) for a, b in zip(ks, ref_k, strict=False))
+                row["k_mismatch_vs_float64"] = (
+                    None
+                    if name in NOT_A_BUDGET
+                    else sum(int(a != b) for a, b in zip(ks, ref_k, strict=False))
+                )
                 rows.append(row)
                 print(_fmt(row), flush=True)
     cuda = torch.cuda.is_available() and triton_available()
@@ -288,6 +319,8 @@ def bench(quick: bool, tau: float) -> dict[str, Any]:
         "gpu_note": triton_row,
         "tau": tau,
         "k_min": k_min,
+        "yardstick": "PyTorch `a @ a.T` in fp32 per image (a full GEMM through PyTorch's MKL)",
+        "openblas_library": native_lapack.library_path(),
         "features": "bundled scikit-image photos -> patch pixels -> fixed random GELU MLP (see module doc)",
         "targets": {
             "576x4096_fp32_batch1_ratio_to_gram_max": 1.5,
@@ -299,6 +332,9 @@ def bench(quick: bool, tau: float) -> dict[str, Any]:
             "576x4096_fp32_batch64_ratio_to_gram": target.get(64),
             "exact_mismatches_vs_float64": sum(
                 a["exact_mismatches"] for ag in exactness.values() for a in ag
+            ),
+            "exact_torch_solver_mismatches_vs_float64": sum(
+                a["exact_torch_solver_mismatches"] for ag in exactness.values() for a in ag
             ),
             "fp32_error_over_bound_max": round(margin, 4),
         },
@@ -316,7 +352,7 @@ def _fmt(row: dict[str, Any]) -> str:
         f"{shape:>10} b{row['batch']:<3} {row['method']:>13} {row['per_image_ms']:9.2f} ms "
         f"gram {row['gram_per_image_ms']:7.2f} ms  ratio {row['ratio_to_gram']:5.2f} "
         f"[{row['ratio_to_gram_min']:.2f}-{row['ratio_to_gram_max']:.2f}]  k~{row['k_mean']:<6} "
-        f"mism {row['k_mismatch_vs_float64']}"
+        f"mism {row['k_mismatch_vs_float64'] if row['k_mismatch_vs_float64'] is not None else '-'}"
     )
 
 

@@ -18,9 +18,17 @@ The bound is a rounding model with a safety factor, not a worst-case proof; its 
 in `benchmarks/kernels.py` (largest observed error over the bound) and the float64 agreement is
 checked there and in the tests on the benchmark's images and on slowly decaying spectra.
 
-Cost on the 2-core CPU at 576 x 4096 fp32 (one thread): the Gram product in `GRAM_BLOCKS` row
-blocks of the upper triangle (~0.7x of one full `X @ X.T`, the same flops as a symmetric rank-k
-update) plus an fp32 `eigvalsh` of 576 x 576 (~0.5x): see `benchmarks/results/kernels_cpu.json`.
+Two solvers compute the same fp32 quantities (`SOLVERS`):
+
+- `openblas` (the default where `native_lapack.is_available()`): one `ssyrk` (the symmetric
+  product, half the flops of `X @ X.T`) and `ssyevd` from NumPy's bundled OpenBLAS. At 576 x 4096
+  fp32 on the project's 2-core AMD EPYC CPU, one thread: about 0.5x + 0.4x of PyTorch's
+  `X @ X.T`.
+- `torch`: the Gram product in `GRAM_BLOCKS` row blocks of the upper triangle (~0.7x of one full
+  `X @ X.T`) plus PyTorch's (MKL) fp32 `eigvalsh` of 576 x 576 (~0.5-0.6x). It runs where the
+  OpenBLAS library is missing and on non-CPU tensors.
+
+See `benchmarks/results/kernels_cpu.json` for both, timed side by side with the Gram product.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from joulecap.kernels import native_lapack
 from joulecap.kernels.reference import FLOAT64_SLACK, budget_from_energies, sum_squares
 
 U32 = 2.0**-24
@@ -37,6 +46,8 @@ BOUND_SAFETY = 2.0
 """Safety factor over the rounding model (observed errors are recorded by the kernel benchmark)."""
 GRAM_BLOCKS = 4
 """Row blocks of the triangular Gram product: 4 measured fastest on this CPU (6 and 8 tie)."""
+SOLVERS = ("auto", "openblas", "torch")
+"""`auto`: `openblas` for CPU tensors where NumPy's bundled OpenBLAS loads, else `torch`."""
 MAX_SHORT_SIDE = 2048
 """Above this short side the eigensolver (cubic) costs more than a sketch; the randomized path runs."""
 
@@ -82,29 +93,67 @@ def energy_bound_rel(n_tokens: int, dim: int) -> float:
     return BOUND_SAFETY * U32 * (math.sqrt(long_) + math.sqrt(short))
 
 
-def fp32_energies(a: torch.Tensor) -> torch.Tensor:
-    """Descending energies (float64 out) of one `[N, D]` image from an fp32 Gram and fp32 `eigvalsh`."""
+def resolve_solver(solver: str, device: torch.device) -> str:
+    """`openblas` or `torch` for features on `device` (see `SOLVERS`).
+
+    Raises:
+        ValueError: On an unknown solver, or `openblas` where it cannot run.
+
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    usable = device.type == "cpu" and native_lapack.is_available()
+    if solver == "openblas" and not usable:
+        raise ValueError(
+            f"solver='openblas' needs CPU tensors and NumPy's bundled OpenBLAS (device {device.type}, "
+            f"library found: {native_lapack.is_available()})"
+        )
+    if solver == "auto":
+        return "openblas" if usable else "torch"
+    return solver
+
+
+def _gram_eigenvalues(short_side: torch.Tensor, solver: str) -> torch.Tensor:
+    """Ascending eigenvalues of `S S^T` in the dtype of `short_side` (`[m, n]`, m <= n)."""
+    if solver == "openblas":
+        return torch.from_numpy(native_lapack.gram_eigenvalues(short_side.detach().contiguous().numpy()))
+    return torch.linalg.eigvalsh(
+        gram(short_side) if short_side.dtype == torch.float32 else short_side @ short_side.T
+    )
+
+
+def fp32_energies(a: torch.Tensor, solver: str = "auto") -> torch.Tensor:
+    """Descending energies (float64 out) of one `[N, D]` image from an fp32 Gram and fp32 eigenvalues."""
     a = a.float()
     short_side = a if a.shape[0] <= a.shape[1] else a.T
-    evals = torch.linalg.eigvalsh(gram(short_side))
+    evals = _gram_eigenvalues(short_side, resolve_solver(solver, a.device))
     return evals.double().flip(-1).clamp_min(0)
 
 
-def float64_budget(a: torch.Tensor, tau: float, lo: int, hi: int) -> int:
-    """The float64 rule for one `[N, D]` image: float64 Gram, float64 `eigvalsh`, float64 total."""
+def float64_budget(a: torch.Tensor, tau: float, lo: int, hi: int, solver: str = "auto") -> int:
+    """The float64 rule for one `[N, D]` image: float64 Gram, float64 eigenvalues, float64 total."""
     x = a.double()
     short_side = x if x.shape[0] <= x.shape[1] else x.T
-    e = torch.linalg.eigvalsh(short_side @ short_side.T).flip(-1).clamp_min(0)
+    e = _gram_eigenvalues(short_side, resolve_solver(solver, x.device)).flip(-1).clamp_min(0)
     total = x.square().sum().reshape(1)
     return int(budget_from_energies(e.reshape(1, -1), total, tau, lo, hi, slack=FLOAT64_SLACK)[0])
 
 
-def certified_budget(x: torch.Tensor, tau: float, lo: int, hi: int) -> CertifiedResult:
+def certified_budget(x: torch.Tensor, tau: float, lo: int, hi: int, solver: str = "auto") -> CertifiedResult:
     """Exact budgets of validated `[B, N, D]` features (see module doc).
 
-    Images run one at a time: a 2-D GEMM per image measured faster than a batched `bmm` on CPU.
+    Images run one at a time: a 2-D product per image measured faster than a batched `bmm` on CPU.
     `lo == hi` (k_min at or above the token count) decides without any decomposition.
+
+    Args:
+        x: `[B, N, D]` features.
+        tau: Energy fraction.
+        lo: Lower clamp.
+        hi: Upper clamp.
+        solver: One of `SOLVERS`; both give the float64 rule's k.
+
     """
+    solver = resolve_solver(solver, x.device)
     batch, n_tok, dim = x.shape
     out = torch.full((batch,), lo, dtype=torch.int64)
     rechecked = torch.zeros(batch, dtype=torch.bool)
@@ -117,7 +166,7 @@ def certified_budget(x: torch.Tensor, tau: float, lo: int, hi: int) -> Certified
         total = float(totals[b])
         if total <= 0:
             continue  # an all-zero image keeps lo tokens
-        cum = fp32_energies(x[b]).cumsum(-1)
+        cum = fp32_energies(x[b], solver).cumsum(-1)
         bound = bound_rel * total
         target = (tau - FLOAT64_SLACK) * total
         # The reference rule read with every cumulative energy moved by +-bound: fp32 errors up to
@@ -127,6 +176,6 @@ def certified_budget(x: torch.Tensor, tau: float, lo: int, hi: int) -> Certified
         if k_low == k_high:
             out[b] = k_low
         else:
-            out[b] = float64_budget(x[b], tau, lo, hi)
+            out[b] = float64_budget(x[b], tau, lo, hi, solver)
             rechecked[b] = True
     return CertifiedResult(out, rechecked, bound_rel)

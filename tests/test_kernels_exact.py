@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from joulecap.kernels import certified, spectral_budget
+from joulecap.kernels import certified, native_lapack, spectral_budget
 from joulecap.kernels.certified import certified_budget, energy_bound_rel, fp32_energies
 from joulecap.kernels.reference import reference_budget, reference_energies
 
@@ -21,10 +21,18 @@ def with_spectrum(s: list[float], n: int, d: int, seed: int = 0) -> torch.Tensor
 
 
 TAUS = (0.5, 0.8, 0.9, 0.95, 0.97, 0.99, 0.995, 1.0)
+OPENBLAS = pytest.param(
+    "openblas",
+    marks=pytest.mark.skipif(
+        not native_lapack.is_available(), reason="NumPy's bundled OpenBLAS is not installed here"
+    ),
+)
+SOLVERS = [OPENBLAS, "torch"]
 
 
+@pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("shape", [(200, 400), (400, 150)])
-def test_slowly_decaying_spectra_match_float64(shape: tuple[int, int]) -> None:
+def test_slowly_decaying_spectra_match_float64(shape: tuple[int, int], solver: str) -> None:
     # Singular values exp(-0.02 i): the spectrum where the sketch returned k + 1 at tau 0.9.
     n, d = shape
     s = [math.exp(-0.02 * i) for i in range(min(n, d))]
@@ -32,44 +40,51 @@ def test_slowly_decaying_spectra_match_float64(shape: tuple[int, int]) -> None:
     for tau in TAUS:
         want = reference_budget(xs.double(), tau, 1, n)
         assert torch.equal(spectral_budget(xs, tau, impl="torch"), want), tau
+        assert torch.equal(certified_budget(xs, tau, 1, n, solver=solver).budget, want), tau
         for i in range(xs.shape[0]):
             assert int(spectral_budget(xs[i], tau, impl="torch")) == int(want[i]), (tau, i)
 
 
-def test_fp32_energy_error_stays_well_inside_the_bound() -> None:
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_fp32_energy_error_stays_well_inside_the_bound(solver: str) -> None:
     s = [math.exp(-0.02 * i) for i in range(200)]
     for seed in range(3):
         x = with_spectrum(s, 200, 400, seed=seed).float()
         total = float(x.double().square().sum())
-        err = (fp32_energies(x).cumsum(-1) - reference_energies(x).cumsum(-1)).abs().max() / total
+        err = (fp32_energies(x, solver).cumsum(-1) - reference_energies(x).cumsum(-1)).abs().max() / total
         assert float(err) < 0.25 * energy_bound_rel(200, 400)
 
 
-def test_a_threshold_on_a_cumulative_energy_is_decided_in_float64() -> None:
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_a_threshold_on_a_cumulative_energy_is_decided_in_float64(solver: str) -> None:
     # Four equal singular values: tau = 0.5 puts the threshold exactly on the second cumulative
     # energy, where fp32 rounding could go either way; the float64 re-check decides, as the
     # reference does.
     x = with_spectrum([1.0, 1.0, 1.0, 1.0], 60, 90, seed=1).float()
-    res = certified_budget(x.unsqueeze(0), 0.5, 1, 60)
+    res = certified_budget(x.unsqueeze(0), 0.5, 1, 60, solver=solver)
     assert bool(res.rechecked[0])
     assert int(res.budget[0]) == int(reference_budget(x.unsqueeze(0).double(), 0.5, 1, 60)[0]) == 2
     # Far from any tie, fp32 decides alone.
     y = with_spectrum([0.7**i for i in range(30)], 60, 90).float()
-    far = certified_budget(y.unsqueeze(0), 0.9, 1, 60)
+    far = certified_budget(y.unsqueeze(0), 0.9, 1, 60, solver=solver)
     assert not bool(far.rechecked[0])
 
 
-def test_tau_one_on_a_rank_deficient_image_keeps_its_rank() -> None:
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_tau_one_on_a_rank_deficient_image_keeps_its_rank(solver: str) -> None:
     for rank in (1, 7, 40):
         x = with_spectrum([0.9**i for i in range(rank)], 120, 200, seed=rank).float()
         assert int(spectral_budget(x, 1.0, impl="torch")) == rank
+        assert int(certified_budget(x.unsqueeze(0), 1.0, 1, 120, solver=solver).budget[0]) == rank
         assert int(reference_budget(x.unsqueeze(0).double(), 1.0, 1, 120)[0]) == rank
 
 
-def test_all_equal_features_are_rank_one() -> None:
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_all_equal_features_are_rank_one(solver: str) -> None:
     x = torch.full((144, 160), 0.37)
     for tau in (0.5, 0.99, 1.0):
         assert int(spectral_budget(x, tau, impl="torch")) == 1
+        assert int(certified_budget(x.unsqueeze(0), tau, 1, 144, solver=solver).budget[0]) == 1
         assert int(spectral_budget(x, tau, k_min=16, impl="torch")) == 16
 
 

@@ -1,0 +1,143 @@
+"""The symmetric rank-k update and eigenvalue solver of NumPy's bundled OpenBLAS, for CPU budgets.
+
+Why: the exact budget needs a Gram matrix and its eigenvalues. PyTorch's CPU wheel reaches both
+through MKL, which has no symmetric product in its API (`X @ X.T` is a full GEMM) and whose
+`eigvalsh` of a 576 x 576 fp32 matrix measured 17-21 ms on the project's AMD EPYC CPU. The
+OpenBLAS that NumPy's wheels bundle (`numpy.libs/libscipy_openblas64_*.so`, LAPACK 3.11+) exports
+`cblas_ssyrk` (half the flops of the GEMM) and `LAPACKE_ssyevd` (11-12 ms on the same matrix).
+Both are called here through `ctypes`, on the caller's own NumPy arrays, one OpenBLAS thread per
+call: OpenBLAS' worker pool spinning beside PyTorch's OpenMP pool measured 3-4x slower on two
+cores, and one thread keeps the two pools from meeting.
+
+`is_available()` finds the library lazily (nothing is loaded at import). NumPy builds without
+that library (conda's MKL NumPy, macOS Accelerate) make it False and the callers keep PyTorch's
+path; the answers are the same rule either way (the certified path's error bound covers both).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import numpy as np
+
+_ROW_MAJOR, _COL_MAJOR = 101, 102
+_UPPER, _NO_TRANS = 121, 111
+
+
+@dataclass(frozen=True)
+class _Lib:
+    """The resolved entry points (64-bit integer interface)."""
+
+    syrk: dict[str, Any]
+    syevd: dict[str, Any]
+    set_threads_local: Callable[[int], int]
+    path: str
+
+
+def _library_paths() -> list[str]:
+    libs = os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs")
+    return sorted(glob.glob(os.path.join(libs, "libscipy_openblas64_*.so*")))
+
+
+@cache
+def _load() -> _Lib | None:
+    for path in _library_paths():
+        try:
+            lib = ctypes.CDLL(path)
+            syrk = {"float32": lib.scipy_cblas_ssyrk64_, "float64": lib.scipy_cblas_dsyrk64_}
+            syevd = {"float32": lib.scipy_LAPACKE_ssyevd64_, "float64": lib.scipy_LAPACKE_dsyevd64_}
+            set_local = lib.openblas_set_num_threads_local
+        except (OSError, AttributeError):
+            continue
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        for name, fn in syrk.items():
+            real = ctypes.c_float if name == "float32" else ctypes.c_double
+            fn.restype = None
+            fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, i64, i64, real, ptr, i64, real]
+            fn.argtypes += [ptr, i64]
+        for fn in syevd.values():
+            fn.restype = i64
+            fn.argtypes = [ctypes.c_int, ctypes.c_char, ctypes.c_char, i64, ptr, i64, ptr]
+        set_local.restype = ctypes.c_int
+        set_local.argtypes = [ctypes.c_int]
+        return _Lib(syrk=syrk, syevd=syevd, set_threads_local=set_local, path=path)
+    return None
+
+
+def is_available() -> bool:
+    """Whether NumPy's bundled OpenBLAS with `ssyrk`/`ssyevd` (64-bit interface) can be loaded."""
+    return _load() is not None
+
+
+def library_path() -> str | None:
+    """Path of the loaded library, or None (shown by the kernel benchmark)."""
+    lib = _load()
+    return lib.path if lib else None
+
+
+def _checked(a: np.ndarray) -> _Lib:
+    lib = _load()
+    if lib is None:
+        raise RuntimeError("NumPy's bundled OpenBLAS is not available (see is_available())")
+    if a.ndim != 2 or a.dtype.name not in lib.syrk or not a.flags.c_contiguous:
+        raise ValueError(f"need a C-contiguous 2-D float32/float64 array, got {a.dtype} {a.shape}")
+    return lib
+
+
+def _syrk(lib: _Lib, a: np.ndarray) -> np.ndarray:
+    m, n = a.shape
+    g = np.zeros((m, m), dtype=a.dtype)
+    if m:
+        lib.syrk[a.dtype.name](
+            _ROW_MAJOR, _UPPER, _NO_TRANS, m, n, 1.0, a.ctypes.data, max(n, 1), 0.0, g.ctypes.data, m
+        )
+    return g
+
+
+def gram(a: np.ndarray) -> np.ndarray:
+    """`A A^T` of a C-contiguous `[m, n]` array, upper triangle only (row-major; the rest is 0).
+
+    Raises:
+        RuntimeError: When the library is missing.
+        ValueError: On a dtype other than float32/float64 or a non-contiguous array.
+
+    """
+    lib = _checked(a)
+    previous = lib.set_threads_local(1)
+    try:
+        return _syrk(lib, a)
+    finally:
+        lib.set_threads_local(previous)
+
+
+def gram_eigenvalues(a: np.ndarray) -> np.ndarray:
+    """Ascending eigenvalues of `A A^T` for a C-contiguous `[m, n]` float32/float64 array.
+
+    One `syrk` into the upper triangle (row-major), read by `syevd` as the column-major lower
+    triangle of the same buffer (no copy), eigenvalues only.
+
+    Raises:
+        RuntimeError: When the library is missing or `syevd` reports failure.
+        ValueError: On a dtype other than float32/float64 or a non-contiguous array.
+
+    """
+    lib = _checked(a)
+    m = a.shape[0]
+    w = np.empty(m, dtype=a.dtype)
+    if m == 0:
+        return w
+    previous = lib.set_threads_local(1)
+    try:
+        g = _syrk(lib, a)
+        info = lib.syevd[a.dtype.name](_COL_MAJOR, b"N", b"L", m, g.ctypes.data, m, w.ctypes.data)
+    finally:
+        lib.set_threads_local(previous)
+    if info != 0:
+        raise RuntimeError(f"LAPACKE_?syevd failed (info={info})")
+    return w
