@@ -243,7 +243,7 @@ def test_end_of_turn_stops(engine: TransformersEngine) -> None:
 
 def test_vllm_refuses_gemma3_images_but_not_internvl() -> None:
     """Prompt embeddings would run Gemma-3's image block causally on vLLM: refused, not silent."""
-    from joulecap.runtime.engines.vllm_engine import check_prunable
+    from joulecap.runtime.engines.vllm_families import check_prunable
 
     with pytest.raises(InvalidRequest, match="bidirectionally"):
         check_prunable("gemma3", (256,), (256,))

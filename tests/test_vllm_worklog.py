@@ -357,7 +357,7 @@ def test_work_events_are_plain_frozen_data() -> None:
 # ---------------------------------------------------------------------------------------- vLLM engine helpers
 @pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_mrope_families_refuse_every_image_plan(model_type: str) -> None:
-    from joulecap.runtime.engines.vllm_engine import check_prunable
+    from joulecap.runtime.engines.vllm_families import check_prunable
 
     with pytest.raises(InvalidRequest, match="M-RoPE"):
         check_prunable(model_type, (64,), (32,))

@@ -10,5 +10,7 @@
   Gemma-3's token types).
 - `processors.py`: the one processor loader (images only, no torchvision needed).
 - `decoding.py`: greedy / seeded top-p token choice and streaming detokenisation.
-- `vllm_engine.py`, `worklog.py`: the vLLM engine and per-request energy under batching.
+- `vllm_engine.py`, `worklog.py`: the vLLM engine and per-request energy under batching; its parts
+  `vllm_native.py` (native-path prepare), `vllm_encode.py` (batched pruned-path encode),
+  `vllm_stream.py` (streaming vLLM's outputs) and `vllm_families.py` (families it cannot prune).
 """

