@@ -20,15 +20,14 @@ latency is submit-to-last-token, so it includes queueing. Runs alternate between
 joulecap >= 0.97x bare vLLM's tokens/s.
 
 Run in the vLLM environment: `.venv-vllm/bin/python -m benchmarks.throughput`. On a CPU it builds
-the tiny Idefics3 (head_dim 32, as vLLM's CPU kernels need) unless `--model` is given.
+the tiny Idefics3 (head_dim 32, as vLLM's CPU kernels need) unless `--model` is given. The sides
+run in `_throughput_sides.py`; `_throughput_summary.py` turns the runs into the table's figures.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import math
 import statistics
 import sys
 import tempfile
@@ -45,12 +44,17 @@ import numpy as np
 from PIL import Image
 
 from benchmarks._common import machine_info
+from benchmarks._throughput_sides import (
+    BARE,
+    SIDES,
+    add_meter_energy,
+    run_bare,
+    run_joulecap,
+    run_native_engine,
+)
+from benchmarks._throughput_summary import TARGET_RATIO, summarize_sides
 
 RESULTS = Path(__file__).parent / "results"
-TARGET_RATIO = 0.97
-BARE = "bare_vllm"
-SIDES = (BARE, "output_budget", "joint", "joint_unlocked", "native_engine")
-"""Result keys: bare vLLM, then joulecap rows named by policy (and variant)."""
 
 
 def _image(i: int) -> Image.Image:
@@ -68,171 +72,6 @@ def workload(n: int, start: int = 0) -> list[tuple[str, Image.Image]]:
     return [(f"{questions[i % len(questions)]} ({i})", _image(i)) for i in range(start, start + n)]
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default)."""
-    return float(np.percentile(np.asarray(values, dtype=float), q))
-
-
-def summarize(system: str, wall_s: float, latencies_s: Sequence[float], tokens: int) -> dict[str, Any]:
-    """One run's figures."""
-    return {
-        "system": system,
-        "wall_s": wall_s,
-        "requests": len(latencies_s),
-        "completion_tokens": tokens,
-        "tokens_per_s": tokens / wall_s if wall_s > 0 else 0.0,
-        "p50_latency_s": percentile(latencies_s, 50),
-        "p99_latency_s": percentile(latencies_s, 99),
-    }
-
-
-# ---------------------------------------------------------------------------------------- the sides
-def run_bare(
-    engine: Any, items: list[tuple[str, Image.Image]], concurrency: int, max_tokens: int
-) -> dict[str, Any]:
-    """Bare vLLM: chat text + image straight into the shared AsyncLLM."""
-    from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
-
-    processor = engine._hf.processor
-    stop_ids = sorted(engine._hf.stop_ids)
-
-    def chat_text(question: str) -> str:
-        content = [{"type": "image"}, {"type": "text", "text": question}]
-        return str(
-            processor.apply_chat_template(
-                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-            )
-        )
-
-    prompts = [{"prompt": chat_text(q), "multi_modal_data": {"image": img}} for q, img in items]
-    params = SamplingParams(
-        max_tokens=max_tokens, temperature=0.0, stop_token_ids=stop_ids, output_kind=RequestOutputKind.DELTA
-    )
-    tag = f"bare-{time.monotonic_ns()}"
-
-    async def main() -> tuple[float, list[float], int]:
-        gate = asyncio.Semaphore(concurrency)
-        t0 = time.monotonic()
-
-        async def one(i: int) -> tuple[float, int]:
-            async with gate:
-                n = 0
-                async for out in engine._llm.generate(prompts[i], params, f"{tag}-{i}"):
-                    n += len(out.outputs[0].token_ids)
-                return time.monotonic() - t0, n
-
-        done = await asyncio.gather(*(one(i) for i in range(len(prompts))))
-        return time.monotonic() - t0, [d[0] for d in done], sum(d[1] for d in done)
-
-    wall, lat, tokens = asyncio.run_coroutine_threadsafe(main(), engine._loop).result()
-    return summarize(BARE, wall, lat, tokens)
-
-
-def run_joulecap(
-    runtime: Any,
-    items: list[tuple[str, Image.Image]],
-    max_tokens: int,
-    policy: str,
-    budget_j: float | None = None,
-    system: str | None = None,
-) -> dict[str, Any]:
-    """joulecap: the same requests through the Runtime (pool of `max_concurrency` workers)."""
-    requests = [
-        runtime.build_request(q, [img], max_tokens=max_tokens, policy=policy, energy_budget_j=budget_j)
-        for q, img in items
-    ]
-    engine = runtime.engine
-    sizes_before = len(engine.encode_batch_sizes())
-    t0 = time.monotonic()
-    finished: list[float] = [0.0] * len(requests)
-    futures = []
-    for i, req in enumerate(requests):
-        fut = runtime.submit(runtime.execute, req)
-        fut.add_done_callback(lambda _f, i=i: finished.__setitem__(i, time.monotonic() - t0))
-        futures.append(fut)
-    from joulecap.runtime.errors import BudgetTooSmall
-
-    results = []
-    refused = 0
-    refusal = ""
-    for f in futures:
-        try:
-            results.append(f.result())
-        except BudgetTooSmall as exc:  # the budget cannot pay for this request's smallest plan (a 422)
-            refused += 1
-            refusal = str(exc)
-    wall = time.monotonic() - t0
-    if not results:
-        raise RuntimeError(f"every {policy} request was refused ({refusal}): raise --joint-budget-fraction")
-    tokens = sum(len(r.generation.token_ids) for r in results)
-    row = summarize(system or policy, wall, finished, tokens)
-    row["policy"] = policy
-    row["budget_j"] = budget_j
-    row["refused"] = refused
-    row["reported_energy_j"] = sum(r.energy.total_j for r in results)
-    row["energy_source"] = results[0].energy.source
-    row["visual_tokens_in"] = sum(r.generation.visual_tokens_in for r in results)
-    row["visual_tokens_kept"] = sum(r.generation.visual_tokens_kept for r in results)
-    # A plan is bound by the budget when it keeps fewer visual tokens or allows fewer output tokens.
-    row["plans_binding"] = refused + sum(
-        sum(r.plan.visual_keep) < r.generation.visual_tokens_in or r.plan.max_new_tokens < max_tokens
-        for r in results
-    )
-    row["encode_batch_sizes"] = engine.encode_batch_sizes()[sizes_before:]
-    return row
-
-
-def run_native_engine(
-    engine: Any, items: list[tuple[str, Image.Image]], concurrency: int, max_tokens: int
-) -> dict[str, Any]:
-    """Diagnostic: the engine's native path on `concurrency` threads, without the Runtime.
-
-    `prepare(bases=False)` + `run`, no planning, governor, energy or ledger: where joulecap's
-    overhead sits.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from joulecap.runtime.engines.base import RunHooks
-    from joulecap.runtime.types import ChatMessage, ImagePart, Plan, Request, TextPart
-
-    requests = [
-        Request(
-            f"native-{time.monotonic_ns()}-{i}",
-            (ChatMessage("user", (ImagePart(0), TextPart(q))),),
-            images=(img,),
-        )
-        for i, (q, img) in enumerate(items)
-    ]
-    t0 = time.monotonic()
-
-    def one(req: Request) -> tuple[float, int]:
-        prepared = engine.prepare(req, bases=False)
-        plan = Plan(prepared.visual_tokens, max_tokens, 0.0, "direct", "all visual tokens")
-        result = engine.run(prepared, plan, RunHooks())
-        return time.monotonic() - t0, len(result.token_ids)
-
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        done = list(pool.map(one, requests))
-    wall = time.monotonic() - t0
-    row = summarize("native_engine", wall, [d[0] for d in done], sum(d[1] for d in done))
-    row.update(policy=None, visual_tokens_in=0, visual_tokens_kept=0, plans_binding=0, encode_batch_sizes=[])
-    row.update(reported_energy_j=0.0, refused=0)
-    return row
-
-
-def add_meter_energy(monitor: Any, row: dict[str, Any], t0_s: float, t1_s: float) -> None:
-    """Add the meter's energy over a run's wall window, and per completion token, to `row`."""
-    try:
-        energy_j = float(monitor.energy_between(t0_s, t1_s).energy_j)
-    except Exception as exc:  # a meter hiccup must not lose the throughput figures
-        row["meter_note"] = f"meter read failed: {exc}"
-        return
-    row["meter_energy_j"] = energy_j
-    tokens = row["completion_tokens"]
-    row["meter_j_per_token"] = energy_j / tokens if tokens else None
-
-
 class _NoLock:
     """Stands in for the runtime's prepare lock in the `joint_unlocked` runs."""
 
@@ -241,15 +80,6 @@ class _NoLock:
 
     def __exit__(self, *exc: object) -> None:
         return None
-
-
-def geomean_ci95(ratios: Sequence[float]) -> list[float] | None:
-    """Geometric mean of paired ratios with a 95% interval (normal approximation on the logs)."""
-    if len(ratios) < 2 or any(r <= 0 for r in ratios):
-        return None
-    logs = [math.log(r) for r in ratios]
-    mean, se = statistics.mean(logs), statistics.stdev(logs) / math.sqrt(len(logs))
-    return [math.exp(mean), math.exp(mean - 1.96 * se), math.exp(mean + 1.96 * se)]
 
 
 def profile_runtime(runtime: Any, items: list[tuple[str, Image.Image]], max_tokens: int) -> dict[str, Any]:
@@ -322,71 +152,6 @@ def profile_runtime(runtime: Any, items: list[tuple[str, Image.Image]], max_toke
         "cpu_ms_per_request": {k: 1e3 * v / n for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])},
         "calls": dict(calls),
     }
-
-
-def cpu_notes(machine: dict[str, Any]) -> str:
-    """What a reader must know about a run on a CPU without a GPU."""
-    if machine.get("gpu") != "no GPU available":
-        return ""
-    return (
-        "No GPU was available for this run. On this CPU, vLLM's engine-core process and joulecap's "
-        "threads share 2 cores with other jobs (load_avg_1_5_15 in machine): the paired ratios "
-        "range widely from repeat to repeat; paired_ratio_geomean_ci95 is [geometric mean, 95% low, "
-        "95% high]. native_engine is the engine's native path without the Runtime: the gap between "
-        "it and output_budget is the Runtime's own cost. The estimate meter is a power model "
-        "(base watts plus watts per CPU-second of this process tree, vLLM's engine core included), "
-        "not a measurement; joint's budget is unset (tau pruning only): see the module docstring."
-    )
-
-
-def summarize_sides(result: dict[str, Any]) -> None:
-    """(Re)compute every side's summary in `result` from its runs, and the target verdict."""
-    order = [BARE, *[s for s in SIDES[1:] if any(r["system"] == s for r in result["runs"])]]
-    for side in order:
-        result[side] = side_summary(result["runs"], side)
-    result["notes"] = cpu_notes(result["machine"])
-    ob = result.get("output_budget")
-    if ob is not None:
-        ci = ob["paired_ratio_geomean_ci95"]
-        ob["target_met"] = ob["paired_ratio_median"] is not None and ob["paired_ratio_median"] >= TARGET_RATIO
-        ob["target_met_with_confidence"] = ci is not None and ci[1] >= TARGET_RATIO
-
-
-def side_summary(rows: Sequence[dict[str, Any]], side: str) -> dict[str, Any]:
-    """Medians of one side's runs and, for joulecap sides, its paired ratios against bare vLLM.
-
-    A paired ratio is the side's tokens/s over bare vLLM's in the same repeat.
-    """
-    mine = [r for r in rows if r["system"] == side]
-    out: dict[str, Any] = {
-        k: statistics.median(r[k] for r in mine)
-        for k in ("tokens_per_s", "p50_latency_s", "p99_latency_s", "completion_tokens")
-    }
-    per_token = [r["meter_j_per_token"] for r in mine if r.get("meter_j_per_token") is not None]
-    out["meter_j_per_token_median"] = statistics.median(per_token) if per_token else None
-    if side == BARE:
-        return out
-    bare = {r["repeat"]: r["tokens_per_s"] for r in rows if r["system"] == BARE}
-    paired = [r["tokens_per_s"] / bare[r["repeat"]] for r in mine if bare.get(r["repeat"])]
-    out["paired_ratios"] = paired
-    out["paired_ratio_median"] = statistics.median(paired) if paired else None
-    out["paired_ratio_range"] = [min(paired), max(paired)] if paired else None
-    out["paired_ratio_geomean_ci95"] = geomean_ci95(paired)
-    if side == "native_engine":
-        return out
-    out["visual_kept_fraction"] = sum(r["visual_tokens_kept"] for r in mine) / max(
-        1, sum(r["visual_tokens_in"] for r in mine)
-    )
-    out["plans_binding_fraction"] = sum(r["plans_binding"] for r in mine) / max(
-        1, sum(r["requests"] for r in mine)
-    )
-    sizes = [n for r in mine for n in r["encode_batch_sizes"]]
-    out["encode_batches"] = len(sizes)
-    out["encode_batch_size_mean"] = statistics.mean(sizes) if sizes else None
-    out["encode_batch_size_max"] = max(sizes) if sizes else None
-    reported = [r["reported_energy_j"] / r["completion_tokens"] for r in mine if r["completion_tokens"]]
-    out["reported_j_per_token_median"] = statistics.median(reported) if reported else None
-    return out
 
 
 # ---------------------------------------------------------------------------------------- driver

@@ -1,4 +1,4 @@
-"""benchmarks/throughput.py's summary on synthetic runs (no vLLM): paired ratios per policy."""
+"""benchmarks/_throughput_summary.py on synthetic runs (no vLLM): paired ratios per policy."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from _factories import REPO
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # benchmarks/ is a folder of scripts, not an installed package
 
-from benchmarks.throughput import BARE, side_summary
+from benchmarks._throughput_sides import BARE
+from benchmarks._throughput_summary import side_summary
 
 
 def _row(system: str, repeat: int, tok_s: float, **extra: Any) -> dict[str, Any]:
@@ -61,7 +62,7 @@ def test_paired_ratios_are_per_repeat() -> None:
 
 
 def test_geomean_interval_and_target_verdicts() -> None:
-    from benchmarks.throughput import TARGET_RATIO, geomean_ci95, summarize_sides
+    from benchmarks._throughput_summary import TARGET_RATIO, geomean_ci95, summarize_sides
 
     assert geomean_ci95([1.0]) is None and geomean_ci95([1.0, -1.0]) is None
     gm, lo, hi = geomean_ci95([0.5, 2.0, 1.0])  # type: ignore[misc]
