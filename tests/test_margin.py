@@ -57,6 +57,31 @@ def test_the_estimate_is_clamped_to_lowest_and_cap() -> None:
     assert cool.value() == LOWEST == -0.5
 
 
+def test_a_quantile_view_keeps_clear_of_a_long_right_tail() -> None:
+    # 97 runs within +-5% and 3 at +60% (preemption): the robust value barely sees the three,
+    # the 0.99 quantile view does, and the plain view is unchanged by the quantile's existence.
+    m = RobustOvershoot(0.05, 1.0, z=3.0, window=50, min_samples=5, tail_window=200)
+    tail = m.at(3.0, 0.99)
+    assert tail.value() == m.value_at(3.0) == 0.05  # nothing seen yet: the floor
+    overs = [0.05 * ((i * 37) % 21 - 10) / 10 for i in range(97)] + [0.6, 0.6, 0.6]
+    for i, over in enumerate(overs):
+        m.observe(1.0, 1.0 + over if i % 33 else 1.6)
+    robust = m.value_at(3.0)
+    assert robust < 0.2
+    want = float(np.quantile([o if i % 33 else 0.6 for i, o in enumerate(overs)], 0.99))
+    assert tail.value() == pytest.approx(min(1.0, want)) and tail.value() > robust + 0.3
+    assert tail.stats()["quantile"] == 0.99 and tail.stats()["tail_samples"] == 100
+    # A view made later reads the same window at once.
+    assert m.at(3.0, 0.99).value() == tail.value()
+    # The robust window (50) forgets the spikes before the tail window (200) does.
+    for _ in range(60):
+        m.observe(1.0, 1.0)
+    assert m.value_at(3.0) == pytest.approx(0.05)
+    assert tail.value() > 0.5
+    with pytest.raises(ValueError, match="quantile"):
+        m.at(3.0, 1.5)
+
+
 def _noisy_window(m: RobustOvershoot, center: float, n: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     for over in center + 0.02 * rng.standard_normal(n):
@@ -196,6 +221,21 @@ def test_the_planning_margin_learns_the_same_errors_further_into_their_tail() ->
 def test_planning_z_below_the_feasibility_z_is_rejected() -> None:
     with pytest.raises(ValueError, match="planning_z"):
         LearningConfig(feasibility_z=2.0, planning_z=1.5)
+    with pytest.raises(ValueError, match="planning_quantile"):
+        LearningConfig(planning_quantile=1.2)
+
+
+def test_the_planning_margin_reads_its_quantile_and_zero_turns_it_off() -> None:
+    on, off = learner(), learner(planning_quantile=0.0)
+    for lr in (on, off):
+        lr.mark_active()
+        for i in range(60):
+            # Prefill mostly as predicted (1.6 J), one run in ten 70% dearer.
+            lr.observe(outcome(report(0.4, 1.6 * (1.7 if i % 10 == 0 else 1.0), 0.5)))
+    assert on.plan_margin.stats()["quantile"] == 0.99
+    assert "quantile" not in off.plan_margin.stats()
+    assert off.plan_margin.value() == pytest.approx(off.margin.value())  # no spread: median + floor
+    assert on.plan_margin.value() > off.plan_margin.value() + 0.4
 
 
 def test_a_cold_first_run_teaches_the_predictor_but_not_the_margins() -> None:
