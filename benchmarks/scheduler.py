@@ -30,6 +30,8 @@ refusals <= 2% of requests, and every refusal below the true minimum. The held-o
 reported beside the floors, not judged: on a shared CPU the machine's noise decides it.
 Energy comes from the active meter and is labelled (on a CPU box: the estimate meter, not a
 measurement). Prints a table and writes JSON (date, machine and load, the reproducing command).
+The workload is `_sched_workload.py`'s, each request runs through `_sched_run.py`, and
+`_sched_judge.py` summarises and judges the rows.
 
     python benchmarks/scheduler.py [--requests 100] [--model DIR] [--meter auto]
         [--out benchmarks/results/scheduler_cpu.json]
@@ -38,286 +40,38 @@ measurement). Prints a table and writes JSON (date, machine and load, the reprod
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import logging
-import math
 import os
 import shlex
 import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script, benchmarks/ is sys.path[0] and its kernels.py
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # shadows HF `kernels`: use the root
 
-import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from benchmarks import _common as common
 from benchmarks._heldout import held_out_mape
 from benchmarks._sched_judge import MIN_PLAN_RUNS, judge_targets, print_table, summarise
+from benchmarks._sched_run import fresh_predictor, make_arm, planning_overhead, run_request, use
+from benchmarks._sched_workload import BUDGET_SCALES, PROMPTS, make_image, workload
 
 log = logging.getLogger("benchmarks.scheduler")
-
-PROMPTS = (
-    "What is in the image?",
-    "Describe the scene in detail, listing every object with its colour and position.",
-    "Is there a red block on the left? Answer yes or no.",
-    "Count the shapes.",
-    "The robot must pick up the largest object in view. Explain which one it is, where it is, "
-    "how the gripper should approach it and what could go wrong during the grasp.",
-    "Summarise the picture in one sentence.",
-)
-
-BUDGET_SCALES = (0.1, 2.0)
-"""Default range of budget / unconstrained cost (drawn log-uniformly): from well below the
-cheapest answer (about 0.3-0.5 of the unconstrained cost here) to above the unconstrained cost."""
 
 HOLDING = ("joint", "output_budget")
 """The policies that hold budgets (and refuse): their per-request rows are kept in the JSON."""
 
 
-@dataclass(frozen=True)
-class Item:
-    """One workload request."""
-
-    seed: int
-    image_px: int
-    prompt: str
-    max_tokens: int
-    budget_scale: float
-
-
-def make_image(px: int, seed: int) -> Image.Image:
-    """A random scene: a background gradient and a few coloured rectangles."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:px, 0:px]
-    base = rng.integers(0, 255, 3)
-    img = np.stack(
-        [(x * 255 // px + base[0]) % 256, (y * 255 // px + base[1]) % 256, np.full_like(x, base[2])], -1
-    )
-    for _ in range(int(rng.integers(1, 6))):
-        w, h = rng.integers(px // 8, px // 2, 2)
-        x0, y0 = rng.integers(0, px - w), rng.integers(0, px - h)
-        img[y0 : y0 + h, x0 : x0 + w] = rng.integers(0, 256, 3)
-    return Image.fromarray(img.astype(np.uint8), "RGB")
-
-
-def workload(n: int, seed: int, scales: tuple[float, float] = BUDGET_SCALES) -> list[Item]:
-    """`n` varied requests; each budget is later `budget_scale` x the request's unconstrained cost."""
-    lo, hi = scales
-    if not 0 < lo <= hi:
-        raise ValueError(f"need 0 < low <= high budget scale, got {lo}, {hi}")
-    rng = np.random.default_rng(seed)
-    items = []
-    for i in range(n):
-        items.append(
-            Item(
-                seed=seed * 100_000 + i,
-                image_px=int(rng.choice([48, 96, 160, 256, 384])),
-                prompt=str(rng.choice(PROMPTS)),
-                max_tokens=int(rng.choice([4, 8, 16, 24])),
-                budget_scale=float(math.exp(rng.uniform(math.log(lo), math.log(hi)))),
-            )
-        )
-    return items
-
-
 def planning_p50_ms(planning: dict[str, Any]) -> float:
     """The slowest policy's `Scheduler.plan` p50 besides the spectral computation."""
     return max(v["besides_spectral_p50_ms"] for v in planning.values() if isinstance(v, dict))
-
-
-# ------------------------------------------------------------------------------- running
-@dataclass
-class Arm:
-    """What one policy's server has learned: its predictor, learner and scheduler."""
-
-    predictor: Any
-    learner: Any
-    scheduler: Any
-
-
-def make_arm(rt: Any, cal: Any, scheduler_config: Any = None) -> Arm:
-    """A fresh arm from the calibration: a copy of its predictor and its own learner."""
-    from joulecap.runtime.learning import Learner
-    from joulecap.runtime.scheduler import Scheduler
-
-    predictor = _fresh(cal, rt.config.learning.speed_alpha)
-    learner = Learner(predictor, rt.config.learning)
-    learner.mark_active()  # the engine is warm (calibration ran just before)
-    scheduler = Scheduler(scheduler_config or rt.config.scheduler, predictor, learner)
-    return Arm(predictor, learner, scheduler)
-
-
-def use(rt: Any, arm: Arm) -> None:
-    """Serve the next requests with `arm`'s predictor, learner and scheduler."""
-    rt.predictor, rt.learner, rt.scheduler = arm.predictor, arm.learner, arm.scheduler
-
-
-def smallest_plan(rt: Any, prepared: Any, policy: str) -> Any:
-    """The smallest plan `policy` could make for `prepared`: the one its stated minimum prices.
-
-    Unconstrained (no budget, not held), so that running it measures what it costs.
-    """
-    from joulecap.policies.base import all_visual, spectral_keep
-    from joulecap.runtime.types import Plan
-
-    cfg = rt.scheduler.config
-    ctx = rt.scheduler.context(prepared)
-    if policy in ("joint", "answers_first"):  # both go down to the floor per image
-        keep = tuple(min(k, cfg.visual_floor_tokens) for k in spectral_keep(prepared, ctx))
-    elif policy == "output_budget":
-        keep = all_visual(prepared)
-    else:
-        raise ValueError(f"no smallest plan known for policy {policy!r} (it does not refuse budgets)")
-    out = cfg.min_output_tokens
-    run = ctx.predictor.predict(prepared.text_tokens, sum(keep), out)
-    return Plan(
-        visual_keep=keep,
-        max_new_tokens=out,
-        predicted_j=prepared.encode_j + run.total_j,
-        policy=policy,
-        reason="smallest plan, run anyway to measure the true minimum",
-        selection=cfg.selection,
-        budget_j=None,
-        holds_budget=False,
-        encode_j=prepared.encode_j,
-        predicted_prefill_j=run.prefill_j,
-    )
-
-
-def run_request(rt: Any, item: Item, budget: float | None, policy: str) -> dict[str, Any]:
-    """Plan and run one request under `policy` as the server does (learning from it).
-
-    A refused request's smallest plan is run anyway (not recorded, not learned from) and measured.
-    """
-    request = rt.build_request(
-        item.prompt,
-        [make_image(item.image_px, item.seed)],
-        energy_budget_j=budget,
-        max_tokens=item.max_tokens,
-        policy=policy,
-    )
-    # `estimate` encodes and plans as `chat` does, and hands back the prepared request of a
-    # refusal too; `run_planned` then runs, records and learns exactly as `chat` would.
-    prepared, plan, refusal = rt.estimate(request)
-    if refusal is not None:
-        smallest = smallest_plan(rt, prepared, policy)
-        runs = [rt.run_planned(prepared, smallest, record=False) for _ in range(MIN_PLAN_RUNS)]
-        runs_j = [r.energy.total_j for r in runs]
-        return {
-            "budget_j": budget,
-            "refused": True,
-            "min_j": refusal.min_j,
-            "margin": rt.learner.margin.value(),
-            "plan_margin": rt.learner.plan_margin.value(),
-            "encode_j": prepared.encode_j,
-            "min_plan_visual": runs[0].generation.visual_tokens_kept,
-            "min_plan_tokens": runs[0].completion_tokens,
-            "min_plan_j": statistics.median(runs_j),
-            "min_plan_runs_j": runs_j,
-        }
-    assert plan is not None
-    res = rt.run_planned(prepared, plan)
-    return {
-        "budget_j": budget,
-        "refused": False,
-        "used_j": res.energy.total_j,
-        "encode_j": res.energy.encode_j,
-        "prefill_j": res.energy.prefill_j,
-        "decode_j": res.energy.decode_j,
-        "predicted_j": plan.predicted_j,
-        "min_j": plan.min_j,
-        "margin": plan.margin,
-        "plan_margin": plan.plan_margin,
-        "tokens": res.completion_tokens,
-        "max_new_tokens": plan.max_new_tokens,
-        "visual_kept": res.generation.visual_tokens_kept,
-        "visual_in": res.generation.visual_tokens_in,
-        "stop_reason": res.generation.stop_reason,
-        "source": res.energy.source,
-    }
-
-
-def planning_overhead(rt: Any, items: list[Item], budgets: list[float | None], reps: int) -> dict[str, Any]:
-    """p50 of `Scheduler.plan` per policy, with the spectral computation timed apart per call.
-
-    The policies' `spectral_budget` is wrapped by a timer for the measurement, so "besides the
-    spectral computation" is each call's total minus the spectral time inside that same call.
-    """
-    import joulecap.policies.base as policy_base
-    from joulecap.policies import available_policies
-
-    prepared = []
-    for item, budget in zip(items, budgets, strict=True):
-        req = rt.build_request(item.prompt, [make_image(item.image_px, item.seed)], energy_budget_j=budget)
-        prepared.append(rt.engine.prepare(req))
-    sched = rt.scheduler
-    inner = {"ns": 0}
-    real = policy_base.spectral_budget
-
-    def timed(*args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter_ns()
-        try:
-            return real(*args, **kwargs)
-        finally:
-            inner["ns"] += time.perf_counter_ns() - t0
-
-    policy_base.spectral_budget = timed
-    out: dict[str, Any] = {}
-    try:
-        for name in available_policies():
-            total, besides, spectral = [], [], []
-            for p in prepared:
-                named = _with_policy(p, name)
-                for _ in range(reps):
-                    inner["ns"] = 0
-                    t0 = time.perf_counter_ns()
-                    with contextlib.suppress(Exception):  # 422s are part of planning cost too
-                        sched.plan(named)
-                    dt = time.perf_counter_ns() - t0
-                    total.append(dt / 1e6)
-                    besides.append((dt - inner["ns"]) / 1e6)
-                    spectral.append(inner["ns"] / 1e6)
-            out[name] = {
-                "p50_ms": common.pct(total, 50),
-                "p90_ms": common.pct(total, 90),
-                "besides_spectral_p50_ms": common.pct(besides, 50),
-                "spectral_p50_ms": common.pct(spectral, 50),
-            }
-    finally:
-        policy_base.spectral_budget = real
-    return out
-
-
-def _with_policy(prepared: Any, name: str) -> Any:
-    # Request and PreparedRequest are frozen; planning only reads them.
-    request = replace(prepared.request, policy=name)
-    return replace(prepared, request=request)
-
-
-def _fresh(cal: Any, speed_alpha: float) -> Any:
-    """A copy of the calibrated predictor (each arm learns on its own copy)."""
-    from joulecap.runtime.predictor import Predictor
-
-    p = cal.predictor
-    return Predictor(
-        *p.coefficients,
-        calibrated=True,
-        source=p.source,
-        forgetting=p.forgetting,
-        covariance=p.covariance(),
-        fit=p.fit,
-        power_w=p.power_w,
-        speed_alpha=speed_alpha,
-    )
 
 
 def _load() -> list[float] | None:
@@ -416,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         # frozen predictor: the online one as the server runs it (RLS and speed factor) and RLS
         # alone, each a copy learning from every measurement after predicting it.
         online = {
-            "server": _fresh(cal, rt.config.learning.speed_alpha),
-            "rls_only": _fresh(cal, 0.0),
+            "server": fresh_predictor(cal, rt.config.learning.speed_alpha),
+            "rls_only": fresh_predictor(cal, 0.0),
         }
         heldout = held_out_mape(
             rt,

@@ -396,7 +396,7 @@ def test_scheduler_targets_are_judged_at_their_edges(bench: Any) -> None:
 
 
 def test_scheduler_budgets_span_the_scale_range_log_uniformly(bench: Any) -> None:
-    from benchmarks.scheduler import workload
+    from benchmarks._sched_workload import workload
 
     scales = np.array([i.budget_scale for i in workload(2000, 3, (0.1, 2.0))])
     assert scales.min() >= 0.1 and scales.max() <= 2.0
