@@ -5,10 +5,12 @@ budget is the smallest k with `sum(s_i^2, i <= k) >= tau * sum(s_i^2)`, clamped 
 `[k_min, min(N, k_max)]`; each image of a batch gets its own k. `select_tokens` then picks which
 k tokens to keep.
 
-Modules: `validation` (argument checks), `reference` (float64 exact rule), `randomized`
-(bracketed randomized range finder), `selection` (selection methods and merge), `dispatch`
-(impl choice), `triton_spectral` (Triton kernels, CUDA or `TRITON_INTERPRET=1`), `basis_cache`
-(the budget's sketch, reused by `select_tokens` on the same ordinary tensor). Engines instead
+Modules: `validation` (argument checks), `reference` (float64 exact rule), `certified` (the
+exact rule at fp32 cost), `native_lapack` (NumPy's bundled OpenBLAS `ssyrk`/`ssyevd`, the
+certified path's CPU solver), `randomized` (bracketed randomized range finder), `selection`
+(selection methods and merge), `dispatch` (impl choice), `triton_spectral` (Triton kernels,
+CUDA or `TRITON_INTERPRET=1`), `basis_cache` (the budget's sketch, reused by `select_tokens` on
+the same ordinary tensor). Engines instead
 compute `leverage_basis` once per image while preparing and pass it as `select_tokens(basis=)`
 (their features are inference-mode tensors, which the memo cannot guard against in-place change);
 `spectral_budget(basis=)` reads the budget off the same basis' exact energies.
@@ -20,7 +22,8 @@ a random projector, `benchmarks/results/kernels_tau.json`) is kept as a descript
 with tau on photographs.
 
 Exactness: the PyTorch path returns the float64 rule's k (fp32 Gram eigenvalues read against an
-error bound, float64 only near ties: `joulecap.kernels.certified`); the randomized sketch runs
+error bound, float64 only near ties: `joulecap.kernels.certified`; on CPU the Gram and its
+eigenvalues come from OpenBLAS where NumPy bundles it, else from PyTorch); the randomized sketch runs
 only above a short side of 2048 and may return a larger k.
 """
 
