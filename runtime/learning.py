@@ -53,12 +53,13 @@ class LearningConfig:
     (at least `feasibility_z`). Admission and the stated minimum use the feasibility margin, so a
     refusal stays near the true minimum; how much of an accepted budget a plan fills uses this
     one, so a plan that fills its budget keeps clear of the error's tail (docs/budgets.md)."""
-    planning_quantile: float = 0.99
+    planning_quantile: float = 0.995
     """The planning margin is also at least this empirical quantile of the same error over the
     last 200 warm runs, in (0, 1], or 0 for the robust value alone. Timing errors have a longer
     right tail than a normal one (on the 2-core CPU: 99th percentile +46% where median + 3 robust
-    sigmas gave +33%), and a plan that fills its budget goes over it as often as the error exceeds
-    the planning margin."""
+    sigmas gave +33%). A plan filled to the q-quantile goes over about 1 - q of the time; the
+    target is at most 1% of requests over, and 0.995 leaves half of that to the quantile's own
+    sampling error."""
     feasibility_margin_max: float = 1.0
     """Ceiling of the feasibility margin (a meter glitch must not refuse every budget)."""
     cold_idle_s: float = 60.0

@@ -232,7 +232,7 @@ def test_the_planning_margin_reads_its_quantile_and_zero_turns_it_off() -> None:
         for i in range(60):
             # Prefill mostly as predicted (1.6 J), one run in ten 70% dearer.
             lr.observe(outcome(report(0.4, 1.6 * (1.7 if i % 10 == 0 else 1.0), 0.5)))
-    assert on.plan_margin.stats()["quantile"] == 0.99
+    assert on.plan_margin.stats()["quantile"] == LearningConfig().planning_quantile
     assert "quantile" not in off.plan_margin.stats()
     assert off.plan_margin.value() == pytest.approx(off.margin.value())  # no spread: median + floor
     assert on.plan_margin.value() > off.plan_margin.value() + 0.4
