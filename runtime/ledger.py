@@ -91,8 +91,23 @@ plan was made with, `min_j` the smallest budget its policy would have accepted."
 COLUMN_NAMES = tuple(name for name, _ in COLUMNS)
 
 
+_PLAN_FIELDS = tuple(f.name for f in dataclasses.fields(Plan))
+_FLAT = (str, int, float, bool, type(None))
+
+
 def _plan_json(plan: Plan | None) -> str | None:
-    return None if plan is None else json.dumps(dataclasses.asdict(plan), sort_keys=True)
+    if plan is None:
+        return None
+    # A plan's fields are scalars and a tuple of ints: read them directly. `asdict` deep-copies
+    # every value first (a cost paid on each request's row) and gives the same JSON for these.
+    fields = {name: getattr(plan, name) for name in _PLAN_FIELDS}
+    for value in fields.values():
+        if not (
+            isinstance(value, _FLAT)
+            or (isinstance(value, tuple) and all(isinstance(v, _FLAT) for v in value))
+        ):
+            return json.dumps(dataclasses.asdict(plan), sort_keys=True)  # anything else: the general form
+    return json.dumps(fields, sort_keys=True)
 
 
 def _energy_fields(energy: EnergyReport | None, quality: MeasurementQuality | None) -> dict[str, Any]:

@@ -2,15 +2,20 @@
 
 `WorkLog.windows_of` (a request's windows found from its own events) equals the full cut of its
 span, on random logs shaped like vLLM's: arrivals inserted in the past, several requests finishing
-work in one step (same time), begin-only stretches, readers starting anywhere. The monitor's idle
-gap (one pass by falling start) ends where repeated passes over the busy intervals end. Fast and
-vLLM-free.
+work in one step (same time), begin-only stretches, readers starting anywhere, steps that grow
+after a read. The monitor's idle gap (one pass by falling start) ends where repeated passes over
+the busy intervals end. A window's integral is its definition, and a batched report (each window
+read and split once for all of its requests) is the plain split of its windows, to the last bit.
+The estimate meter reads a child's CPU time as psutil does. Fast and vLLM-free.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import sys
+import time
+from typing import Any
 
 import pytest
 
@@ -122,9 +127,16 @@ def test_the_idle_gap_ends_where_repeated_passes_end(seed: int) -> None:
         busy.append((a, a + rng.choice([0.0, rng.uniform(0, 3), float(rng.randint(0, 3))])))
     live = {a: b for a, b in busy[: len(busy) // 3]}
     monitor._busy, monitor._live = busy[len(busy) // 3 :], live
+    monitor._idle_until = rng.choice([-math.inf, rng.uniform(0, 20)])
+    oldest = rng.choice([-5.0, rng.uniform(0, 20)])
+    monitor.sampler.oldest_t = lambda: oldest  # type: ignore[method-assign]
     for before_s in [rng.uniform(0, 55), *(b for _, b in busy[:5]), *(a for a, _ in busy[:5])]:
-        _, gap_end = monitor._idle_gap(before_s)
-        assert gap_end == _gap_end_by_passes([*monitor._busy, *live.items()], before_s)
+        gap_start, gap_end = monitor._idle_gap(before_s)
+        intervals = [*monitor._busy, *live.items()]
+        assert gap_end == _gap_end_by_passes(intervals, before_s)
+        # It starts at the latest end at or before its end (nothing before the floor counts).
+        floor = max(monitor._idle_until, oldest)
+        assert gap_start == max([floor, *(b for _, b in intervals if b <= gap_end)])
 
 
 def test_a_window_is_read_from_the_meter_once_when_its_figure_is_settled() -> None:
@@ -157,3 +169,205 @@ def test_a_window_is_read_from_the_meter_once_when_its_figure_is_settled() -> No
     acc.window_energy(1.5, 2.5)
     acc.window_energy(1.5, 2.5)
     assert reads[1:] == [(1.5, 2.5), (1.5, 2.5)]
+
+
+# ---------------------------------------------------------------------------------------- the sampler
+@pytest.mark.parametrize("seed", range(60))
+def test_a_window_s_integral_is_its_definition_to_the_last_bit(seed: int) -> None:
+    import numpy as np
+
+    from joulecap.runtime.energy.base import MeterReading
+    from joulecap.runtime.energy.sampler import Sampler, _energy_at
+
+    rng = random.Random(seed)
+    counter = rng.random() < 0.5
+
+    class Meter:
+        name, source, update_period_s = "m", "measured", 0.0
+
+    sampler = Sampler(Meter(), sample_hz=10.0)  # type: ignore[arg-type]
+    t = e = 0.0
+    for _ in range(rng.randint(1, 30)):
+        t += rng.choice([0.001, 0.1, rng.random()])
+        e += rng.random()
+        power = None if counter and rng.random() < 0.5 else 50.0 * rng.random()
+        sampler._append(MeterReading(t_s=t, energy_j=e if counter else None, power_w=power))
+    ts, ps, es = sampler._ring.view()
+    edges = [rng.uniform(-1.0, t + 1.0) for _ in range(12)] + [float(x) for x in ts[:4]]
+    for t0 in edges:
+        for t1 in edges:
+            if t1 <= t0:
+                continue
+            got = sampler.integrate(t0, t1)
+            e1 = _energy_at(ts, ps, es, t1, counter=counter)
+            e0 = _energy_at(ts, ps, es, t0, counter=counter)
+            inside = int(np.searchsorted(ts, t1, side="right") - np.searchsorted(ts, t0, side="left"))
+            assert (got.energy_j, got.samples) == (max(0.0, e1 - e0), inside)
+
+
+# ---------------------------------------------------------------------------------------- step groups
+@pytest.mark.parametrize("seed", range(60))
+def test_windows_of_stays_the_full_cut_when_a_step_grows_after_a_read(seed: int) -> None:
+    # vLLM's outputs of one step reach the log one request at a time: a reader may see a step
+    # before the rest of its work arrives. The step's remembered work must not outlive that.
+    log, ids = _random_log(seed)
+    rng = random.Random(seed)
+    for rid in ids:
+        log.windows_of(rid)
+    times = sorted({e.t_s for e in log.events()})
+    for _ in range(5):
+        t = rng.choice(times)
+        log.record(rng.choice(ids), decode_tokens=1, prefill_tokens=rng.randint(0, 3), t_s=t)
+    for rid in ids:
+        assert log.windows_of(rid) == [w for w in windows(log.events()) if rid in w.work], rid
+
+
+# ---------------------------------------------------------------------------------------- batched reports
+class _Counter:
+    """A counter meter on a script's clock: `energy(t)` joules at `now`."""
+
+    name, source, update_period_s = "counter", "measured", 0.0
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def read(self) -> Any:
+        from joulecap.runtime.energy.base import MeterReading
+
+        t = self.now
+        return MeterReading(t_s=t, energy_j=30.0 * t + 2.0 * math.sin(7.0 * t) + 0.3 * t * t)
+
+
+def _replay_batches(seed: int) -> list[tuple[Any, Any]]:
+    """vLLM-like batches through `BatchedAccounting`: each report with its plain-definition twin.
+
+    Requests arrive while others run, steps of 2-6 ms finish a token for every running request at
+    one time, the meter is sampled at 10 Hz and read at each report. Right after a request's
+    report the same split is made from its plain definitions: the full cut of the log, the
+    monitor's own window reads, `split_by_token_work` per window.
+    """
+    from joulecap.runtime.energy.accounting import BatchedAccounting
+    from joulecap.runtime.energy.config import EnergyConfig
+    from joulecap.runtime.energy.monitor import EnergyMonitor
+    from joulecap.runtime.energy.worklog import attribute
+    from joulecap.runtime.types import PhaseTimes, Prediction
+
+    rng = random.Random(seed)
+    meter = _Counter()
+    monitor = EnergyMonitor(meter, EnergyConfig(idle_baseline_s=0.0))  # type: ignore[arg-type]
+    log = WorkLog()
+    costs = (0.003, 0.01)
+    acc = BatchedAccounting(monitor, log, lambda: costs)
+    pairs = []
+    t, next_sample = 1.0, 1.0
+
+    def advance(to: float) -> None:
+        nonlocal next_sample
+        while next_sample <= to:
+            meter.now = next_sample
+            monitor.sampler.sample_now()
+            next_sample += 0.1
+
+    for batch in range(2):
+        pending = [f"r{batch}-{i}" for i in range(rng.randint(4, 16))]
+        running: dict[str, list[Any]] = {}
+        while pending or running:
+            while pending and len(running) < 4:
+                rid = pending.pop(0)
+                advance(t)
+                meter.now += 1e-6
+                run = acc.start(rid, None)
+                log.busy(rid)
+                log.begin(rid, t - rng.choice([0.0, 0.0005, 0.002]))
+                running[rid] = [run, log.events()[-1].t_s, None, rng.randint(1, 12)]
+            t += rng.uniform(0.002, 0.006)
+            advance(t)
+            for rid, state in list(running.items()):
+                first = state[2] is None
+                log.record(rid, prefill_tokens=80 if first else 0, decode_tokens=0 if first else 1, t_s=t)
+                state[2] = t if first else state[2]
+                state[3] -= 1
+                if state[3] > 0:
+                    continue
+                run, start, first_s, _ = running.pop(rid)
+                log.end(rid, t)
+                end = t + rng.uniform(0.0001, 0.001)
+                meter.now = max(meter.now + 1e-6, end + 1e-5)
+                report = run.report(PhaseTimes(start, first_s, end), Prediction(0.2, 0.05, 0.15))
+                plain = attribute(
+                    rid,
+                    [w for w in windows(log.events(start - 1.0, end)) if rid in w.work],
+                    monitor.energy_between,
+                    prefill_cost=costs[0],
+                    decode_cost=costs[1],
+                    idle_power_w=monitor.idle_power_w,
+                )
+                pairs.append((report, plain))
+        t += rng.uniform(0.05, 3.0)  # idle between batches
+    return pairs
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_batched_report_is_the_plain_split_of_its_windows_to_the_last_bit(seed: int) -> None:
+    # The report path reads each window and splits it once for all of its requests (cached
+    # figures, shared step groups); every number must be what the plain definitions give.
+    pairs = _replay_batches(seed)
+    assert pairs
+    for report, plain in pairs:
+        assert report.source == "measured" and "split by token work" in report.note
+        assert report.total_j == plain.total_j and report.prefill_j == plain.prefill_j
+        assert report.decode_j == plain.total_j - plain.prefill_j and report.idle_j == plain.idle_j
+        assert f"{plain.windows} engine step window(s), {plain.shared_windows} shared" in report.note
+
+
+def test_a_window_is_split_once_for_all_its_requests_and_again_when_its_work_grows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from joulecap.runtime.energy import accounting
+    from joulecap.runtime.energy.attribution import TokenWork
+    from joulecap.runtime.energy.worklog import Window
+
+    splits: list[Window] = []
+    plain = accounting.split_window
+    monkeypatch.setattr(accounting, "split_window", lambda w, *a: splits.append(w) or plain(w, *a))
+    acc = accounting.BatchedAccounting(None, WorkLog(), lambda: (1.0, 1.0))  # type: ignore[arg-type]
+    step = Window(0.0, 1.0, {"a": TokenWork(0, 1), "b": TokenWork(3, 0)})
+    assert acc.window_shares(step, 2.0, 1.0, 1.0) == {"a": 0.5, "b": 1.5}
+    assert acc.window_shares(Window(0.0, 1.0, dict(step.work)), 2.0, 1.0, 1.0) == {"a": 0.5, "b": 1.5}
+    assert len(splits) == 1  # the second request of the window reused the first's split
+    grown = Window(0.0, 1.0, {**step.work, "c": TokenWork(0, 4)})  # a late output of the same step
+    assert acc.window_shares(grown, 2.0, 1.0, 1.0) == {"a": 0.25, "b": 0.75, "c": 1.0}
+    assert acc.window_shares(step, 2.0, 2.0, 1.0) == pytest.approx({"a": 2 / 7, "b": 12 / 7})  # other costs
+    assert acc.window_shares(step, 3.0, 1.0, 1.0) == {"a": 0.75, "b": 2.25}  # another figure
+    assert len(splits) == 4
+
+
+# ---------------------------------------------------------------------------------------- the meter
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_process_tree_clock_reads_a_child_as_psutil_does() -> None:
+    import subprocess
+
+    import psutil
+
+    from joulecap.runtime.energy.estimate import ProcessTreeCpuClock
+
+    spin = "import time\nt=time.process_time()\nwhile time.process_time()-t<0.2: pass\ntime.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", spin])
+    clock = ProcessTreeCpuClock()
+    try:
+        proc = psutil.Process(child.pid)
+        deadline = time.monotonic() + 20
+        while sum(proc.cpu_times()[:2]) < 0.2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.05)  # asleep now: its times stay put
+        times = proc.cpu_times()
+        assert clock._child_seconds(proc) == times.user + times.system
+        clock()
+        assert child.pid in clock._stat_fds
+    finally:
+        child.kill()
+        child.wait()
+    clock()  # exited: its last reading stays, the read that failed is skipped
+    assert clock._children_s[child.pid] >= 0.2
+    clock.close()
+    assert not clock._stat_fds

@@ -20,12 +20,13 @@ import dataclasses
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Protocol, TypeVar
 
+from joulecap.runtime.energy.attribution import TokenWork
 from joulecap.runtime.energy.monitor import EnergyMonitor
 from joulecap.runtime.energy.sampler import WindowEnergy
-from joulecap.runtime.energy.worklog import WorkLog, attribute
+from joulecap.runtime.energy.worklog import Window, WorkLog, attribute, split_window
 from joulecap.runtime.types import EnergyReport, PhaseTimes, Prediction
 
 T = TypeVar("T")
@@ -200,6 +201,7 @@ class _BatchedRun(RunMeter):
         super().__init__(monitor, request_id, encode)
         self.log = accounting.log
         self.window_energy = accounting.window_energy
+        self.window_shares = accounting.window_shares
         # The costs only weigh one request's tokens against another's: fixed for the whole run.
         self.prefill_cost, self.decode_cost = accounting.costs()
 
@@ -225,6 +227,7 @@ class _BatchedRun(RunMeter):
                 prefill_cost=self.prefill_cost,
                 decode_cost=self.decode_cost,
                 idle_power_w=self.monitor.idle_power_w,
+                split=self.window_shares,
             )
         except Exception as exc:  # accuracy may suffer, the response must not
             return dataclasses.replace(
@@ -262,8 +265,12 @@ class BatchedAccounting(Accounting):
         self.log = log
         self._token_costs = token_costs
         # Concurrent requests share their step windows: each window is measured once and its
-        # figure reused by every request that worked in it (`window_energy`).
+        # figure reused by every request that worked in it (`window_energy`), and so is its split
+        # (`window_shares`): under batching every request of a window would otherwise redo it.
         self._measured: dict[tuple[float, float], WindowEnergy] = {}
+        self._split: dict[
+            tuple[float, float, float, float, float], tuple[Mapping[str, TokenWork], Mapping[str, float]]
+        ] = {}
         self._measured_lock = threading.Lock()
 
     def window_energy(self, t0_s: float, t1_s: float) -> WindowEnergy:
@@ -287,6 +294,28 @@ class BatchedAccounting(Accounting):
                 while len(self._measured) > _MAX_MEASURED:  # the oldest windows go first
                     del self._measured[next(iter(self._measured))]
         return measured
+
+    def window_shares(
+        self, window: Window, window_j: float, prefill_cost: float, decode_cost: float
+    ) -> Mapping[str, float]:
+        """`split_window(window, window_j, ...)`, computed once per window for all its requests.
+
+        The split is a function of the window's bounds, energy, costs and work: a figure is
+        reused only when all of them match (the work by identity, which the log's cached step
+        groups make the common case, else by value), so a window whose work grew since (a late
+        event at the same step) or a run weighing tokens at other costs is split afresh.
+        """
+        key = (window.t0_s, window.t1_s, window_j, prefill_cost, decode_cost)
+        with self._measured_lock:
+            known = self._split.get(key)
+        if known is not None and (known[0] is window.work or known[0] == window.work):
+            return known[1]
+        shares = split_window(window, window_j, prefill_cost, decode_cost)
+        with self._measured_lock:
+            self._split[key] = (window.work, shares)
+            while len(self._split) > _MAX_MEASURED:  # the oldest windows go first
+                del self._split[next(iter(self._split))]
+        return shares
 
     def costs(self) -> tuple[float, float]:
         """Per-token (prefill, decode) costs; plain token counts when they are not both positive."""

@@ -11,8 +11,10 @@ machine: the figure is this process tree's share, not the machine's. Always repo
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import psutil
@@ -37,6 +39,11 @@ class ProcessTreeCpuClock:
         self._children: list[Any] = []
         self._listed_at_s = -float("inf")
         self._proc = psutil.Process()
+        # On Linux each listed child's /proc/<pid>/stat stays open and is re-read in place: the
+        # same figures as psutil's `cpu_times` (which it parses the same way) at a fraction of
+        # the cost, paid on every meter read (requests read the meter as they start and end).
+        self._stat_fds: dict[int, int] = {}
+        self._ticks = float(os.sysconf("SC_CLK_TCK")) if sys.platform.startswith("linux") else 0.0
 
     def __call__(self) -> float:
         """Current CPU seconds of the process tree."""
@@ -47,15 +54,37 @@ class ProcessTreeCpuClock:
             # The process table can change under us; keep the last list then.
             with contextlib.suppress(Exception):
                 self._children = self._proc.children(recursive=True)
+                self._close_stats(keep={child.pid for child in self._children})
             self._listed_at_s = now
         for child in self._children:
             try:
-                times = child.cpu_times()
+                pid_s = self._child_seconds(child)
             except Exception:  # exited between listing and reading
                 continue
-            pid_s = times.user + times.system
             self._children_s[child.pid] = max(pid_s, self._children_s.get(child.pid, 0.0))
         return own_s + sum(self._children_s.values())
+
+    def _child_seconds(self, child: Any) -> float:
+        """A child's user + system CPU seconds (as `psutil.Process.cpu_times` gives them)."""
+        if not self._ticks:
+            times = child.cpu_times()
+            return float(times.user + times.system)
+        fd = self._stat_fds.get(child.pid)
+        if fd is None:
+            fd = self._stat_fds[child.pid] = os.open(f"/proc/{child.pid}/stat", os.O_RDONLY)
+        data = os.pread(fd, 4096, 0)  # read from the start: procfs writes the line afresh
+        # psutil's parse: the name (in parentheses) may hold spaces; utime and stime follow it.
+        fields = data[data.rfind(b")") + 2 :].split()
+        return float(fields[11]) / self._ticks + float(fields[12]) / self._ticks
+
+    def _close_stats(self, keep: Collection[int] = ()) -> None:
+        for pid in [pid for pid in self._stat_fds if pid not in keep]:
+            with contextlib.suppress(OSError):
+                os.close(self._stat_fds.pop(pid))
+
+    def close(self) -> None:
+        """Close the children's stat files."""
+        self._close_stats()
 
 
 class EstimateMeter:
@@ -116,4 +145,7 @@ class EstimateMeter:
         return facts
 
     def close(self) -> None:
-        """Nothing to release."""
+        """Release the CPU clock's open files, if it keeps any."""
+        close = getattr(self._cpu_clock, "close", None)
+        if close is not None:
+            close()

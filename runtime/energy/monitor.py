@@ -18,9 +18,12 @@ token..end) over the samples, adds the idle share and says where the figure came
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import itertools
 import logging
 import math
+import operator
 import threading
 import time
 from collections.abc import Callable
@@ -336,12 +339,19 @@ class EnergyMonitor:
         # busy stretch they chain into. Taken by falling start, one pass does it: an interval
         # passed over starts at or after the gap's end so far, and the end only moves earlier.
         # (Repeated passes in arrival order cost O(n) passes on a server that is never idle.)
+        ordered = sorted(intervals)
         gap_end = before_s
-        for a, b in sorted(intervals, reverse=True):
+        for a, b in reversed(ordered):
             if a < gap_end <= b:
                 gap_end = a
-        ends = [b for a, b in intervals if b <= gap_end]
-        return max([floor, *ends]), gap_end
+        # The gap starts at the latest end at or before its end. No interval holds `gap_end`, so
+        # those that start before it end before it, and one that starts at or after it ends at
+        # or before it only when it is (gap_end, gap_end): a prefix of `ordered`, plus that one.
+        k = bisect.bisect_left(ordered, (gap_end, -math.inf))
+        start = max(floor, max(map(operator.itemgetter(1), itertools.islice(ordered, k)), default=floor))
+        if k < len(ordered) and ordered[k] == (gap_end, gap_end):
+            start = max(start, gap_end)
+        return start, gap_end
 
     def _refresh_idle(self, request_start: float) -> None:
         if self.config.idle_refresh_s <= 0:

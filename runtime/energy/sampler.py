@@ -257,9 +257,14 @@ class Sampler:
             if len(t) == 0:
                 raise ValueError("no samples yet")
             counter = bool(self._counter)
-            e1 = _energy_at(t, p, e, t1_s, counter=counter)
-            e0 = _energy_at(t, p, e, t0_s, counter=counter)
-            inside = int(np.searchsorted(t, t1_s, side="right") - np.searchsorted(t, t0_s, side="left"))
+            # Each edge's index is searched once and shared by its energy and the sample count
+            # (a report splits every engine step's window: this runs many times per request).
+            r1 = int(t.searchsorted(t1_s, side="right"))
+            r0 = int(t.searchsorted(t0_s, side="right"))
+            e1 = _energy_at_index(t, p, e, t1_s, r1, counter)
+            e0 = _energy_at_index(t, p, e, t0_s, r0, counter)
+            # Sample times strictly increase: the left index of t0 is the right one less an equal.
+            inside = r1 - (r0 - 1 if r0 > 0 and t[r0 - 1] == t0_s else r0)
         return WindowEnergy(max(0.0, e1 - e0), inside)
 
     def mean_power(self, t0_s: float, t1_s: float) -> tuple[float, int]:
@@ -298,6 +303,28 @@ def _energy_at(t: np.ndarray, p: np.ndarray, e: np.ndarray, x: float, *, counter
         return float(e[i] + frac * (e[i + 1] - e[i]))
     px = p[i] + frac * (p[i + 1] - p[i])
     return float(e[i] + (x - t[i]) * (p[i] + px) / 2.0)
+
+
+def _energy_at_index(t: np.ndarray, p: np.ndarray, e: np.ndarray, x: float, r: int, counter: bool) -> float:
+    """`_energy_at(t, p, e, x)`, given `r = searchsorted(t, x, side="right")`.
+
+    The same operations in the same order, so the same figure to the last bit, on Python floats
+    rather than NumPy scalars (cheaper per operation).
+    """
+    t_first, t_last = float(t[0]), float(t[-1])
+    if x <= t_first:
+        return float(e[0]) - (t_first - x) * _finite(p[0])
+    if x >= t_last:
+        return float(e[-1]) + (x - t_last) * _finite(p[-1])
+    i = r - 1  # t[i] <= x < t[i+1]
+    t_i, t_j = float(t[i]), float(t[i + 1])
+    e_i, e_j = float(e[i]), float(e[i + 1])
+    frac = (x - t_i) / (t_j - t_i)
+    if counter:
+        return e_i + frac * (e_j - e_i)
+    p_i, p_j = float(p[i]), float(p[i + 1])
+    px = p_i + frac * (p_j - p_i)
+    return e_i + (x - t_i) * (p_i + px) / 2.0
 
 
 def _finite(x: float) -> float:

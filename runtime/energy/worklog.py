@@ -42,6 +42,8 @@ from joulecap.runtime.energy.attribution import TokenWork, split_by_token_work
 
 _MAX_TRACKED = 4096
 """Requests whose running totals are kept for `live_fraction` (oldest forgotten first)."""
+_MAX_STEPS = 16384
+"""Step groups whose work `windows_of` keeps for the other requests of the step."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,9 @@ class WorkLog:
         # Requests between `begin` and `end`, and when the last of them ended (`idle_throughout`).
         self._in_flight: set[str] = set()
         self._idle_since_s = -math.inf
+        # Per step time, its event count, first event and work (`_step_work`), which the step's
+        # requests share.
+        self._steps: dict[float, tuple[int, WorkEvent, dict[str, TokenWork]]] = {}
 
     def _count(self, event: WorkEvent) -> None:
         rid = event.request_id
@@ -236,15 +241,7 @@ class WorkLog:
             a, b = bisect.bisect_left(times, t, lo, hi), bisect.bisect_right(times, t, lo, hi)
             if a in (lo, b):
                 continue  # the first group read (no previous event opens its window), or dropped
-            work: dict[str, TokenWork] = {}
-            for e in events[a:b]:
-                if e.prefill_tokens or e.decode_tokens:
-                    w = work.get(e.request_id)
-                    work[e.request_id] = (
-                        TokenWork(e.prefill_tokens, e.decode_tokens)
-                        if w is None
-                        else TokenWork(w.prefill_tokens + e.prefill_tokens, w.decode_tokens + e.decode_tokens)
-                    )
+            work = self._step_work(t, a, b)
             # Walk back over begin-only groups: each ends a pending stretch owned here.
             stretches: list[tuple[float, float]] = []
             end = a  # the group before index `end` is the previous one
@@ -261,6 +258,28 @@ class WorkLog:
                     out.append(Window(s0, s1, owners))
             out.append(Window(times[a - 1], t, work))
         return out
+
+    def _step_work(self, t: float, a: int, b: int) -> Mapping[str, TokenWork]:
+        # Called with the lock held: the work of the events[a:b] at time `t`, per request. Every
+        # request of a step reads the same group, so it is built once and shared (read-only). A
+        # group only grows at its end (events are inserted after their equals) and the history
+        # drops whole groups, so the same first event and count mean the same events.
+        known = self._steps.get(t)
+        if known is not None and known[0] == b - a and known[1] is self._events[a]:
+            return known[2]
+        work: dict[str, TokenWork] = {}
+        for e in self._events[a:b]:
+            if e.prefill_tokens or e.decode_tokens:
+                w = work.get(e.request_id)
+                work[e.request_id] = (
+                    TokenWork(e.prefill_tokens, e.decode_tokens)
+                    if w is None
+                    else TokenWork(w.prefill_tokens + e.prefill_tokens, w.decode_tokens + e.decode_tokens)
+                )
+        self._steps[t] = (b - a, self._events[a], work)
+        while len(self._steps) > _MAX_STEPS:  # the oldest steps go first
+            del self._steps[next(iter(self._steps))]
+        return work
 
     def _arrived_before(self, request_id: str, t_s: float, read_from_s: float, now_s: float) -> bool:
         # `windows()` knows a begin only once its scan has passed it (read from `read_from_s` up to
@@ -347,6 +366,17 @@ def windows(events: Sequence[WorkEvent]) -> list[Window]:
     return out
 
 
+WindowSplit = Callable[[Window, float, float, float], Mapping[str, float]]
+"""`(window, window_j, prefill_cost, decode_cost) -> shares`: a window's energy split by token work."""
+
+
+def split_window(
+    window: Window, window_j: float, prefill_cost: float, decode_cost: float
+) -> Mapping[str, float]:
+    """`split_by_token_work` of one window's energy among the requests that worked in it."""
+    return split_by_token_work(window_j, window.work, prefill_cost=prefill_cost, decode_cost=decode_cost)
+
+
 def attribute(
     request_id: str,
     log_windows: Sequence[Window],
@@ -355,6 +385,7 @@ def attribute(
     prefill_cost: float,
     decode_cost: float,
     idle_power_w: float = 0.0,
+    split: WindowSplit = split_window,
 ) -> Share:
     """`request_id`'s share of every window it worked in.
 
@@ -365,6 +396,8 @@ def attribute(
         prefill_cost: Relative energy of a prefill token (the predictor's per-token prefill joules).
         decode_cost: Relative energy of a decode token.
         idle_power_w: Idle baseline; the idle share is split like the energy.
+        split: Splits a window's energy (`split_window`, or a cache of its results that every
+            request of a window reads: `BatchedAccounting.window_shares`).
 
     """
     total = prefill = idle = 0.0
@@ -377,10 +410,7 @@ def attribute(
         measured = energy_between(w.t0_s, w.t1_s)
         window_j = float(getattr(measured, "energy_j", measured))
         interpolated = interpolated or bool(getattr(measured, "interpolated", False))
-        shares = split_by_token_work(
-            max(0.0, window_j), w.work, prefill_cost=prefill_cost, decode_cost=decode_cost
-        )
-        share = shares[request_id]
+        share = split(w, max(0.0, window_j), prefill_cost, decode_cost)[request_id]
         total += share
         if mine.prefill_tokens > 0:
             prefill += share  # the step(s) that ran its prompt and produced its first token

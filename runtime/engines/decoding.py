@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -59,6 +60,43 @@ class TokenChooser:
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
+_KNOWN_WINDOW = 2
+"""Longest window head (in tokens) whose decoded text `StreamDetokenizer` remembers."""
+_MAX_KNOWN = 1 << 16
+"""Window heads remembered per tokenizer."""
+_DECODED: weakref.WeakKeyDictionary[Any, dict[tuple[int, ...], str]] = weakref.WeakKeyDictionary()
+
+
+def _decoded_windows(tokenizer: Any) -> dict[tuple[int, ...], str] | None:
+    """The tokenizer's remembered window-head texts (None when it cannot be weakly referenced)."""
+    try:
+        known = _DECODED.get(tokenizer)
+        if known is None:
+            known = _DECODED.setdefault(tokenizer, {})
+    except TypeError:
+        return None
+    return known
+
+
+def _plain_decode(tokenizer: Any) -> Any:
+    """The tokenizer's `_decode` when its `decode` is Hugging Face's own, else None.
+
+    That `decode` converts the ids to a Python list (`to_py_obj`: a copy, for a list of ints)
+    and returns `_decode` of them; its conversion checks every id on every call, twice per
+    generated token. The ids here are already a list of ints, so `_decode` gives the same text.
+    A tokenizer class that overrides `decode` keeps it.
+    """
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+    except ImportError:  # pragma: no cover - transformers is a core dependency
+        return None
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        return None
+    if type(tokenizer).decode is not PreTrainedTokenizerBase.decode:
+        return None
+    return getattr(tokenizer, "_decode", None)
+
+
 class StreamDetokenizer:
     """Turns a growing list of token ids into text deltas whose concatenation is the final text.
 
@@ -77,16 +115,35 @@ class StreamDetokenizer:
         self.emitted: list[str] = []
         self._prefix = 0
         self._read = 0
+        self._known = _decoded_windows(tokenizer)
+        self._plain_decode = _plain_decode(tokenizer)
 
     def _decode(self, ids: list[int]) -> str:
+        if self._plain_decode is not None:
+            return str(self._plain_decode(token_ids=ids, skip_special_tokens=True))
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def _decode_prefix(self) -> str:
+        # The window's head is almost always the previous token alone: the same few ids recur
+        # across requests, and decoding is a pure function of them, so their text is remembered
+        # (one `decode` per token instead of two).
+        ids = self.ids[self._prefix : self._read]
+        if self._known is None or len(ids) > _KNOWN_WINDOW:
+            return self._decode(ids)
+        key = tuple(ids)
+        text = self._known.get(key)
+        if text is None:
+            text = self._decode(ids)
+            if len(self._known) < _MAX_KNOWN:
+                self._known[key] = text
+        return text
 
     def push(self, token_id: int, *, final: bool = False) -> str:
         """Add a token; return the text it makes available (`final` flushes everything)."""
         self.ids.append(token_id)
         if final:
             return self._flush()
-        prefix_text = self._decode(self.ids[self._prefix : self._read])
+        prefix_text = self._decode_prefix()
         new_text = self._decode(self.ids[self._prefix :])
         if len(new_text) > len(prefix_text) and not new_text.endswith(_REPLACEMENT):
             delta = new_text[len(prefix_text) :]

@@ -36,7 +36,7 @@ async def pump(
     vllm_id: str,
     request_id: str,
     prefill: int,
-    out: queue.Queue[Any],
+    out: queue.SimpleQueue[Any],
 ) -> None:
     """Forward vLLM's outputs to the caller's queue and log the token work at step times."""
     first = True
