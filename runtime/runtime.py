@@ -273,9 +273,9 @@ class Runtime:
             plan, self.predictor.decode_j_per_token(), meter.energy_so_far_j,
             self.learner.first_step.value(), meter.measurement_is_current,
         )  # fmt: skip
-        hooks = RunHooks(
-            on_token=on_token, should_stop=governor.should_stop, cancelled=cancelled or threading.Event()
-        )
+        # A governor without a budget never stops a run and keeps no state: no per-token call.
+        should_stop = None if governor.budget_j is None else governor.should_stop
+        hooks = RunHooks(on_token=on_token, should_stop=should_stop, cancelled=cancelled or threading.Event())
         try:
             generation = self.engine.run(prepared, plan, hooks)
         except Exception as exc:
