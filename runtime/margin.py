@@ -68,14 +68,15 @@ class RobustOvershoot:
         self.cap = cap
         self.z = z
         self.min_samples = min_samples
-        self._overshoot: deque[float] = deque(maxlen=window)
-        self._tail: deque[float] = deque(maxlen=max(window, tail_window))
+        self.window = window
+        # One history serves both readings: the fit reads its last `window`, quantiles all of it.
+        self._history: deque[float] = deque(maxlen=max(window, tail_window))
         self._lock = threading.Lock()
-        # Quantiles some view reads, recomputed on each observation (not on each plan).
-        self._quantiles: dict[float, float] = {}
         # Recomputed when a run is observed, not on every plan: planning is the hot path.
-        # (median, robust sigma) of the window, replaced whole so a reader never mixes two fits.
+        # (median, robust sigma) of the window, replaced whole so a reader never mixes two fits;
+        # the quantiles some view reads (`at`), replaced whole likewise.
         self._fit: tuple[float, float] | None = None
+        self._quantiles: dict[float, float] = {}
 
     def observe(self, predicted_j: float, measured_j: float) -> None:
         """Record one warm run's predicted and measured energy (ignored unless both are positive)."""
@@ -84,15 +85,21 @@ class RobustOvershoot:
         if predicted_j <= 0 or measured_j <= 0:
             return
         with self._lock:
-            self._overshoot.append(measured_j / predicted_j - 1.0)
-            self._tail.append(measured_j / predicted_j - 1.0)
-            if len(self._overshoot) >= self.min_samples:
-                x = np.fromiter(self._overshoot, float)
-                median = float(np.median(x))
-                self._fit = (median, MAD_TO_SIGMA * float(np.median(np.abs(x - median))))
-                if self._quantiles:
-                    tail = np.fromiter(self._tail, float)
-                    self._quantiles = {q: float(np.quantile(tail, q)) for q in self._quantiles}
+            self._history.append(measured_j / predicted_j - 1.0)
+            self._refit()
+
+    def _refit(self) -> None:
+        # Called with the lock held: the fit and the registered quantiles, once `min_samples`
+        # runs of the window are seen.
+        n = len(self._history)
+        if min(n, self.window) < self.min_samples:
+            return
+        history = np.fromiter(self._history, float, count=n)
+        x = history[max(0, n - self.window) :]
+        median = float(np.median(x))
+        self._fit = (median, MAD_TO_SIGMA * float(np.median(np.abs(x - median))))
+        if self._quantiles:
+            self._quantiles = {q: float(np.quantile(history, q)) for q in self._quantiles}
 
     def value(self) -> float:
         """The current estimate."""
@@ -129,18 +136,18 @@ class RobustOvershoot:
             if not 0.0 < quantile <= 1.0:
                 raise ValueError(f"quantile must be in (0, 1], got {quantile}")
             with self._lock:
-                if quantile not in self._quantiles and self._tail:
-                    self._quantiles[quantile] = float(np.quantile(np.fromiter(self._tail, float), quantile))
-                else:
-                    self._quantiles.setdefault(quantile, -math.inf)
+                if quantile not in self._quantiles:
+                    # Registered below any reading until the window is read again, now.
+                    self._quantiles = {**self._quantiles, quantile: -math.inf}
+                    self._refit()
         return OvershootAt(self, z, quantile)
 
     def stats(self, z: float | None = None, quantile: float | None = None) -> dict[str, float | int | None]:
         """Observations held and the current value (for the profile endpoint and benchmarks)."""
         z = self.z if z is None else z
         with self._lock:
-            n = len(self._overshoot)
-            tail_n = len(self._tail)
+            tail_n = len(self._history)
+        n = min(tail_n, self.window)
         out: dict[str, float | int | None] = {
             "value": self.value_at(z, quantile),
             "samples": n,
