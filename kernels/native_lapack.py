@@ -19,7 +19,8 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -90,6 +91,16 @@ def _checked(a: np.ndarray) -> _Lib:
     return lib
 
 
+@contextmanager
+def _one_thread(lib: _Lib) -> Iterator[None]:
+    # This thread's OpenBLAS calls run on one thread; the caller's setting comes back after.
+    previous = lib.set_threads_local(1)
+    try:
+        yield
+    finally:
+        lib.set_threads_local(previous)
+
+
 def _syrk(lib: _Lib, a: np.ndarray) -> np.ndarray:
     m, n = a.shape
     g = np.zeros((m, m), dtype=a.dtype)
@@ -109,11 +120,8 @@ def gram(a: np.ndarray) -> np.ndarray:
 
     """
     lib = _checked(a)
-    previous = lib.set_threads_local(1)
-    try:
+    with _one_thread(lib):
         return _syrk(lib, a)
-    finally:
-        lib.set_threads_local(previous)
 
 
 def gram_eigenvalues(a: np.ndarray) -> np.ndarray:
@@ -132,12 +140,9 @@ def gram_eigenvalues(a: np.ndarray) -> np.ndarray:
     w = np.empty(m, dtype=a.dtype)
     if m == 0:
         return w
-    previous = lib.set_threads_local(1)
-    try:
+    with _one_thread(lib):
         g = _syrk(lib, a)
         info = lib.syevd[a.dtype.name](_COL_MAJOR, b"N", b"L", m, g.ctypes.data, m, w.ctypes.data)
-    finally:
-        lib.set_threads_local(previous)
     if info != 0:
         raise RuntimeError(f"LAPACKE_?syevd failed (info={info})")
     return w
