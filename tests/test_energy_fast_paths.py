@@ -177,7 +177,20 @@ def test_a_window_s_integral_is_its_definition_to_the_last_bit(seed: int) -> Non
     import numpy as np
 
     from joulecap.runtime.energy.base import MeterReading
-    from joulecap.runtime.energy.sampler import Sampler, _energy_at
+    from joulecap.runtime.energy.sampler import Sampler, _finite
+
+    def _energy_at(t: Any, p: Any, e: Any, x: float, *, counter: bool) -> float:
+        # The definition in NumPy scalars, independent of the sampler's Python-float path.
+        if x <= t[0]:
+            return float(e[0] - (t[0] - x) * _finite(p[0]))
+        if x >= t[-1]:
+            return float(e[-1] + (x - t[-1]) * _finite(p[-1]))
+        i = int(np.searchsorted(t, x, side="right")) - 1  # t[i] <= x < t[i+1]
+        frac = (x - t[i]) / (t[i + 1] - t[i])
+        if counter:
+            return float(e[i] + frac * (e[i + 1] - e[i]))
+        px = p[i] + frac * (p[i + 1] - p[i])
+        return float(e[i] + (x - t[i]) * (p[i] + px) / 2.0)
 
     rng = random.Random(seed)
     counter = rng.random() < 0.5

@@ -289,27 +289,17 @@ class Sampler:
 
 
 def _energy_at(t: np.ndarray, p: np.ndarray, e: np.ndarray, x: float, *, counter: bool) -> float:
-    n = len(t)
-    if n == 0:
+    if len(t) == 0:
         raise ValueError("no samples yet")
-    if x <= t[0]:
-        return float(e[0] - (t[0] - x) * _finite(p[0]))
-    if x >= t[-1]:
-        return float(e[-1] + (x - t[-1]) * _finite(p[-1]))
-    i = int(np.searchsorted(t, x, side="right")) - 1  # t[i] <= x < t[i+1]
-    dt = t[i + 1] - t[i]
-    frac = (x - t[i]) / dt
-    if counter:
-        return float(e[i] + frac * (e[i + 1] - e[i]))
-    px = p[i] + frac * (p[i + 1] - p[i])
-    return float(e[i] + (x - t[i]) * (p[i] + px) / 2.0)
+    return _energy_at_index(t, p, e, x, int(t.searchsorted(x, side="right")), counter)
 
 
 def _energy_at_index(t: np.ndarray, p: np.ndarray, e: np.ndarray, x: float, r: int, counter: bool) -> float:
-    """`_energy_at(t, p, e, x)`, given `r = searchsorted(t, x, side="right")`.
+    """Energy counter at `x`, given `r = searchsorted(t, x, side="right")`.
 
-    The same operations in the same order, so the same figure to the last bit, on Python floats
-    rather than NumPy scalars (cheaper per operation).
+    Interpolated between the samples around `x` (linearly for a counter, else by the trapezoid
+    of the interpolated power), extended flat in power outside the buffer. On Python floats
+    rather than NumPy scalars: cheaper per operation, the same IEEE arithmetic.
     """
     t_first, t_last = float(t[0]), float(t[-1])
     if x <= t_first:
