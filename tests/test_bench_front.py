@@ -13,7 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def front() -> Any:
-    sys.path.insert(0, str(REPO))
+    if str(REPO) not in sys.path:
+        sys.path.append(str(REPO))  # last: the root's kernels/ must not shadow installed packages
     from benchmarks import _front
 
     return _front

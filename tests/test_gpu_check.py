@@ -16,7 +16,9 @@ import pytest
 from _factories import REPO
 
 if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # benchmarks/ is a folder of scripts, not an installed package
+    # benchmarks/ is a folder of scripts, not an installed package; last, so that the root's
+    # kernels/ does not shadow installed packages (see benchmarks/__init__.py)
+    sys.path.append(str(REPO))
 
 from benchmarks import gpu_check as gc
 
