@@ -31,26 +31,29 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 def idefics3_counts(processor: Any, text: str, images: Sequence[Any]) -> tuple[int, tuple[int, ...]] | None:
     """Prompt tokens and per-image visual tokens of `text` (chat-templated, one `<image>` per image).
 
-    Returns None when the rule does not apply (no `_get_num_multimodal_tokens`, an empty image,
-    or a placeholder count that does not match the images).
+    Returns None when the rule does not apply (no `replace_image_token`, an empty image, or a
+    placeholder count that does not match the images). Each `<image>` is expanded with the
+    processor's own `replace_image_token` and the result tokenised once: its
+    `_get_num_multimodal_tokens` changed meaning between transformers 5.24 (the whole block) and
+    5.25 (the image tokens alone).
     """
-    if not hasattr(processor, "_get_num_multimodal_tokens"):
+    if not hasattr(processor, "replace_image_token"):
         return None
     sizes = [(int(img.height), int(img.width)) for img in images]
     if any(h <= 0 or w <= 0 for h, w in sizes):
         return None
     tokenizer = processor.tokenizer
-    ids = tokenizer(text)["input_ids"]  # as the processor tokenises (its default special tokens)
-    image_id = tokenizer.convert_tokens_to_ids("<image>")
-    if sum(1 for t in ids if t == image_id) != len(images):
+    parts = text.split(processor.image_token)
+    if len(parts) != len(images) + 1:
         return None
-    block = processor._get_num_multimodal_tokens(image_sizes=sizes)["num_image_tokens"]
     seq_len = int(processor.image_seq_len)
-    visual = []
-    for h, w in sizes:
+    expanded, visual = [parts[0]], []
+    for (h, w), after in zip(sizes, parts[1:], strict=True):
         _, rows, cols = processor.image_processor.get_number_of_image_patches(h, w, {})  # its own settings
+        expanded += [processor.replace_image_token({"rows": [[rows]], "cols": [[cols]]}, 0), after]
         visual.append(seq_len * (rows * cols + 1 if rows > 0 else 1))
-    return len(ids) - len(images) + sum(int(n) for n in block), tuple(visual)
+    ids = tokenizer("".join(expanded))["input_ids"]  # as the processor tokenises (its default special tokens)
+    return len(ids), tuple(visual)
 
 
 RULES = {"idefics3": idefics3_counts}
