@@ -29,6 +29,25 @@ only above a short side of 2048 and may return a larger k.
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "kernels":  # found as a top-level `kernels`, not as `joulecap.kernels`
+    # The repository root is ahead of site-packages on sys.path (`python -c` or `-m` run from the
+    # root), and this folder answered `import kernels`. That name is Hugging Face's `kernels`
+    # package, which transformers imports: hand the import over to the installed one, if any.
+    import importlib.machinery
+    import importlib.util
+    import os
+
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _rest = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
+    _spec = importlib.machinery.PathFinder.find_spec("kernels", _rest)
+    if _spec is not None and _spec.loader is not None:
+        _installed = importlib.util.module_from_spec(_spec)
+        # The import statement returns what sys.modules holds once this file has run.
+        sys.modules["kernels"] = _installed
+        _spec.loader.exec_module(_installed)
+
 import torch
 
 from joulecap.kernels.dispatch import resolve_impl, torch_budget

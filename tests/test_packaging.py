@@ -79,3 +79,37 @@ def test_installed_package_imports_under_namespace() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd="/")
     assert out.stdout.strip() == "None None"
+
+
+def test_the_root_kernels_folder_hands_over_to_an_installed_kernels(tmp_path: Path) -> None:
+    # `python -c`/`-m` run from the repository root put the root first on sys.path, where this
+    # repository's kernels/ answers `import kernels`: Hugging Face's package of that name (which
+    # transformers imports) must still be the one imported, submodules included.
+    site = tmp_path / "site"
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text("WHO = 'installed'\n")
+    (site / "kernels" / "layer.py").write_text("WHO = 'installed layer'\n")
+    code = "import kernels, kernels.layer; print(kernels.WHO, '|', kernels.layer.WHO)"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "installed | installed layer"
+    # With none installed, the folder stays importable as it was (nothing is hidden).
+    alone = subprocess.run(
+        [sys.executable, "-c", "import kernels; print(kernels.__file__)"],
+        cwd=REPO,
+        env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert alone.returncode == 0, alone.stderr
+    assert Path(alone.stdout.strip()) == REPO / "kernels" / "__init__.py"
