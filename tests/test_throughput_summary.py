@@ -75,3 +75,12 @@ def test_geomean_interval_and_target_verdicts() -> None:
     assert result["output_budget"]["target_met"] and result["output_budget"]["target_met_with_confidence"]
     assert result["output_budget"]["paired_ratio_median"] >= TARGET_RATIO
     assert "No GPU" in result["notes"] and "joint" not in result  # only the sides that ran
+
+
+def test_model_and_shape_are_refused_together_before_vllm_is_needed(capsys: Any) -> None:
+    from benchmarks.throughput import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--model", "/nonexistent", "--shape", "smolvlm-256m"])
+    assert exited.value.code == 2
+    assert "--model and --shape are exclusive" in capsys.readouterr().err
