@@ -21,19 +21,33 @@ def geomean_ci95(ratios: Sequence[float]) -> list[float] | None:
     return [math.exp(mean), math.exp(mean - 1.96 * se), math.exp(mean + 1.96 * se)]
 
 
-def cpu_notes(machine: dict[str, Any]) -> str:
-    """What a reader must know about a run on a CPU without a GPU."""
-    if machine.get("gpu") != "no GPU available":
+def cpu_notes(result: dict[str, Any]) -> str:
+    """What a reader must know about a run on a CPU without a GPU (the sides and options it had)."""
+    if result["machine"].get("gpu") != "no GPU available":
         return ""
-    return (
+    systems = {r["system"] for r in result["runs"]}
+    notes = [
         "No GPU was available for this run. On this CPU, vLLM's engine-core process and joulecap's "
         "threads share 2 cores with other jobs (load_avg_1_5_15 in machine): the paired ratios "
         "range widely from repeat to repeat; paired_ratio_geomean_ci95 is [geometric mean, 95% low, "
-        "95% high]. native_engine is the engine's native path without the Runtime: the gap between "
-        "it and output_budget is the Runtime's own cost. The estimate meter is a power model "
-        "(base watts plus watts per CPU-second of this process tree, vLLM's engine core included), "
-        "not a measurement; joint's budget is unset (tau pruning only): see the module docstring."
-    )
+        "95% high].",
+        "The estimate meter is a power model (base watts plus watts per CPU-second of this process "
+        "tree, vLLM's engine core included), not a measurement.",
+    ]
+    if "native_engine" in systems:
+        notes.append(
+            "native_engine is the engine's native path without the Runtime: the gap between it and "
+            "output_budget is the Runtime's own cost."
+        )
+    if systems & {"joint", "joint_unlocked"}:
+        fraction = result.get("workload", {}).get("joint_budget_fraction")
+        notes.append(
+            "joint's budget is unset (tau pruning only): see the module docstring."
+            if fraction is None
+            else f"joint's budget binds: {fraction} of the way from its smallest plan to keep-all, "
+            "recomputed before every joint batch (workload.joint_budgets_per_batch)."
+        )
+    return " ".join(notes)
 
 
 def summarize_sides(result: dict[str, Any]) -> None:
@@ -41,7 +55,7 @@ def summarize_sides(result: dict[str, Any]) -> None:
     order = [BARE, *[s for s in SIDES[1:] if any(r["system"] == s for r in result["runs"])]]
     for side in order:
         result[side] = side_summary(result["runs"], side)
-    result["notes"] = cpu_notes(result["machine"])
+    result["notes"] = cpu_notes(result)
     ob = result.get("output_budget")
     if ob is not None:
         ci = ob["paired_ratio_geomean_ci95"]

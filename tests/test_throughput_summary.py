@@ -84,3 +84,21 @@ def test_model_and_shape_are_refused_together_before_vllm_is_needed(capsys: Any)
         main(["--model", "/nonexistent", "--shape", "smolvlm-256m"])
     assert exited.value.code == 2
     assert "--model and --shape are exclusive" in capsys.readouterr().err
+
+
+def test_the_notes_describe_the_sides_and_options_that_ran() -> None:
+    from benchmarks._throughput_summary import summarize_sides
+
+    cpu = {"gpu": "no GPU available"}
+    runs = [_row(BARE, 0, 100.0), _row("output_budget", 0, 90.0), _row("joint", 0, 50.0)]
+    bound: dict[str, Any] = {"runs": runs, "machine": cpu, "workload": {"joint_budget_fraction": 0.5}}
+    summarize_sides(bound)
+    assert "joint's budget binds: 0.5 of the way" in bound["notes"] and "unset" not in bound["notes"]
+    assert "native_engine" not in bound["notes"]  # it did not run
+    more = [*runs, _row("native_engine", 0, 95.0)]
+    unbound: dict[str, Any] = {"runs": more, "machine": cpu, "workload": {}}
+    summarize_sides(unbound)
+    assert "joint's budget is unset" in unbound["notes"] and "native_engine is" in unbound["notes"]
+    gpu: dict[str, Any] = {"runs": runs, "machine": {"gpu": "NVIDIA H200"}}
+    summarize_sides(gpu)
+    assert gpu["notes"] == ""

