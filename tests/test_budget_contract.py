@@ -249,12 +249,12 @@ def test_a_burst_after_a_minute_idle_is_served_accounted_and_does_not_ratchet(
         sum(r["measured_j"] for r in rows)
     )
     # The cold first run taught nothing, and the same question's minimum moves with the learned
-    # error only. How far the margin moves is the meter's noise: a tiny model's prefill lasts a few
-    # milliseconds, and under a burst on two shared cores its estimated energy varied from -70% to
-    # +200% of the prediction here, so one burst can legitimately reach the cap. That the margin
-    # never ratchets (it follows the window's median and comes back down) is test_margin's.
+    # error only. How far the margin moves is the meter's noise, not checked here: a tiny model's
+    # prefill lasts a few milliseconds, and under a burst on two shared cores its estimated energy
+    # varied from -70% to +200% of the prediction, so one burst can legitimately reach the cap.
+    # That the margin never ratchets (it follows the window's median and comes back down) is
+    # test_margin's, on fixed errors.
     learned = runtime.learner.margin.stats()
     assert learned["samples"] - learned_before <= len(answered) - 1
-    assert learned["floor"] <= learned["cap"] and -0.5 <= learned["value"] <= learned["cap"]
     after = _post(server, body, budget_j=10 * before, path="/v1/energy/estimate").json()
     assert after["feasible"] and after["margin"] == pytest.approx(learned["value"], abs=1e-6)
