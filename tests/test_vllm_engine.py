@@ -421,10 +421,13 @@ def test_concurrent_requests_are_batched_and_energy_is_split_by_token_work(
 
 
 def test_concurrent_pruned_requests_share_an_encode_batch(
-    hf: TransformersEngine, vllm_engine: VLLMEngine
+    hf: TransformersEngine, vllm_engine: VLLMEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Requests of a pruning policy arriving together share one vision-tower call; one whose client
     left while its image was in the batch ends aborted with its share kept, the others answer."""
+    # The default 4 ms window is about the GIL's switch interval: on a loaded machine four threads
+    # released together can reach it one by one. 0.3 s makes "arriving together" hold here too.
+    monkeypatch.setattr(vllm_engine._encoder.collector, "window_s", 0.3)
     requests = [_request(1, f"Question {i}?", rid=f"chatcmpl-eb{i}") for i in range(4)]
     keeps = [(20,), (64,), (8,), (33,)]
     expected = [
