@@ -45,8 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # a script: benchmarks/ (sys.path[0]) and the root shadow HF `kernels`
-    sys.path[:] = [*sys.path[1:], str(Path(__file__).resolve().parents[1])]  # root last
+if __package__ in (None, ""):  # run as a script: benchmarks/ is sys.path[0], use the repository root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "gpu"

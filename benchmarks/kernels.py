@@ -43,8 +43,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # a script: benchmarks/ (sys.path[0]) and the root shadow HF `kernels`
-    sys.path[:] = [*sys.path[1:], str(Path(__file__).resolve().parents[1])]  # root last
+if __package__ in (None, ""):  # run as a script, benchmarks/ is sys.path[0] and its kernels.py
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # shadows HF `kernels`: use the root
 
 import numpy as np
 import torch

@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):  # a script: benchmarks/ (sys.path[0]) and the root shadow HF `kernels`
-    sys.path[:] = [*sys.path[1:], str(REPO)]  # root last
+if __package__ in (None, ""):  # run as a script, benchmarks/ is sys.path[0] and its kernels.py
+    sys.path[0] = str(REPO)  # shadows HF `kernels`: use the root
 
 import httpx  # noqa: E402
 import psutil  # noqa: E402

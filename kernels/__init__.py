@@ -33,8 +33,10 @@ import sys
 
 if __name__ == "kernels":  # found as a top-level `kernels`, not as `joulecap.kernels`
     # The repository root is ahead of site-packages on sys.path (`python -c` or `-m` run from the
-    # root), and this folder answered `import kernels`. That name is Hugging Face's `kernels`
-    # package, which transformers imports: hand the import over to the installed one, if any.
+    # root, the benchmark scripts, tests importing `benchmarks`), and this folder answered
+    # `import kernels`. That name is Hugging Face's `kernels` package, which transformers imports
+    # (5.25 installs it): hand the import over to the installed one, if any. One mechanism here
+    # serves every way of running from the root.
     import importlib.machinery
     import importlib.util
     import os

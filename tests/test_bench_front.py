@@ -13,8 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def front() -> Any:
-    if str(REPO) not in sys.path:
-        sys.path.append(str(REPO))  # last: the root's kernels/ must not shadow installed packages
+    sys.path.insert(0, str(REPO))
     from benchmarks import _front
 
     return _front

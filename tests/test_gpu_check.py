@@ -16,9 +16,7 @@ import pytest
 from _factories import REPO
 
 if str(REPO) not in sys.path:
-    # benchmarks/ is a folder of scripts, not an installed package; last, so that the root's
-    # kernels/ does not shadow installed packages (see benchmarks/__init__.py)
-    sys.path.append(str(REPO))
+    sys.path.insert(0, str(REPO))  # benchmarks/ is a folder of scripts, not an installed package
 
 from benchmarks import gpu_check as gc
 
