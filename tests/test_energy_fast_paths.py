@@ -384,3 +384,27 @@ def test_the_process_tree_clock_reads_a_child_as_psutil_does() -> None:
     assert clock._children_s[child.pid] >= 0.2
     clock.close()
     assert not clock._stat_fds
+
+
+def test_the_process_tree_clock_leaves_its_own_listing_out() -> None:
+    # Listing the children scans the process table; counted, that CPU would land on whichever
+    # request window opened at the read. A listing that burns 50 ms shows as 50 ms of process CPU
+    # and not in the clock.
+    from joulecap.runtime.energy.estimate import ProcessTreeCpuClock
+
+    class SlowTable:
+        def children(self, recursive: bool = False) -> list[object]:
+            start = time.thread_time()
+            while time.thread_time() - start < 0.05:
+                pass
+            return []
+
+    clock = ProcessTreeCpuClock()
+    clock._proc = SlowTable()  # type: ignore[assignment]
+    first = clock()
+    cpu_before = time.process_time()
+    clock._listed_at_s = -float("inf")  # the next read lists again
+    second = clock()
+    assert time.process_time() - cpu_before >= 0.05
+    assert 0.0 <= second - first < 0.02
+    assert clock._listing_s >= 0.1  # both listings, left out
