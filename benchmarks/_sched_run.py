@@ -84,7 +84,10 @@ def run_request(rt: Any, item: Item, budget: float | None, policy: str) -> dict[
         policy=policy,
     )
     # `estimate` encodes and plans as `chat` does, and hands back the prepared request of a
-    # refusal too; `run_planned` then runs, records and learns exactly as `chat` would.
+    # refusal too; `run_planned` then runs, records and learns exactly as `chat` would. One
+    # difference: `estimate` always decomposes a request that may be pruned, where `chat` under
+    # `answers_first` skips that when the budget pays for every visual token (the same plan, at
+    # the decomposition's energy less); refusals and binding budgets decompose either way.
     prepared, plan, refusal = rt.estimate(request)
     if refusal is not None:
         smallest = smallest_plan(rt, prepared, policy)

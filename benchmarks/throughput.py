@@ -261,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         model = args.model or str(build_tiny_vllm_model(work / "tiny-idefics3-hd32"))
     runtime = build_runtime(args, model, work)
     engine = runtime.engine
-    locked = runtime._prepare_lock
+    locked = runtime.encoding.lock
     rows: list[dict[str, Any]] = []
     # Every run gets images and prompts no run has seen: vLLM's prefix and multimodal caches would
     # otherwise favour whichever side sees a workload the second time.
@@ -314,11 +314,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         elif side == "output_budget":
             row = run_joulecap(runtime, items, args.max_tokens, "output_budget")
         else:
-            runtime._prepare_lock = _NoLock() if side == "joint_unlocked" else locked
+            runtime.encoding.lock = _NoLock() if side == "joint_unlocked" else locked
             try:
                 row = run_joulecap(runtime, items, args.max_tokens, "joint", budget_j, system=side)
             finally:
-                runtime._prepare_lock = locked
+                runtime.encoding.lock = locked
         add_meter_energy(runtime.monitor, row, t0, time.monotonic())
         return row
 

@@ -16,9 +16,14 @@ exact match (docs/policies.md has the measurements). So the plan gives up answer
    image, with the minimum answer; below that the request is refused (422) with the minimum joules
    the shared feasibility rule states for that smallest plan (`stated_min_j`).
 
-The governor holds the budget (`holds_budget`), and the engine decomposes images while preparing
-(`prunes_visual`) when the request has a budget, since steps 2-4 prune (`prunes`): without one the
-images are not decomposed, and on vLLM they go natively.
+The governor holds the budget (`holds_budget`). Steps 2-4 prune, so a request with a budget may
+need its images decomposed (`prunes`); without a budget they are not, and on vLLM they go
+natively. Step 1 needs no decomposition, so it is made first (`defers_bases`): where the engine
+can decompose later (the transformers engine), a request is prepared without it, and only when
+step 1 does not fit are its images decomposed (measured with the encode) and the request planned
+again. A budget that pays for every visual token thus pays nothing for pruning it did not use.
+A plan made that way states no minimum (`min_j` None): the smallest plan would have needed the
+decomposition, whose cost was not measured.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from joulecap.policies.base import (
 )
 from joulecap.policies.output_budget import budgeted_output
 from joulecap.policies.registry import register
+from joulecap.runtime.errors import BasesNeeded
 from joulecap.runtime.types import Plan, PreparedRequest, Request
 
 
@@ -58,6 +64,8 @@ class AnswersFirst(Policy):
             # plan needs, so a number stated from it would sit below what that request costs.
             reason = "answers_first: no budget, every visual token"
             return self.make_plan(prepared, ctx, full, cap, reason, min_j=None)
+        if prepared.bases_pending:
+            return self._keep_all_or_decompose(prepared, ctx, cap)
         spectral = spectral_keep(prepared, ctx)
         floors = tuple(min(k, ctx.config.visual_floor_tokens) for k in spectral)
         min_j = stated_min_j(prepared, ctx, sum(floors))
@@ -66,14 +74,11 @@ class AnswersFirst(Policy):
             min_out = ctx.config.min_output_tokens
             what = f"the prompt with {sum(floors)} visual token(s) and {min_out} output token(s)"
             raise too_small(ctx, min_j, what)
-        floor_out = max(ctx.config.min_output_tokens, min(cap, ctx.config.answer_floor_tokens))
         # 1. Every visual token, output from what is left, while the answer floor fits.
-        room = visual_for(prepared, ctx, floor_out)
-        if room >= sum(full):
-            n = budgeted_output(prepared, ctx, sum(full), cap)
-            why = "the whole answer" if n >= cap else f"{n} output tokens"
-            reason = f"answers_first: every visual token and {why} fit {budget:.4g} J"
-            return self.make_plan(prepared, ctx, full, n, reason, min_j=min_j)
+        keep_all = self._keep_all(prepared, ctx, cap, min_j)
+        if keep_all is not None:
+            return keep_all
+        room = visual_for(prepared, ctx, self._floor_out(ctx, cap))
         # 2. Lower visual tokens toward the spectral budget, keeping the answer floor.
         if room >= sum(spectral):
             keep = lower_visual(full, spectral, room)
@@ -103,6 +108,34 @@ class AnswersFirst(Policy):
     def prunes(self, request: Request) -> bool:
         """Only a budget makes this policy prune: without one it keeps every visual token."""
         return request.energy_budget_j is not None
+
+    def defers_bases(self, request: Request) -> bool:
+        """Step 1 needs no decomposition: plan it first (see the module docstring)."""
+        return self.prunes(request)
+
+    def _keep_all_or_decompose(self, prepared: PreparedRequest, ctx: PlanContext, cap: int) -> Plan:
+        """Step 1 for a request prepared without its decomposition, which any other step needs."""
+        plan = self._keep_all(prepared, ctx, cap, None)
+        if plan is None:
+            raise BasesNeeded("answers_first: the budget binds; the images must be decomposed")
+        return plan
+
+    def _keep_all(
+        self, prepared: PreparedRequest, ctx: PlanContext, cap: int, min_j: float | None
+    ) -> Plan | None:
+        """Step 1: every visual token and output from what is left, if the answer floor fits."""
+        full = all_visual(prepared)
+        if visual_for(prepared, ctx, self._floor_out(ctx, cap)) < sum(full):
+            return None
+        n = budgeted_output(prepared, ctx, sum(full), cap)
+        why = "the whole answer" if n >= cap else f"{n} output tokens"
+        reason = f"answers_first: every visual token and {why} fit {ctx.budget_j:.4g} J"
+        return self.make_plan(prepared, ctx, full, n, reason, min_j=min_j)
+
+    @staticmethod
+    def _floor_out(ctx: PlanContext, cap: int) -> int:
+        """The shortest answer the plan keeps every visual token for (`answer_floor_tokens`)."""
+        return max(ctx.config.min_output_tokens, min(cap, ctx.config.answer_floor_tokens))
 
     @staticmethod
     def _output(prepared: PreparedRequest, ctx: PlanContext, keep: tuple[int, ...]) -> int:

@@ -99,6 +99,17 @@ class Policy(ABC):
         """
         return self.prunes_visual
 
+    def defers_bases(self, request: Request) -> bool:
+        """Whether `request` may be planned from features without their decomposition first.
+
+        A policy that says so plans a request prepared with `bases_pending` when it can keep
+        every visual token, and raises `BasesNeeded` otherwise; the runtime then decomposes the
+        images (measured with the encode) and asks again. A keep-all plan so spares the
+        decomposition's energy. False by default: the images are decomposed while preparing
+        whenever `prunes` says so.
+        """
+        return False
+
     # -------------------------------------------------------------- helpers for subclasses
     def make_plan(
         self,

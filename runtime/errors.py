@@ -121,3 +121,11 @@ class EngineError(JoulecapError):
 
     http_status = 500
     error_type = "server_error"
+
+
+class BasesNeeded(Exception):
+    """A policy needs the decomposition a request was prepared without (`bases_pending`).
+
+    Not an error a client sees: the runtime catches it, decomposes the images (measured as
+    encode energy) and plans again.
+    """

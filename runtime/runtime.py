@@ -24,7 +24,8 @@ from typing import Any
 
 from joulecap.policies import available_policies
 from joulecap.runtime.config import JoulecapConfig
-from joulecap.runtime.energy.accounting import EncodeFailed, RunMeter, make_accounting
+from joulecap.runtime.encoding import EncodeStage
+from joulecap.runtime.energy.accounting import RunMeter, make_accounting
 from joulecap.runtime.energy.base import Meter
 from joulecap.runtime.energy.factory import create_meter
 from joulecap.runtime.energy.monitor import EnergyMonitor
@@ -32,7 +33,14 @@ from joulecap.runtime.energy.power_state import profile_key_suffix
 from joulecap.runtime.engines.base import Engine, RunHooks
 from joulecap.runtime.engines.factory import create_engine
 from joulecap.runtime.envelope import PowerEnvelope, Reservation
-from joulecap.runtime.errors import BudgetTooSmall, EngineError, InvalidRequest, JoulecapError, Overloaded
+from joulecap.runtime.errors import (
+    BasesNeeded,
+    BudgetTooSmall,
+    EngineError,
+    InvalidRequest,
+    JoulecapError,
+    Overloaded,
+)
 from joulecap.runtime.governor import Governor
 from joulecap.runtime.images import ImagePolicy
 from joulecap.runtime.learning import Learner, Outcome
@@ -140,8 +148,12 @@ class Runtime:
         self._inflight = 0
         self._executing = 0
         self._inflight_lock = threading.Lock()
-        # Measured encode windows must not overlap, or two requests would count the same joules.
-        self._prepare_lock = threading.Lock()
+        self.encoding = EncodeStage(
+            self.engine,
+            self.scheduler,
+            self.accounting,
+            lambda request, spent, exc, record: self._record_spent(request, None, spent, exc, record=record),
+        )
         self._closed = False
         if cfg.engine.warmup:
             self._warmup()
@@ -200,9 +212,13 @@ class Runtime:
             InvalidRequest: The engine cannot take the request (recorded with its encode energy).
 
         """
-        prepared = self._prepare(request, record)
+        prepared = self.encoding.prepare(request, record, defer_bases=self.encoding.defers_bases(request))
         try:
-            return prepared, self.scheduler.plan(prepared)
+            try:
+                return prepared, self.scheduler.plan(prepared)
+            except BasesNeeded:
+                prepared = self.encoding.add_bases(prepared, record)
+                return prepared, self.scheduler.plan(prepared)
         except JoulecapError as exc:
             self._record_spent(request, None, prepared.encode, exc, record=record)
             raise
@@ -212,7 +228,7 @@ class Runtime:
 
         The encode's energy is recorded (status `estimate`): it was spent.
         """
-        prepared = self._prepare(request, True)
+        prepared = self.encoding.prepare(request, True)
         plan, refusal = None, None
         try:
             plan = self.scheduler.plan(prepared)
@@ -223,33 +239,6 @@ class Runtime:
         finally:
             self.abandon(prepared, plan, "estimate", "/v1/energy/estimate: planned, not run")
         return prepared, plan, refusal
-
-    def _prepare(self, request: Request, record: bool) -> PreparedRequest:
-        bases = self.scheduler.prunes_visual(request)  # images are decomposed only if they may be pruned
-        encode_share = getattr(self.engine, "encode_share", None)
-        if encode_share is not None:
-            # The engine batches concurrent encodes into one vision-tower call and measures each
-            # batch's window; the request is charged its share by visual tokens. No lock: the
-            # batches are what keeps windows from overlapping.
-            try:
-                prepared = self.engine.prepare(request, bases=bases)
-            except Exception as exc:
-                self._record_spent(request, None, None, exc, record=record)
-                raise
-            return dataclasses.replace(prepared, encode=self.accounting.share_of(encode_share(prepared)))
-        with self._prepare_lock:
-            try:
-                prepared, encode = self.accounting.measure_encode(
-                    lambda: self.engine.prepare(request, bases=bases)
-                )
-            except EncodeFailed as exc:
-                self._record_spent(request, None, exc.energy, exc.cause, record=record)
-                if isinstance(exc.cause, JoulecapError):
-                    raise exc.cause from None
-                raise EngineError(
-                    f"The engine failed to prepare this request: {type(exc.cause).__name__}"
-                ) from exc
-        return dataclasses.replace(prepared, encode=encode)
 
     def run_planned(
         self,

@@ -43,6 +43,10 @@ class Scheduler:
         """Whether the request's plan may prune visual tokens (then `prepare` decomposes images)."""
         return policy_instance(self.policy_name(request)).prunes(request)
 
+    def defers_bases(self, request: Request) -> bool:
+        """Whether the request's policy plans first without the decomposition (`Policy.defers_bases`)."""
+        return policy_instance(self.policy_name(request)).defers_bases(request)
+
     def context(self, prepared: PreparedRequest) -> PlanContext:
         """The planning context for `prepared` now."""
         request = prepared.request

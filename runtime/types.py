@@ -120,6 +120,10 @@ class PreparedRequest:
             the rest of the budget around it; it is reported as the request's `encode_j`. None
             when it is not measured apart (under a batching engine, an encode that overlapped
             other requests' work: their measured windows contain it).
+        bases_pending: The runtime asked `prepare` to leave out the decomposition that a pruning
+            plan needs (`Policy.defers_bases`): a policy that can plan only a keep-all plan
+            without it raises `BasesNeeded`, and the runtime adds it (`add_bases`, measured into
+            `encode`) and plans again.
 
     """
 
@@ -132,6 +136,7 @@ class PreparedRequest:
     hint_tokens: int = 0
     bases: tuple[SketchBasis | None, ...] = ()
     encode: EnergyReport | None = None
+    bases_pending: bool = False
 
     @property
     def input_tokens(self) -> int:

@@ -10,7 +10,7 @@ from _factories import prepared
 from joulecap.kernels import spectral_budget
 from joulecap.policies import PlanContext, get_policy, policy_instance
 from joulecap.policies.config import SchedulerConfig
-from joulecap.runtime.errors import BudgetTooSmall
+from joulecap.runtime.errors import BasesNeeded, BudgetTooSmall
 from joulecap.runtime.predictor import Predictor
 from joulecap.runtime.types import Plan, PreparedRequest
 
@@ -132,3 +132,25 @@ def test_an_answer_floor_buys_output_with_visual_tokens() -> None:
 def test_config_rejects_a_zero_answer_floor() -> None:
     with pytest.raises(ValueError, match="answer_floor_tokens"):
         SchedulerConfig(answer_floor_tokens=0)
+
+
+def test_prepared_without_its_decomposition_it_keeps_everything_or_asks_for_it() -> None:
+    # `defers_bases`: with a budget the keep-all step is planned from token counts alone; the
+    # same plan as with the decomposition, stating no minimum; a budget that binds asks for it.
+    policy = policy_instance("answers_first")
+    p = prepared(visual=(64, 32))
+    request = p.request
+    assert policy.defers_bases(replace(request, energy_budget_j=5.0))
+    assert not policy.defers_bases(replace(request, energy_budget_j=None))
+    pending = replace(p, bases_pending=True)
+    ample = ctx(budget=1000.0, max_tokens=8)
+    lazy, eager = plan(pending, ample), plan(p, ample)
+    assert lazy.visual_keep == eager.visual_keep == (64, 32)
+    assert lazy.max_new_tokens == eager.max_new_tokens == 8
+    assert lazy.min_j is None and eager.min_j is not None
+    tight = ctx(budget=eager.min_j, max_tokens=8)
+    with pytest.raises(BasesNeeded):
+        plan(pending, tight)
+    assert sum(plan(p, tight).visual_keep) < 96  # with it, the same budget prunes
+    with pytest.raises(BasesNeeded):  # and a refusal waits for it too: its minimum includes it
+        plan(pending, ctx(budget=1e-6))

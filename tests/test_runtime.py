@@ -13,6 +13,7 @@ from PIL import Image
 from joulecap.runtime.calibrate_sweep import SweepPoint, make_request
 from joulecap.runtime.errors import BudgetTooSmall, InvalidRequest, Overloaded
 from joulecap.runtime.runtime import Runtime
+from joulecap.runtime.types import EnergyReport
 
 
 @pytest.fixture
@@ -139,7 +140,7 @@ def test_images_are_decomposed_only_for_a_policy_that_may_prune_them(
         ("baseline", False),
         ("output_budget", False),
         ("joint", True),
-        ("answers_first", True),
+        ("answers_first", False),  # its budget pays for every token: no decomposition (below)
         ("fixed_prune", True),
     ):
         request = runtime.build_request(
@@ -197,3 +198,42 @@ def test_a_meter_read_afresh_on_each_check_is_current_for_the_governor(runtime: 
     # governor then trusts the measurement instead of max(measured, predicted).
     assert runtime.monitor.reads_fresh
     assert runtime.accounting.start("chatcmpl-x", None).measurement_is_current is True
+
+
+def test_the_default_decomposes_images_only_when_its_budget_binds(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # answers_first plans keep-all first, from features alone; only a budget that binds pays for
+    # the decomposition, which is measured into the encode (both windows) and then planned with.
+    image = [Image.new("RGB", (96, 96), "red")]
+    windows: list[EnergyReport | None] = []
+    measure = runtime.accounting.measure_encode
+
+    def counted(work: Any) -> Any:
+        value, report = measure(work)
+        windows.append(report)
+        return value, report
+
+    monkeypatch.setattr(runtime.accounting, "measure_encode", counted)
+
+    def ask(budget_j: float) -> Any:
+        return runtime.build_request(
+            "What is it?", image, max_tokens=2, policy="answers_first", energy_budget_j=budget_j
+        )
+
+    prepared, plan = runtime.plan(ask(500.0))
+    assert len(windows) == 1 and prepared.bases == () and prepared.bases_pending
+    assert plan.visual_keep == prepared.visual_tokens and plan.min_j is None  # no minimum measured
+    windows.clear()
+    with pytest.raises(BudgetTooSmall) as refused:
+        runtime.plan(ask(1e-6))
+    assert len(windows) == 2  # the refusal's minimum includes the decomposition
+    windows.clear()
+    prepared, plan = runtime.plan(ask(refused.value.min_j))
+    assert len(windows) == 2 and len(prepared.bases) == 1 and not prepared.bases_pending
+    assert sum(plan.visual_keep) < sum(prepared.visual_tokens) and plan.min_j is not None
+    assert prepared.encode is not None
+    assert prepared.encode_j == pytest.approx(sum(w.total_j for w in windows if w is not None))
+    # /v1/energy/estimate decomposes while preparing, as before: its minimum is the same rule's.
+    estimated, est_plan, _ = runtime.estimate(ask(500.0))
+    assert len(estimated.bases) == 1 and est_plan is not None and est_plan.min_j is not None

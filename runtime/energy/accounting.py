@@ -80,6 +80,23 @@ def with_encode(energy: EnergyReport, encode: EnergyReport | None) -> EnergyRepo
     )
 
 
+def added_encode(first: EnergyReport | None, more: EnergyReport | None) -> EnergyReport | None:
+    """Two encode windows of one request as one encode report (None only when both are None)."""
+    if first is None or more is None:
+        return first or more
+    total_j = first.total_j + more.total_j
+    return dataclasses.replace(
+        first,
+        total_j=total_j,
+        encode_j=total_j,
+        idle_j=first.idle_j + more.idle_j,
+        duration_s=first.duration_s + more.duration_s,
+        samples=first.samples + more.samples,
+        interpolated=first.interpolated or more.interpolated,
+        note="; ".join(n for n in (first.note, more.note) if n),
+    )
+
+
 class RunMeter(ABC):
     """One running request's energy, from the start of its run (its encode included)."""
 

@@ -60,7 +60,13 @@ class EngineInfo:
 
 @runtime_checkable
 class Engine(Protocol):
-    """A VLM backend. One file per engine; see `factory.py` for selection."""
+    """A VLM backend. One file per engine; see `factory.py` for selection.
+
+    Optional capabilities, found with `getattr` by the runtime: `add_bases(prepared)` decomposes
+    the features of a request prepared with `bases=False` (the transformers engine; the runtime
+    then defers the decomposition for policies that ask, `joulecap.runtime.encoding`), and
+    `encode_share(prepared)` for an engine that measures its encodes by batch (vLLM).
+    """
 
     info: EngineInfo
 

@@ -22,7 +22,7 @@ import logging
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -322,6 +322,18 @@ class TransformersEngine:
             hint_tokens=self.hint_tokens,
             bases=image_bases,
         )
+
+    def add_bases(self, prepared: PreparedRequest) -> PreparedRequest:
+        """`prepared` with the decomposition `prepare(bases=True)` makes (`bases_pending` cleared).
+
+        For a request prepared with `bases=False` whose plan turned out to need pruning: the
+        features are already computed, so only the decomposition runs (the runtime measures it).
+        """
+        bases: tuple[Any, ...] = ()
+        if self.config.leverage_basis and prepared.features:
+            with self._lock, torch.inference_mode():
+                bases = tuple(leverage_basis(f) for f in prepared.features)
+        return replace(prepared, bases=bases, bases_pending=False)
 
     # ------------------------------------------------------------------ run
     def _keep_indices(self, prepared: PreparedRequest, plan: Plan) -> list[torch.Tensor]:
