@@ -214,13 +214,17 @@ class Runtime:
         """
         prepared = self.encoding.prepare(request, record, defer_bases=self.encoding.defers_bases(request))
         try:
-            try:
-                return prepared, self.scheduler.plan(prepared)
-            except BasesNeeded:
-                prepared = self.encoding.add_bases(prepared, record)
-                return prepared, self.scheduler.plan(prepared)
+            return prepared, self._plan(prepared, record)
+        except BasesNeeded:
+            prepared = self.encoding.add_bases(prepared, record)  # records its own failure
+            return prepared, self._plan(prepared, record)
+
+    def _plan(self, prepared: PreparedRequest, record: bool) -> Plan:
+        """The scheduler's plan; a refusal or invalid request is recorded with the encode spent."""
+        try:
+            return self.scheduler.plan(prepared)
         except JoulecapError as exc:
-            self._record_spent(request, None, prepared.encode, exc, record=record)
+            self._record_spent(prepared.request, None, prepared.encode, exc, record=record)
             raise
 
     def estimate(self, request: Request) -> tuple[PreparedRequest, Plan | None, BudgetTooSmall | None]:

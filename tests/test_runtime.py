@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from joulecap.runtime.calibrate_sweep import SweepPoint, make_request
-from joulecap.runtime.errors import BudgetTooSmall, InvalidRequest, Overloaded
+from joulecap.runtime.energy.accounting import EncodeFailed
+from joulecap.runtime.errors import BudgetTooSmall, EngineError, InvalidRequest, Overloaded
 from joulecap.runtime.runtime import Runtime
 from joulecap.runtime.types import EnergyReport
 
@@ -237,3 +238,39 @@ def test_the_default_decomposes_images_only_when_its_budget_binds(
     # /v1/energy/estimate decomposes while preparing, as before: its minimum is the same rule's.
     estimated, est_plan, _ = runtime.estimate(ask(500.0))
     assert len(estimated.bases) == 1 and est_plan is not None and est_plan.min_j is not None
+
+
+def test_a_failed_deferred_decomposition_is_one_ledger_row_with_both_windows(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The encode was spent, then the decomposition failed part-way: one error row carries both
+    # windows' joules, the caller gets a 500-class error, and the next request is served.
+    image = [Image.new("RGB", (96, 96), "red")]
+    windows: list[EnergyReport | None] = []
+    measure = runtime.accounting.measure_encode
+
+    def counted(work: Any) -> Any:
+        try:
+            value, report = measure(work)
+        except EncodeFailed as exc:
+            windows.append(exc.energy)
+            raise
+        windows.append(report)
+        return value, report
+
+    def broken(prepared: Any) -> Any:
+        raise RuntimeError("decomposition failed")
+
+    monkeypatch.setattr(runtime.accounting, "measure_encode", counted)
+    monkeypatch.setattr(runtime.engine, "add_bases", broken)
+    request = runtime.build_request("What is it?", image, max_tokens=2, energy_budget_j=1e-6)
+    before = runtime.ledger.count()
+    with pytest.raises(EngineError, match="decompose"):
+        runtime.plan(request)
+    rows = [r for r in runtime.ledger.query(limit=100) if r["id"] == request.request_id]
+    assert runtime.ledger.count() == before + 1 and len(rows) == 1 and rows[0]["status"] == "error"
+    assert len(windows) == 2 and all(w is not None for w in windows)
+    assert rows[0]["measured_j"] == pytest.approx(sum(w.total_j for w in windows if w is not None))
+    assert rows[0]["encode_j"] == pytest.approx(rows[0]["measured_j"])
+    monkeypatch.undo()
+    assert runtime.chat("What is it?", image, max_tokens=2).text is not None
