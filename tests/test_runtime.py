@@ -206,7 +206,11 @@ def test_the_default_decomposes_images_only_when_its_budget_binds(
 ) -> None:
     # answers_first plans keep-all first, from features alone; only a budget that binds pays for
     # the decomposition, which is measured into the encode (both windows) and then planned with.
-    image = [Image.new("RGB", (96, 96), "red")]
+    # Two images (128 visual tokens): keeping all of them costs about 0.25 J more than the
+    # smallest plan's 8, far more than two warm encodes differ by, so a budget at the smallest
+    # plan's stated minimum binds whatever this attempt's encode cost.
+    image = [Image.new("RGB", (96, 96), "red"), Image.new("RGB", (96, 96), "blue")]
+    runtime.chat("What is it?", image, max_tokens=1)  # warm: the first encode pays for caches
     windows: list[EnergyReport | None] = []
     measure = runtime.accounting.measure_encode
 
@@ -231,13 +235,13 @@ def test_the_default_decomposes_images_only_when_its_budget_binds(
     assert len(windows) == 2  # the refusal's minimum includes the decomposition
     windows.clear()
     prepared, plan = runtime.plan(ask(refused.value.min_j))
-    assert len(windows) == 2 and len(prepared.bases) == 1 and not prepared.bases_pending
+    assert len(windows) == 2 and len(prepared.bases) == 2 and not prepared.bases_pending
     assert sum(plan.visual_keep) < sum(prepared.visual_tokens) and plan.min_j is not None
     assert prepared.encode is not None
     assert prepared.encode_j == pytest.approx(sum(w.total_j for w in windows if w is not None))
     # /v1/energy/estimate decomposes while preparing, as before: its minimum is the same rule's.
     estimated, est_plan, _ = runtime.estimate(ask(500.0))
-    assert len(estimated.bases) == 1 and est_plan is not None and est_plan.min_j is not None
+    assert len(estimated.bases) == 2 and est_plan is not None and est_plan.min_j is not None
 
 
 def test_a_failed_deferred_decomposition_is_one_ledger_row_with_both_windows(
