@@ -56,14 +56,17 @@ def test_robot_loop_adapts_its_plan_and_answers_right(demo_cache: Path) -> None:
     assert [int(r["step"]) for r in rows] == list(range(10)), proc.stdout
 
     level_j = capacity_j
-    for row in rows:
+    for drawn, row in enumerate(rows, start=1):
         budget, used = float(row["budget"]), float(row["used"])
         # The budget follows the battery: floor + (full - floor) x the charge before the step.
         assert budget == pytest.approx(floor_j + (full_j - floor_j) * level_j / capacity_j, abs=0.002)
         assert row["stop"] in ("stop", "length", "energy_budget"), row
         assert used > 0
         level_j = max(0.0, level_j - used)
-        assert float(row["batt"]) == pytest.approx(100 * level_j / capacity_j, abs=0.06)
+        # The charge is printed to 0.1%, rebuilt here from the capacity and every draw so far,
+        # each printed to 1 mJ: their rounding adds up to 0.5 mJ apiece over the capacity.
+        rounding_pct = 0.05 + 100 * 0.0005 * (drawn + 2) / capacity_j
+        assert float(row["batt"]) == pytest.approx(100 * level_j / capacity_j, abs=rounding_pct + 1e-9)
         assert int(row["kept"]) <= int(row["vin"]) == 144
         if row["question"] in SHORT_ANSWERS:
             assert row["answer"] == SHORT_ANSWERS[row["question"]], row
