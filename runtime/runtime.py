@@ -39,7 +39,6 @@ from joulecap.runtime.errors import (
     EngineError,
     InvalidRequest,
     JoulecapError,
-    Overloaded,
 )
 from joulecap.runtime.governor import Governor
 from joulecap.runtime.images import ImagePolicy
@@ -69,6 +68,7 @@ from joulecap.runtime.types import (
     RequestStatus,
 )
 from joulecap.runtime.warmup import warmup_request
+from joulecap.runtime.work_queue import WorkQueue
 
 log = logging.getLogger(__name__)
 
@@ -142,12 +142,11 @@ class Runtime:
             policies=frozenset(available_policies()),
         )
         self.max_concurrency = max(1, int(getattr(self.engine, "max_concurrency", 1)))
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=self.max_concurrency, thread_name_prefix="joulecap-engine"
+        self._queue = WorkQueue(
+            self.max_concurrency,
+            server.queue_limit,
+            lambda running, waiting: self.metrics.set_queue_state(self.info.model, running, waiting),
         )
-        self._inflight = 0
-        self._executing = 0
-        self._inflight_lock = threading.Lock()
         self.encoding = EncodeStage(
             self.engine,
             self.scheduler,
@@ -402,49 +401,12 @@ class Runtime:
     # ------------------------------------------------------------------ queued execution
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
         """Run `fn(*args, **kwargs)` on the engine pool, refusing with 503 when the queue is full."""
-        if self._closed:
-            raise Overloaded("The runtime is shutting down.")
-        with self._inflight_lock:
-            if self._inflight >= self.max_concurrency + self.config.server.queue_limit:
-                raise Overloaded(
-                    f"{self._inflight} requests in flight; the queue limit is "
-                    f"{self.config.server.queue_limit} (server option --queue-limit).",
-                    retry_after_s=1.0,
-                )
-            self._inflight += 1
-            self._publish_queue()
-        try:
-            future = self._pool.submit(self._running, fn, *args, **kwargs)
-        except RuntimeError as exc:
-            with self._inflight_lock:
-                self._inflight -= 1
-            raise Overloaded("The runtime is shutting down.") from exc
-        future.add_done_callback(self._release)
-        return future
-
-    def _running(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        with self._inflight_lock:
-            self._executing += 1
-            self._publish_queue()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            with self._inflight_lock:
-                self._executing -= 1
-
-    def _publish_queue(self) -> None:
-        # Called with `_inflight_lock` held: running and waiting as vLLM's own gauges count them.
-        self.metrics.set_queue_state(self.info.model, self._executing, self._inflight - self._executing)
-
-    def _release(self, _future: concurrent.futures.Future[Any]) -> None:
-        with self._inflight_lock:
-            self._inflight -= 1
-            self._publish_queue()
+        return self._queue.submit(fn, *args, **kwargs)
 
     @property
     def inflight(self) -> int:
         """Requests queued or running."""
-        return self._inflight
+        return self._queue.inflight
 
     # ------------------------------------------------------------------ convenience API
     def chat(
@@ -489,7 +451,7 @@ class Runtime:
         if self._closed:
             return
         self._closed = True
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._queue.close()
         self.monitor.stop()
         self.meter.close()
         self.operations.close()

@@ -64,37 +64,32 @@ class EncodeFailed(Exception):
         self.energy = energy
 
 
+def _joined(a: EnergyReport, b: EnergyReport, encode_j: float) -> EnergyReport:
+    """`a` and `b` as one window's report (`a`'s meter and source), with the given `encode_j`."""
+    return dataclasses.replace(
+        a,
+        total_j=a.total_j + b.total_j,
+        encode_j=encode_j,
+        idle_j=a.idle_j + b.idle_j,
+        duration_s=a.duration_s + b.duration_s,
+        samples=a.samples + b.samples,
+        interpolated=a.interpolated or b.interpolated,
+        note="; ".join(n for n in (a.note, b.note) if n),
+    )
+
+
 def with_encode(energy: EnergyReport, encode: EnergyReport | None) -> EnergyReport:
     """`energy` (of the LM run) with the encode's window added as its `encode_j`."""
     if encode is None:
         return energy
-    return dataclasses.replace(
-        energy,
-        total_j=energy.total_j + encode.total_j,
-        encode_j=encode.total_j,
-        idle_j=energy.idle_j + encode.idle_j,
-        duration_s=energy.duration_s + encode.duration_s,
-        samples=energy.samples + encode.samples,
-        interpolated=energy.interpolated or encode.interpolated,
-        note="; ".join(n for n in (energy.note, encode.note) if n),
-    )
+    return _joined(energy, encode, encode_j=encode.total_j)
 
 
 def added_encode(first: EnergyReport | None, more: EnergyReport | None) -> EnergyReport | None:
     """Two encode windows of one request as one encode report (None only when both are None)."""
     if first is None or more is None:
         return first or more
-    total_j = first.total_j + more.total_j
-    return dataclasses.replace(
-        first,
-        total_j=total_j,
-        encode_j=total_j,
-        idle_j=first.idle_j + more.idle_j,
-        duration_s=first.duration_s + more.duration_s,
-        samples=first.samples + more.samples,
-        interpolated=first.interpolated or more.interpolated,
-        note="; ".join(n for n in (first.note, more.note) if n),
-    )
+    return _joined(first, more, encode_j=first.total_j + more.total_j)
 
 
 class RunMeter(ABC):

@@ -302,8 +302,7 @@ class TransformersEngine:
             if images:
                 encoded = self.adapter.encode(pixel_inputs, positions)
                 features, extras = encoded.features, encoded.extras
-            decompose = bases and self.config.leverage_basis
-            image_bases = tuple(leverage_basis(f) for f in features) if decompose else ()
+            image_bases = self._bases(features) if bases else ()
         visual = tuple(int(p.numel()) for p in positions)
         return PreparedRequest(
             request=request,
@@ -329,11 +328,13 @@ class TransformersEngine:
         For a request prepared with `bases=False` whose plan turned out to need pruning: the
         features are already computed, so only the decomposition runs (the runtime measures it).
         """
-        bases: tuple[Any, ...] = ()
-        if self.config.leverage_basis and prepared.features:
-            with self._lock, torch.inference_mode():
-                bases = tuple(leverage_basis(f) for f in prepared.features)
+        with self._lock, torch.inference_mode():
+            bases = self._bases(prepared.features)
         return replace(prepared, bases=bases, bases_pending=False)
+
+    def _bases(self, features: tuple[torch.Tensor, ...]) -> tuple[Any, ...]:
+        """Each image's decomposition, or none where `EngineConfig.leverage_basis` is off."""
+        return tuple(leverage_basis(f) for f in features) if self.config.leverage_basis else ()
 
     # ------------------------------------------------------------------ run
     def _keep_indices(self, prepared: PreparedRequest, plan: Plan) -> list[torch.Tensor]:
