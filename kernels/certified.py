@@ -132,10 +132,19 @@ def fp32_energies(a: torch.Tensor, solver: str = "auto") -> torch.Tensor:
 
 def float64_budget(a: torch.Tensor, tau: float, lo: int, hi: int, solver: str = "auto") -> int:
     """The float64 rule for one `[N, D]` image: float64 Gram, float64 eigenvalues, float64 total."""
-    x = a.double()
-    short_side = x if x.shape[0] <= x.shape[1] else x.T
-    e = _gram_eigenvalues(short_side, resolve_solver(solver, x.device)).flip(-1).clamp_min(0)
-    total = x.square().sum().reshape(1)
+    solver = resolve_solver(solver, a.device)
+    short_side = a if a.shape[0] <= a.shape[1] else a.T
+    if solver == "openblas":
+        if short_side.dtype not in (torch.float32, torch.float64):
+            short_side = short_side.float()  # exact for fp16/bf16; NumPy has no bf16
+        # Blocks of the fp32 features go to float64 inside the binding; the total is the trace.
+        evals, trace = native_lapack.float64_gram_eigenvalues(short_side.detach().numpy())
+        e = torch.from_numpy(evals).flip(-1).clamp_min(0)
+        total = torch.tensor([trace], dtype=torch.float64)
+    else:
+        x = short_side.double()
+        e = _gram_eigenvalues(x, solver).flip(-1).clamp_min(0)
+        total = x.square().sum().reshape(1)
     return int(budget_from_energies(e.reshape(1, -1), total, tau, lo, hi, slack=FLOAT64_SLACK)[0])
 
 

@@ -37,6 +37,49 @@ def test_empty_and_degenerate_shapes() -> None:
 
 
 @needs_lib
+@pytest.mark.parametrize("layout", ["fp32", "fp32-transposed-view", "fp64"])
+def test_float64_gram_in_column_blocks_matches_the_whole_product(
+    layout: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Seven columns a block: 53 columns take eight blocks, the last one narrower than the rest.
+    monkeypatch.setattr(native_lapack, "FLOAT64_BLOCK_COLUMNS", 7)
+    base = np.random.default_rng(1).standard_normal((37, 53))
+    if layout == "fp64":
+        a = base
+    elif layout == "fp32":
+        a = base.astype(np.float32)
+    else:
+        a = np.ascontiguousarray(base.T.astype(np.float32)).T  # 37 x 53, Fortran-ordered
+        assert not a.flags.c_contiguous
+    w, trace = native_lapack.float64_gram_eigenvalues(a)
+    exact = a.astype(np.float64)
+    assert w.dtype == np.float64
+    np.testing.assert_allclose(w, np.linalg.eigvalsh(exact @ exact.T), rtol=1e-12, atol=1e-11)
+    assert trace == pytest.approx(float(np.square(exact).sum()), rel=1e-14)
+    for empty in (np.zeros((0, 5), np.float32), np.zeros((3, 0), np.float32)):
+        w0, t0 = native_lapack.float64_gram_eigenvalues(empty)
+        assert w0.shape == (empty.shape[0],) and not w0.any() and t0 == 0.0
+    with pytest.raises(ValueError, match="2-D float32/float64"):
+        native_lapack.float64_gram_eigenvalues(np.zeros((2, 3), np.int32))
+
+
+@needs_lib
+def test_the_float64_recheck_gives_the_same_k_through_either_solver(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native_lapack, "FLOAT64_BLOCK_COLUMNS", 64)
+    g = torch.Generator().manual_seed(3)
+    for shape in ((100, 300), (300, 100)):  # the short side is the rows, then the columns
+        x = torch.randn(*shape, generator=g) @ torch.diag(torch.linspace(2.0, 0.01, shape[1]))
+        lo, hi = 1, shape[0]
+        for tau in (0.5, 0.9, 0.99, 1.0):
+            want = certified.float64_budget(x, tau, lo, hi, solver="torch")
+            assert certified.float64_budget(x, tau, lo, hi, solver="openblas") == want, (shape, tau)
+    half = torch.randn(40, 90, generator=g).to(torch.bfloat16)  # no bf16 in NumPy: widened first
+    assert certified.float64_budget(half, 0.9, 1, 40, "openblas") == certified.float64_budget(
+        half, 0.9, 1, 40, "torch"
+    )
+
+
+@needs_lib
 def test_bad_arrays_are_refused() -> None:
     with pytest.raises(ValueError, match="C-contiguous"):
         native_lapack.gram(np.zeros((4, 6), np.float32).T)
