@@ -34,6 +34,7 @@ See `benchmarks/results/kernels_cpu.json` for both, timed side by side with the 
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -148,10 +149,24 @@ def float64_budget(a: torch.Tensor, tau: float, lo: int, hi: int, solver: str = 
     return int(budget_from_energies(e.reshape(1, -1), total, tau, lo, hi, slack=FLOAT64_SLACK)[0])
 
 
+def _workers(solver: str, batch: int) -> int:
+    """Images decided at once: PyTorch's intra-op thread count for the OpenBLAS solver, else 1.
+
+    Why: each OpenBLAS call runs on one thread (see `native_lapack`), so a batch decided one
+    image at a time would use one core where PyTorch's own products use them all. Images are
+    independent, and `ctypes` releases the GIL for the call, so one image per thread scales
+    with the cores. The PyTorch solver's products are already multi-threaded: one image at a time.
+    """
+    if solver != "openblas":
+        return 1
+    return max(1, min(batch, torch.get_num_threads()))
+
+
 def certified_budget(x: torch.Tensor, tau: float, lo: int, hi: int, solver: str = "auto") -> CertifiedResult:
     """Exact budgets of validated `[B, N, D]` features (see module doc).
 
-    Images run one at a time: a 2-D product per image measured faster than a batched `bmm` on CPU.
+    Images run one at a time per thread (a 2-D product per image measured faster than a batched
+    `bmm` on CPU); with the OpenBLAS solver, `torch.get_num_threads()` images run at once.
     `lo == hi` (k_min at or above the token count) decides without any decomposition.
 
     Args:
@@ -170,11 +185,12 @@ def certified_budget(x: torch.Tensor, tau: float, lo: int, hi: int, solver: str 
     if n_tok == 0 or dim == 0 or lo >= hi:
         # Nothing to decide: the clamp fixes the answer (k_min at or above the token count).
         return CertifiedResult(out, rechecked, bound_rel)
-    totals = sum_squares(x)
-    for b in range(batch):
-        total = float(totals[b])
+    totals = sum_squares(x).tolist()
+
+    def decide(b: int) -> tuple[int, bool]:
+        total = totals[b]
         if total <= 0:
-            continue  # an all-zero image keeps lo tokens
+            return lo, False  # an all-zero image keeps lo tokens
         cum = fp32_energies(x[b], solver).cumsum(-1)
         bound = bound_rel * total
         target = (tau - FLOAT64_SLACK) * total
@@ -183,8 +199,16 @@ def certified_budget(x: torch.Tensor, tau: float, lo: int, hi: int, solver: str 
         k_low = min(max(int((cum + bound < target).sum()) + 1, lo), hi)
         k_high = min(max(int((cum - bound < target).sum()) + 1, lo), hi)
         if k_low == k_high:
-            out[b] = k_low
-        else:
-            out[b] = float64_budget(x[b], tau, lo, hi, solver)
-            rechecked[b] = True
+            return k_low, False
+        return float64_budget(x[b], tau, lo, hi, solver), True
+
+    workers = _workers(solver, batch)
+    if workers == 1:
+        decided = [decide(b) for b in range(batch)]
+    else:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="joulecap-budget") as pool:
+            decided = list(pool.map(decide, range(batch)))
+    for b, (k, again) in enumerate(decided):
+        out[b] = k
+        rechecked[b] = again
     return CertifiedResult(out, rechecked, bound_rel)

@@ -104,3 +104,41 @@ def test_gram_blocks_equal_the_full_product() -> None:
     a = torch.randn(37, 53, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     for blocks in (1, 2, 4, 8):
         torch.testing.assert_close(certified.gram(a, blocks), a @ a.T)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_a_batch_is_decided_on_pytorchs_thread_count_with_the_same_answers(
+    solver: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each OpenBLAS call runs on one thread, so a batch is spread over torch.get_num_threads()
+    # threads; PyTorch's solver is multi-threaded itself and keeps one image at a time.
+    import threading
+    import time
+
+    s = [math.exp(-0.05 * i) for i in range(60)]
+    xs = torch.stack([with_spectrum(s, 60, 90, seed=i).float() for i in range(6)])
+    threads: set[str] = set()
+    real = certified.fp32_energies
+
+    def seen(a: torch.Tensor, solver: str = "auto") -> torch.Tensor:
+        threads.add(threading.current_thread().name)
+        time.sleep(0.02)  # long enough that a second pool thread always takes an image
+        return real(a, solver)
+
+    monkeypatch.setattr(certified, "fp32_energies", seen)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = certified_budget(xs, 0.99, 1, 60, solver=solver)
+        assert threads == {threading.current_thread().name}
+        threads.clear()
+        torch.set_num_threads(3)
+        many = certified_budget(xs, 0.99, 1, 60, solver=solver)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one.budget, many.budget) and torch.equal(one.rechecked, many.rechecked)
+    assert torch.equal(many.budget, reference_budget(xs.double(), 0.99, 1, 60))
+    if solver == "openblas":
+        assert len(threads) > 1 and all(t.startswith("joulecap-budget") for t in threads)
+    else:
+        assert threads == {threading.current_thread().name}
