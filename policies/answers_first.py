@@ -65,7 +65,7 @@ class AnswersFirst(Policy):
             reason = "answers_first: no budget, every visual token"
             return self.make_plan(prepared, ctx, full, cap, reason, min_j=None)
         if prepared.bases_pending:
-            return self._keep_all_or_decompose(prepared, ctx, cap)
+            return self._keep_all_or_decompose(prepared, ctx, full, cap)
         spectral = spectral_keep(prepared, ctx)
         floors = tuple(min(k, ctx.config.visual_floor_tokens) for k in spectral)
         min_j = stated_min_j(prepared, ctx, sum(floors))
@@ -75,10 +75,9 @@ class AnswersFirst(Policy):
             what = f"the prompt with {sum(floors)} visual token(s) and {min_out} output token(s)"
             raise too_small(ctx, min_j, what)
         # 1. Every visual token, output from what is left, while the answer floor fits.
-        keep_all = self._keep_all(prepared, ctx, cap, min_j)
-        if keep_all is not None:
-            return keep_all
-        room = visual_for(prepared, ctx, self._floor_out(ctx, cap))
+        room = self._room(prepared, ctx, cap)
+        if room >= sum(full):
+            return self._keep_all(prepared, ctx, full, cap, min_j)
         # 2. Lower visual tokens toward the spectral budget, keeping the answer floor.
         if room >= sum(spectral):
             keep = lower_visual(full, spectral, room)
@@ -113,29 +112,33 @@ class AnswersFirst(Policy):
         """Step 1 needs no decomposition: plan it first (see the module docstring)."""
         return self.prunes(request)
 
-    def _keep_all_or_decompose(self, prepared: PreparedRequest, ctx: PlanContext, cap: int) -> Plan:
+    def _keep_all_or_decompose(
+        self, prepared: PreparedRequest, ctx: PlanContext, full: tuple[int, ...], cap: int
+    ) -> Plan:
         """Step 1 for a request prepared without its decomposition, which any other step needs."""
-        plan = self._keep_all(prepared, ctx, cap, None)
-        if plan is None:
+        if self._room(prepared, ctx, cap) < sum(full):
             raise BasesNeeded("answers_first: the budget binds; the images must be decomposed")
-        return plan
+        return self._keep_all(prepared, ctx, full, cap, None)
 
     def _keep_all(
-        self, prepared: PreparedRequest, ctx: PlanContext, cap: int, min_j: float | None
-    ) -> Plan | None:
-        """Step 1: every visual token and output from what is left, if the answer floor fits."""
-        full = all_visual(prepared)
-        if visual_for(prepared, ctx, self._floor_out(ctx, cap)) < sum(full):
-            return None
+        self,
+        prepared: PreparedRequest,
+        ctx: PlanContext,
+        full: tuple[int, ...],
+        cap: int,
+        min_j: float | None,
+    ) -> Plan:
+        """Step 1's plan: every visual token and output from what is left (the floor fits)."""
         n = budgeted_output(prepared, ctx, sum(full), cap)
         why = "the whole answer" if n >= cap else f"{n} output tokens"
         reason = f"answers_first: every visual token and {why} fit {ctx.budget_j:.4g} J"
         return self.make_plan(prepared, ctx, full, n, reason, min_j=min_j)
 
     @staticmethod
-    def _floor_out(ctx: PlanContext, cap: int) -> int:
-        """The shortest answer the plan keeps every visual token for (`answer_floor_tokens`)."""
-        return max(ctx.config.min_output_tokens, min(cap, ctx.config.answer_floor_tokens))
+    def _room(prepared: PreparedRequest, ctx: PlanContext, cap: int) -> int:
+        """Visual tokens the budget pays for beside the answer floor (`answer_floor_tokens`)."""
+        floor_out = max(ctx.config.min_output_tokens, min(cap, ctx.config.answer_floor_tokens))
+        return visual_for(prepared, ctx, floor_out)
 
     @staticmethod
     def _output(prepared: PreparedRequest, ctx: PlanContext, keep: tuple[int, ...]) -> int:
