@@ -9,6 +9,9 @@ before the loop starts:
   ample budget, the same numbers `POST /v1/energy/estimate` returns);
 - `floor_j`: the stated minimum for it (what a 422 would state), with `FLOOR_HEADROOM` on top:
   at the bare minimum the plan keeps a handful of visual tokens, too few to see a colour by.
+  The minimum moves with the machine (each request's encode is measured, the margins learn from
+  every run): when the runtime refuses a step's budget, the 422's own minimum raises the floor
+  to `FLOOR_HEADROOM` x it (never lowers it) and the frame is asked once more.
 
 Each step's budget is `floor_j + (full_j - floor_j) x battery charge`, so it binds: as the
 battery drains, the runtime plans fewer output tokens (the description of the scene is cut
@@ -34,6 +37,7 @@ from PIL import Image, ImageDraw
 from joulecap.runtime.config import JoulecapConfig
 from joulecap.runtime.errors import BudgetTooSmall, EnvelopeExhausted
 from joulecap.runtime.runtime import Runtime
+from joulecap.runtime.types import ChatResult
 
 FRAME_PX = 120
 """TinyVQA's image side: the demo model was trained on 120x120 scenes."""
@@ -93,6 +97,7 @@ class StepReport:
     question: str
     battery_pct: float
     budget_j: float
+    floor_j: float
     energy_j: float
     visual_kept: int
     visual_in: int
@@ -107,10 +112,12 @@ class PerceptionLoop:
     Args:
         runtime: The in-process joulecap runtime.
         battery: The battery to drain with each step's measured energy.
-        floor_j: The budget at an empty battery (at least the runtime's stated minimum).
+        floor_j: The budget at an empty battery (at least the runtime's stated minimum); raised
+            to `floor_headroom` x the minimum of a refusal that states more.
         full_j: The budget at a full battery.
         questions: Asked in turn, one per step.
         policy: A budget-holding planning policy; None: the runtime's default.
+        floor_headroom: The floor over a refusal's stated minimum.
 
     """
 
@@ -123,6 +130,7 @@ class PerceptionLoop:
         full_j: float,
         questions: tuple[str, ...] = QUESTIONS,
         policy: str | None = None,
+        floor_headroom: float = FLOOR_HEADROOM,
     ) -> None:
         self.runtime = runtime
         self.battery = battery
@@ -130,6 +138,7 @@ class PerceptionLoop:
         self.full_j = max(full_j, floor_j)
         self.questions = questions
         self.policy = policy
+        self.floor_headroom = floor_headroom
 
     def budget_j(self) -> float:
         """This step's joule budget."""
@@ -138,21 +147,21 @@ class PerceptionLoop:
     def step(self, index: int, frame: Image.Image | np.ndarray) -> StepReport:
         """Run one frame through the runtime and account its energy against the battery."""
         question = self.questions[index % len(self.questions)]
-        budget = self.budget_j()
         try:
-            result = self.runtime.chat(
-                question, images=[frame], energy_budget_j=budget, max_tokens=MAX_TOKENS, policy=self.policy
-            )
+            budget, result = self._ask(question, frame)
         except (BudgetTooSmall, EnvelopeExhausted) as exc:
             # Skipping a frame is the right reaction to an empty envelope: the robot keeps moving.
-            pct = 100 * self.battery.fraction
-            return StepReport(index, question, pct, budget, 0.0, 0, 0, 0, "skipped", str(exc)[:60])
+            pct, budget = 100 * self.battery.fraction, self.budget_j()
+            return StepReport(
+                index, question, pct, budget, self.floor_j, 0.0, 0, 0, 0, "skipped", str(exc)[:60]
+            )
         self.battery.draw(result.energy.total_j)
         return StepReport(
             step=index,
             question=question,
             battery_pct=100 * self.battery.fraction,
             budget_j=budget,
+            floor_j=self.floor_j,
             energy_j=result.energy.total_j,
             visual_kept=sum(result.plan.visual_keep),
             visual_in=result.generation.visual_tokens_in,
@@ -160,6 +169,26 @@ class PerceptionLoop:
             stop_reason=result.generation.stop_reason,
             answer=result.text.strip(),
         )
+
+    def _ask(self, question: str, frame: Image.Image | np.ndarray) -> tuple[float, ChatResult]:
+        """`(budget, result)` of one question, asked again once at a floor a refusal raised."""
+        try:
+            return self._chat(question, frame)
+        except BudgetTooSmall as exc:
+            # The floor is defined as headroom over the stated minimum, and the minimum moved
+            # (a slower encode, a wider margin): follow it up, or skip if it did not move past it.
+            if self.floor_headroom * exc.min_j <= self.floor_j:
+                raise
+            self.floor_j = self.floor_headroom * exc.min_j
+            self.full_j = max(self.full_j, self.floor_j)
+            return self._chat(question, frame)
+
+    def _chat(self, question: str, frame: Image.Image | np.ndarray) -> tuple[float, ChatResult]:
+        budget = self.budget_j()
+        result = self.runtime.chat(
+            question, images=[frame], energy_budget_j=budget, max_tokens=MAX_TOKENS, policy=self.policy
+        )
+        return budget, result
 
 
 def derive_budgets(
@@ -232,7 +261,12 @@ def main(argv: list[str] | None = None) -> int:
         period_s = 1.0 / args.hz
         for i in range(args.steps):
             t0 = time.monotonic()
+            floor_before_j = loop.floor_j
             r = loop.step(i, camera_frame(i))
+            if r.floor_j != floor_before_j:
+                print(
+                    f"floor now {r.floor_j:.3f} J ({loop.floor_headroom:g} x the minimum stated at step {i})"
+                )
             visual = f"{r.visual_kept}/{r.visual_in}"
             print(
                 f"{r.step:>4} {r.battery_pct:6.1f} {r.budget_j:9.3f} {r.energy_j:8.3f} {visual:>7} "

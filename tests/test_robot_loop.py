@@ -10,15 +10,17 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
-from _docblocks import _env, calibrated_demo_cache
+from _docblocks import _env, calibrated_demo_cache, demo_config
 from _factories import REPO
 
 ROW = re.compile(
     r"^\s*(?P<step>\d+)\s+(?P<batt>[\d.]+)\s+(?P<budget>[\d.]+)\s+(?P<used>[\d.]+)\s+"
     r"(?P<kept>\d+)/(?P<vin>\d+)\s+(?P<max_new>\d+)\s+(?P<stop>\S+)\s+(?P<question>.+?) -> (?P<answer>.*)$"
 )
+FLOOR = re.compile(r"^floor now (?P<floor>[\d.]+) J \(1\.5 x the minimum stated at step (?P<step>\d+)\)$")
 # What TinyVQA must answer about the example's frames (a red circle, a blue square, a yellow triangle).
 SHORT_ANSWERS = {
     "what color is the circle?": "red",
@@ -52,12 +54,17 @@ def test_robot_loop_adapts_its_plan_and_answers_right(demo_cache: Path) -> None:
     assert header, lines[0]
     full_j, floor_j, capacity_j = map(float, header.groups())
     assert floor_j < full_j
+    # A refusal whose stated minimum outgrew the floor raises it (printed before that step's row).
+    floors = {int(m["step"]): float(m["floor"]) for m in map(FLOOR.match, lines[2:]) if m}
     rows = [m.groupdict() for m in map(ROW.match, lines[2:]) if m]
     assert [int(r["step"]) for r in rows] == list(range(10)), proc.stdout
 
     level_j = capacity_j
     for drawn, row in enumerate(rows, start=1):
         budget, used = float(row["budget"]), float(row["used"])
+        if drawn - 1 in floors:
+            assert floors[drawn - 1] > floor_j
+            floor_j, full_j = floors[drawn - 1], max(full_j, floors[drawn - 1])
         # The budget follows the battery: floor + (full - floor) x the charge before the step.
         assert budget == pytest.approx(floor_j + (full_j - floor_j) * level_j / capacity_j, abs=0.002)
         assert row["stop"] in ("stop", "length", "energy_budget"), row
@@ -76,6 +83,43 @@ def test_robot_loop_adapts_its_plan_and_answers_right(demo_cache: Path) -> None:
     describes = [int(r["max_new"]) for r in rows if r["question"] == "what is in the image?"]
     # The binding budget shrinks the plan as the battery drains.
     assert describes[-1] < describes[0], describes
+
+
+@pytest.mark.slow
+def test_a_refusal_raises_the_floor_to_its_stated_minimum_and_the_frame_is_answered(
+    demo_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A floor far under the runtime's minimum, at an empty battery: the first try is refused
+    # (422) and its stated minimum sets the floor the frame is then answered under.
+    from joulecap.runtime.errors import BudgetTooSmall
+    from joulecap.runtime.runtime import Runtime
+
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        from robot_loop import Battery, PerceptionLoop, camera_frame
+    finally:
+        sys.path.pop(0)
+    stated: list[BudgetTooSmall] = []
+    with Runtime(demo_config(demo_cache, tmp_path)) as runtime:
+        chat = runtime.chat
+
+        def watched_chat(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return chat(*args, **kwargs)
+            except BudgetTooSmall as exc:
+                stated.append(exc)
+                raise
+
+        monkeypatch.setattr(runtime, "chat", watched_chat)
+        loop = PerceptionLoop(runtime, Battery(capacity_j=1.0, level_j=0.0), floor_j=0.001, full_j=0.002)
+        report = loop.step(1, camera_frame(1))
+        refusals = [row for row in runtime.ledger.query(limit=100) if row["status"] == "refused"]
+    assert [row["budget_j"] for row in refusals] == [pytest.approx(0.001)] and len(stated) == 1
+    assert report.floor_j == pytest.approx(1.5 * stated[0].min_j)
+    assert report.stop_reason in ("stop", "length", "energy_budget"), report
+    assert report.answer == "red"
+    assert report.floor_j > 0.001 and report.budget_j == pytest.approx(report.floor_j)
+    assert report.energy_j <= report.budget_j * 1.01
 
 
 def test_ros2_node_compiles_and_reuses_the_loop() -> None:
