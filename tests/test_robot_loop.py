@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +101,9 @@ def test_a_refusal_raises_the_floor_to_its_stated_minimum_and_the_frame_is_answe
     finally:
         sys.path.pop(0)
     stated: list[BudgetTooSmall] = []
-    with Runtime(demo_config(demo_cache, tmp_path)) as runtime:
+    cfg = demo_config(demo_cache, tmp_path)  # its ledger is the shared cache's: keep one of our own
+    cfg = replace(cfg, paths=replace(cfg.paths, ledger_path=str(tmp_path / "ledger.sqlite3")))
+    with Runtime(cfg) as runtime:
         chat = runtime.chat
 
         def watched_chat(*args: Any, **kwargs: Any) -> Any:
